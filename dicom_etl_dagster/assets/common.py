@@ -1,0 +1,41 @@
+"""What every asset does first: turn known errors into one-line failures, open the database."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import dagster as dg
+import psycopg
+
+from ..config import EtlOptions, run_schemas
+from ..core.ddl import ensure_tables
+from ..core.identifiers import InvalidIdentifierError, Schemas
+from ..core.vocabulary_files import VocabularyFileError
+from ..resources.database import DatabaseUnavailableError, PostgresResource
+
+#: Errors whose message is the whole story: the run fails with that line, not a traceback.
+CLEAR_ERRORS = (VocabularyFileError, InvalidIdentifierError, DatabaseUnavailableError)
+
+
+@contextlib.contextmanager
+def clear_failures() -> Iterator[None]:
+    try:
+        yield
+    except CLEAR_ERRORS as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from None
+
+
+@contextlib.contextmanager
+def database_session(
+    context: dg.AssetExecutionContext, options: EtlOptions, database: PostgresResource
+) -> Iterator[tuple[psycopg.Connection, Schemas]]:
+    """A connection to the target database with the ETL's tables in place."""
+    with clear_failures():
+        schemas = run_schemas(options, database)  # validates names before any SQL runs
+        context.log.info(f"Target database: {database.describe()}; schemas {schemas}")
+        with database.connect() as conn:
+            created = ensure_tables(conn, schemas)
+            if created:
+                context.log.info(f"Created tables: {', '.join(created)}")
+            yield conn, schemas

@@ -1,0 +1,56 @@
+"""Vocabulary assets: the DICOM2OMOP rows in OMOP vocabulary tables and the data dictionary."""
+
+
+import dagster as dg
+
+from ..config import EtlOptions
+from ..core import vocabulary_loader as loader
+from ..resources.database import PostgresResource
+from .common import clear_failures, database_session
+
+GROUP = "vocabulary"
+
+_DESCRIPTIONS = {
+    "vocabulary": "The DICOM row of the OMOP `vocabulary` table (version = pinned DICOM2OMOP commit).",
+    "concept_class": "The two DICOM concept classes (`DICOM Attributes`, `DICOM Value Sets`).",
+    "concept": "DICOM2OMOP concepts (8,811) plus the vocabulary and concept-class concepts, in OMOP `concept`.",
+    "concept_relationship": "DICOM2OMOP `Maps to` / `Maps to value` relationships (1,052) in OMOP `concept_relationship`.",
+}
+
+
+def _vocabulary_table_asset(spec: loader.TableSpec, deps: list[str]) -> dg.AssetsDefinition:
+    @dg.asset(name=spec.table, group_name=GROUP, deps=deps, description=_DESCRIPTIONS[spec.table],
+              kinds={"postgres"})
+    def _asset(context: dg.AssetExecutionContext, config: EtlOptions, database: PostgresResource):
+        with database_session(context, config, database) as (conn, schemas), clear_failures():
+            result = loader.load_table(conn, schemas, spec, truncate=config.to_truncate)
+        context.log.info(
+            f"{schemas.vocab}.{spec.table}: {result.rows_written} rows written, "
+            f"{result.rows_already_present} already present"
+        )
+        return dg.MaterializeResult(metadata={"table": f"{schemas.vocab}.{spec.table}", **result.as_metadata()})
+
+    return _asset
+
+
+vocabulary = _vocabulary_table_asset(loader.VOCABULARY, deps=[])
+concept_class = _vocabulary_table_asset(loader.CONCEPT_CLASS, deps=["vocabulary"])
+concept = _vocabulary_table_asset(loader.CONCEPT, deps=["vocabulary", "concept_class"])
+concept_relationship = _vocabulary_table_asset(loader.CONCEPT_RELATIONSHIP, deps=["concept"])
+
+
+@dg.asset(group_name=GROUP, kinds={"postgres"},
+          description="The DICOM PS3.6 data dictionary (5,190 tags) plus private/unknown tags met during ingest.")
+def dicom_data_element(context: dg.AssetExecutionContext, config: EtlOptions, database: PostgresResource):
+    with database_session(context, config, database) as (conn, schemas), clear_failures():
+        result = loader.load_data_elements(conn, schemas, truncate=config.to_truncate)
+    context.log.info(
+        f"{schemas.medical_imaging}.dicom_data_element: {result.rows_written} rows written, "
+        f"{result.rows_already_present} already present, {result.rows_refreshed} refreshed"
+    )
+    return dg.MaterializeResult(
+        metadata={"table": f"{schemas.medical_imaging}.dicom_data_element", **result.as_metadata()}
+    )
+
+
+VOCABULARY_ASSETS = [vocabulary, concept_class, concept, concept_relationship, dicom_data_element]

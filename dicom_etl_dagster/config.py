@@ -1,0 +1,92 @@
+"""The options document: the original plugin's run config, accepted unchanged.
+
+``{"options": {...}}`` is mapped onto every asset of a job by a job-level ConfigMapping;
+each asset also accepts the same options directly (UI launches of single assets). Every
+field has a default, so a run launched with no config at all runs on the embedded defaults.
+"""
+
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import dagster as dg
+
+from .core.identifiers import Schemas, validate_identifier
+
+FILES_DIR_ENV = "DICOM_ETL_FILES_DIR"
+MISSING_PERSON_CHOICES = ("skip", "use_id_zero")
+
+
+class PersonToPatientMapping(dg.Config):
+    """Where the DICOM PatientID -> OMOP person_id mapping lives."""
+
+    schema_name: str = "cdmmedicalimaging"
+    table_name: str = "mappingtable"
+    person_id_column_name: str = "source_person_id"
+    patient_id_column_name: str = "source_patient_id"
+
+    def validated(self) -> "PersonToPatientMapping":
+        validate_identifier(self.schema_name, "person_to_patient_mapping.schema_name")
+        validate_identifier(self.table_name, "person_to_patient_mapping.table_name")
+        validate_identifier(self.person_id_column_name, "person_to_patient_mapping.person_id_column_name")
+        validate_identifier(self.patient_id_column_name, "person_to_patient_mapping.patient_id_column_name")
+        return self
+
+
+class EtlOptions(dg.Config):
+    """The original DICOM ETL plugin's options (same names, same meaning)."""
+
+    flow_action_type: Optional[str] = None
+    database_code: Optional[str] = None
+    medical_imaging_schema_name: Optional[str] = None
+    cdm_schema_name: Optional[str] = None
+    vocab_schema_name: Optional[str] = None
+    dicom_files_abs_path: Optional[str] = None
+    to_truncate: bool = False
+    upload_files: bool = False
+    missing_person_id_options: str = "use_id_zero"
+    person_to_patient_mapping: PersonToPatientMapping = PersonToPatientMapping()
+
+    def missing_person_policy(self) -> str:
+        policy = (self.missing_person_id_options or "").strip().lower()
+        if policy not in MISSING_PERSON_CHOICES:
+            raise dg.Failure(
+                description=f"missing_person_id_options must be one of {', '.join(MISSING_PERSON_CHOICES)} "
+                f"(any case), not {self.missing_person_id_options!r}",
+                allow_retries=False,
+            )
+        return policy
+
+    def dicom_folder(self) -> Path:
+        """The folder to ingest: the option, else DICOM_ETL_FILES_DIR, else pydicom's samples."""
+        if self.dicom_files_abs_path:
+            return Path(self.dicom_files_abs_path)
+        if os.environ.get(FILES_DIR_ENV):
+            return Path(os.environ[FILES_DIR_ENV])
+        import pydicom.data
+
+        return Path(pydicom.data.__file__).parent / "test_files"
+
+
+def run_schemas(options: EtlOptions, database) -> Schemas:
+    """Schema names for this run: the options document's, else the database resource's."""
+    return database.schemas(
+        cdm=options.cdm_schema_name, vocab=options.vocab_schema_name,
+        medical_imaging=options.medical_imaging_schema_name,
+    )
+
+
+class OptionsDocument(dg.Config):
+    options: EtlOptions = EtlOptions()
+
+
+def options_mapping(op_names: list[str]) -> dg.ConfigMapping:
+    """A job ConfigMapping that hands the ``options`` document to each of ``op_names``."""
+
+    @dg.config_mapping
+    def to_run_config(document: OptionsDocument) -> dict:
+        options = document.options.model_dump(exclude_none=True)
+        return {"ops": {name: {"config": options} for name in op_names}}
+
+    return to_run_config

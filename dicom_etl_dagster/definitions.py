@@ -1,0 +1,26 @@
+"""Wires assets, jobs, sensors and resources; nothing else."""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from .assets.vocabulary import VOCABULARY_ASSETS
+from .jobs import JOBS
+from .resources.database import DATABASE_URL_ENV, PostgresResource
+
+
+def _database() -> PostgresResource:
+    # EnvVar keeps the URL (and its password) out of run config and the UI; without the
+    # variable the embedded PostgreSQL is used.
+    if os.environ.get(DATABASE_URL_ENV):
+        return PostgresResource(database_url=dg.EnvVar(DATABASE_URL_ENV))
+    return PostgresResource()
+
+
+defs = dg.Definitions(
+    assets=[*VOCABULARY_ASSETS],
+    jobs=JOBS,
+    resources={"database": _database()},
+)

@@ -1,0 +1,22 @@
+"""The two contract jobs; both accept the original plugin's options document."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from .assets.vocabulary import VOCABULARY_ASSETS
+from .config import options_mapping
+
+
+def _op_names(assets: list[dg.AssetsDefinition]) -> list[str]:
+    return [assets_def.node_def.name for assets_def in assets]
+
+
+load_vocab = dg.define_asset_job(
+    "load_vocab",
+    selection=dg.AssetSelection.assets(*VOCABULARY_ASSETS),
+    config=options_mapping(_op_names(VOCABULARY_ASSETS)),
+    description="Load the DICOM2OMOP vocabulary into OMOP vocabulary tables and dicom_data_element.",
+)
+
+JOBS = [load_vocab]
