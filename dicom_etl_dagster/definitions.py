@@ -11,7 +11,7 @@ from .jobs import JOBS
 from .resources.database import DATABASE_URL_ENV, PostgresResource
 
 
-def _database() -> PostgresResource:
+def default_database() -> PostgresResource:
     # EnvVar keeps the URL (and its password) out of run config and the UI; without the
     # variable the embedded PostgreSQL is used.
     if os.environ.get(DATABASE_URL_ENV):
@@ -19,8 +19,12 @@ def _database() -> PostgresResource:
     return PostgresResource()
 
 
-defs = dg.Definitions(
-    assets=[*VOCABULARY_ASSETS],
-    jobs=JOBS,
-    resources={"database": _database()},
-)
+def build_definitions(database: PostgresResource) -> dg.Definitions:
+    return dg.Definitions(
+        assets=[*VOCABULARY_ASSETS],
+        jobs=JOBS,
+        resources={"database": database},
+    )
+
+
+defs = build_definitions(default_database())

@@ -20,6 +20,9 @@ UPSTREAM_COMMIT = "56be2b80c9ba2c9b8f19dc36a8ab5919aed6fb88"
 SOURCE_VERSION = f"DICOM2OMOP@{UPSTREAM_COMMIT[:12]}"
 
 VOCAB_DIR_ENV = "DICOM_ETL_VOCAB_DIR"
+#: Base URL of a mirror holding the upstream layout at the pinned commit (firewalled sites).
+VOCAB_MIRROR_ENV = "DICOM_ETL_VOCAB_MIRROR_URL"
+UPSTREAM_BASE_URL = f"https://raw.githubusercontent.com/{UPSTREAM_REPOSITORY}/{UPSTREAM_COMMIT}/"
 DEFAULT_VOCAB_DIR = Path(__file__).resolve().parents[2] / "external"
 
 
@@ -31,10 +34,8 @@ class VocabularyFile:
 
     @property
     def url(self) -> str:
-        return (
-            f"https://raw.githubusercontent.com/{UPSTREAM_REPOSITORY}/{UPSTREAM_COMMIT}/"
-            f"{quote(self.upstream_path)}"
-        )
+        base = os.environ.get(VOCAB_MIRROR_ENV) or UPSTREAM_BASE_URL
+        return base.rstrip("/") + "/" + quote(self.upstream_path)
 
 
 CONCEPTS = VocabularyFile(

@@ -1,0 +1,725 @@
+"""Read one DICOM file into an instance record plus its flattened metadata rows.
+
+This module is deliberately pure: no Dagster, no database.  It runs inside
+worker processes over millions of files, so it
+
+* opens each file exactly once and parses it in one pass with pydicom, using
+  ``defer_size`` so that large values (above all pixel data) are skipped
+  rather than loaded; pixel data is never read into Python objects, let alone
+  decoded;
+* walks sequences itself (instead of ``to_json_dict`` on SQ elements, which
+  would serialise whole subtrees again for every level);
+* verifies declared lengths against the real file size, because pydicom
+  happily returns a dataset from a truncated file (short reads are not
+  errors for it);
+* turns every failure into :class:`DicomReadError` carrying a one-line reason
+  that never quotes patient data, so the caller can log/store it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import re
+import struct
+import sys
+import threading
+import warnings
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, BinaryIO, NamedTuple
+
+from pydicom import dcmread
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.datadict import (
+    DicomDictionary,
+    RepeatersDictionary,
+    mask_match,
+    private_dictionary_description,
+)
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.fileutil import read_undefined_length_value
+from pydicom.multival import MultiValue
+from pydicom.tag import SequenceDelimiterTag
+
+__all__ = [
+    "PIXEL_DATA_TAGS",
+    "DicomInstance",
+    "DicomReadError",
+    "ElementRow",
+    "read_instance",
+]
+
+#: PixelData, FloatPixelData, DoubleFloatPixelData: never stored as metadata rows.
+PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+
+# Values longer than this are not read while parsing; pydicom only records
+# their offset.  Pixel data above it is therefore never loaded at all; other
+# deferred values are read afterwards with one seek on the already-open file.
+_DEFER_SIZE = 64 * 1024
+
+# "Huge" bulk data threshold: with no bulk data handler pydicom always inlines
+# binary values as base64, the threshold is only passed for completeness.
+_NO_BULK_THRESHOLD = sys.maxsize
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+_TAG_SOP_INSTANCE_UID = 0x00080018
+_TAG_STUDY_INSTANCE_UID = 0x0020000D
+_TAG_SERIES_INSTANCE_UID = 0x0020000E
+_TAG_PATIENT_ID = 0x00100020
+_TAG_STUDY_DATE = 0x00080020
+_TAG_SERIES_DATE = 0x00080021
+_TAG_ACQUISITION_DATE = 0x00080022
+_TAG_CONTENT_DATE = 0x00080023
+_TAG_STUDY_DESCRIPTION = 0x00081030
+_TAG_MODALITY = 0x00080060
+_TAG_BODY_PART_EXAMINED = 0x00180015
+_TAG_INSTANCE_NUMBER = 0x00200013
+
+# Top-level elements whose values feed DicomInstance.
+_INSTANCE_TAGS = frozenset(
+    {
+        _TAG_SOP_INSTANCE_UID,
+        _TAG_STUDY_INSTANCE_UID,
+        _TAG_SERIES_INSTANCE_UID,
+        _TAG_PATIENT_ID,
+        _TAG_STUDY_DATE,
+        _TAG_SERIES_DATE,
+        _TAG_ACQUISITION_DATE,
+        _TAG_CONTENT_DATE,
+        _TAG_STUDY_DESCRIPTION,
+        _TAG_MODALITY,
+        _TAG_BODY_PART_EXAMINED,
+        _TAG_INSTANCE_NUMBER,
+    }
+)
+
+_REQUIRED_UIDS = (
+    ("SOPInstanceUID", _TAG_SOP_INSTANCE_UID),
+    ("StudyInstanceUID", _TAG_STUDY_INSTANCE_UID),
+    ("SeriesInstanceUID", _TAG_SERIES_INSTANCE_UID),
+)
+_PROCEDURE_DATE_ORDER = (
+    _TAG_STUDY_DATE,
+    _TAG_SERIES_DATE,
+    _TAG_ACQUISITION_DATE,
+    _TAG_CONTENT_DATE,
+)
+_IMAGE_DATE_ORDER = (
+    _TAG_SERIES_DATE,
+    _TAG_ACQUISITION_DATE,
+    _TAG_CONTENT_DATE,
+    _TAG_STUDY_DATE,
+)
+_NO_DATE_REASON = (
+    "no usable date: SeriesDate, AcquisitionDate, ContentDate and StudyDate "
+    "are all missing or invalid"
+)
+
+_STRIP_CHARS = " \x00"
+_DA_RE = re.compile(r"(\d{4})(\d{2})(\d{2})")
+_DA_ACR_NEMA_RE = re.compile(r"(\d{4})\.(\d{2})\.(\d{2})")
+
+# VRs that may start an explicit-VR data element, used only to sniff files
+# that lack the 128-byte preamble and "DICM" prefix.
+_EXPLICIT_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST "
+    b"SV TM UC UI UL UN UR US UT UV".split()
+)
+_EXPLICIT_VRS_32BIT_LENGTH = frozenset(
+    b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split()
+)
+# A dataset without preamble must start with command (0000), file meta
+# (0002), directory (0004) or identifying (0008) elements: every instance we
+# accept has SOPInstanceUID (0008,0018), and elements are sorted by tag.
+_PLAUSIBLE_FIRST_GROUPS = frozenset({0x0000, 0x0002, 0x0004, 0x0008})
+
+_MAX_REASON_LENGTH = 400
+
+
+class DicomReadError(Exception):
+    """The file cannot be ingested; str(exc) is a plain one-line human-readable reason."""
+
+
+class ElementRow(NamedTuple):
+    """One row of the EAV table ``dicom_file_metadata``."""
+
+    index: int
+    parent_sequence_index: int | None
+    parent_item_index: int | None
+    tag: str
+    group: str
+    dictionary_tag: str
+    keyword: str | None
+    name: str | None
+    vr: str
+    vm: str
+    value_json: str | None
+    is_sequence: bool
+    sequence_length: int | None
+    is_private: bool
+    private_creator: str | None
+
+
+@dataclass(frozen=True)
+class DicomInstance:
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str | None
+    procedure_date: datetime.date
+    image_date: datetime.date
+    study_description: str | None
+    modality: str | None
+    body_part_examined: str | None
+    instance_number: int | None
+    elements: list[ElementRow]
+
+
+# --------------------------------------------------------------------------
+# Quietening pydicom
+# --------------------------------------------------------------------------
+# Broken files make pydicom emit warnings (warnings module) and log records
+# on the "pydicom" logger; across millions of files that is noise, and the
+# outcome is reported through DicomReadError anyway.  Warnings are ignored
+# inside read_instance only (catch_warnings restores the filters; it is
+# process-global, which is fine in worker processes).  For logging a filter
+# drops records only while the *current thread* is inside read_instance, so
+# pydicom logging from other code is untouched.
+_quiet = threading.local()
+
+
+class _DropWhileReading(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_quiet, "active", False)
+
+
+_PYDICOM_LOGGER = logging.getLogger("pydicom")
+if not any(isinstance(f, _DropWhileReading) for f in _PYDICOM_LOGGER.filters):
+    _PYDICOM_LOGGER.addFilter(_DropWhileReading())
+
+
+@contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    previous = getattr(_quiet, "active", False)
+    _quiet.active = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        _quiet.active = previous
+
+
+# --------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------
+def _one_line(text: str) -> str:
+    text = " ".join(str(text).split())
+    if len(text) > _MAX_REASON_LENGTH:
+        text = text[: _MAX_REASON_LENGTH - 3] + "..."
+    return text
+
+
+def _exc_text(exc: BaseException) -> str:
+    msg = _one_line(str(exc))
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def _fmt_tag(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+@lru_cache(maxsize=16384)
+def _public_info(tag: int) -> tuple[str, str | None, str | None]:
+    """(dictionary_tag, keyword, name) for a non-private tag."""
+    entry = DicomDictionary.get(tag)
+    if entry is not None:
+        return _fmt_tag(tag), entry[4] or None, entry[2] or None
+    mask = mask_match(tag)
+    if mask is not None:
+        # Repeating groups such as (60xx,3000) are keyed by their mask, in the
+        # PS3.6 spelling: upper-case hex digits, lower-case "x".
+        entry = RepeatersDictionary[mask]
+        return f"({mask[:4]},{mask[4:]})", entry[4] or None, entry[2] or None
+    if tag & 0xFFFF == 0:
+        # Group length elements of groups other than 0002 are retired and
+        # not in the dictionary; pydicom still names them.
+        return _fmt_tag(tag), None, "Group Length"
+    return _fmt_tag(tag), None, None
+
+
+@lru_cache(maxsize=16384)
+def _private_name(tag: int, creator: str) -> str | None:
+    try:
+        return private_dictionary_description(tag, creator) or None
+    except Exception:  # KeyError for unknown ones; never fatal
+        return None
+
+
+def _text(value: Any) -> str | None:
+    """A value as a stripped string; multi-valued text is re-joined with '\\'."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    elif isinstance(value, list | tuple | MultiValue):
+        value = "\\".join("" if v is None else str(v) for v in value)
+    else:
+        value = str(value)
+    value = value.strip(_STRIP_CHARS)
+    return value or None
+
+
+def _first(value: Any) -> Any:
+    if isinstance(value, str | bytes):
+        return value
+    try:
+        items = list(value)
+    except TypeError:
+        return value
+    return items[0] if items else None
+
+
+def _parse_date(value: Any) -> datetime.date | None:
+    value = _first(value)
+    if value is None:
+        return None
+    if isinstance(value, datetime.datetime):
+        return value.date()
+    if isinstance(value, datetime.date):  # config.datetime_conversion = True
+        return value
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    text = str(value).strip(_STRIP_CHARS)
+    match = _DA_RE.fullmatch(text) or _DA_ACR_NEMA_RE.fullmatch(text)
+    if match is None:
+        return None
+    try:
+        return datetime.date(*(int(part) for part in match.groups()))
+    except ValueError:  # e.g. 20231399
+        return None
+
+
+def _parse_int(value: Any) -> int | None:
+    value = _first(value)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        pass
+    try:
+        number = float(str(value).strip(_STRIP_CHARS))
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None
+
+
+def _stream_size(stream: BinaryIO) -> int:
+    position = stream.tell()
+    size = stream.seek(0, os.SEEK_END)
+    stream.seek(position)
+    return size
+
+
+def _starts_like_dataset(head: bytes, file_size: int) -> bool:
+    """Does a file without "DICM" prefix start with a plausible data element?
+
+    pydicom with force=True parses *anything* (a text file becomes a few
+    garbage elements), so before forcing we require the first element to
+    have a plausible group and a length that fits into the file.
+    """
+    if len(head) < 8:
+        return False
+    for endian in "<>":
+        group, _elem = struct.unpack(endian + "HH", head[:4])
+        if group not in _PLAUSIBLE_FIRST_GROUPS:
+            continue
+        vr = head[4:6]
+        if vr in _EXPLICIT_VRS:
+            if vr in _EXPLICIT_VRS_32BIT_LENGTH:
+                if len(head) < 12 or head[6:8] != b"\x00\x00":
+                    continue
+                header, length = 12, struct.unpack(endian + "L", head[8:12])[0]
+            else:
+                header, length = 8, struct.unpack(endian + "H", head[6:8])[0]
+        elif endian == "<":  # implicit VR is little endian only
+            header, length = 8, struct.unpack("<L", head[4:8])[0]
+        else:
+            continue
+        if _elem == 0x0000 and length != 4:
+            continue  # a group length is always a 4-byte UL (rejects zero-filled files)
+        if length == _UNDEFINED_LENGTH or header + length <= file_size:
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------
+# Structural checks (truncation)
+# --------------------------------------------------------------------------
+def _value_tell(elem: RawDataElement | DataElement | None) -> int | None:
+    if isinstance(elem, RawDataElement):
+        return elem.value_tell
+    return getattr(elem, "file_tell", None)  # DataElement spelling
+
+
+def _check_top_level_end(ds: Dataset, meta: Dataset, stream_size: int, deflated: bool) -> None:
+    """The last top-level element must end exactly at the end of the stream.
+
+    pydicom stops silently when fewer than 8 bytes are left for an element
+    header, skips (seeks) past deferred values even beyond EOF and drops an
+    undefined-length value whose delimiter never comes.  All three leave the
+    last parsed element ending before or after the real end of the data.
+    Limitation: a file cut exactly at an element boundary is a valid, shorter
+    DICOM file and cannot be recognised as truncated in general; neither can a
+    cut inside the last <8 bytes after an undefined-length last element.
+    """
+    last: RawDataElement | DataElement | None = None
+    last_tell = -1
+    for tag in ds.keys():
+        if deflated and tag >> 16 == 0x0000:
+            continue  # command set elements were read before inflating
+        elem = ds.get_item(tag, keep_deferred=True)
+        tell = _value_tell(elem)
+        if tell is not None and tell > last_tell:
+            last, last_tell = elem, tell
+    if last is None and not deflated:
+        for tag in meta.keys():
+            elem = meta.get_item(tag, keep_deferred=True)
+            tell = _value_tell(elem)
+            if tell is not None and tell > last_tell:
+                last, last_tell = elem, tell
+    if last is None:
+        return
+
+    if isinstance(last, RawDataElement):
+        length = last.length
+    elif last.is_undefined_length:
+        length = _UNDEFINED_LENGTH
+    else:  # a DataElement whose length we do not know for sure
+        return
+    if length == _UNDEFINED_LENGTH:
+        return  # parsed up to its delimiter, so it is complete
+
+    end = last_tell + length
+    if end > stream_size:
+        raise DicomReadError(
+            f"truncated: element {_fmt_tag(last.tag)} at offset {last_tell} declares "
+            f"{length} bytes but the data ends at offset {stream_size}"
+        )
+    if end < stream_size:
+        left = stream_size - end
+        if left < 8:
+            raise DicomReadError(
+                f"truncated: the data ends inside a data element header at offset {end} "
+                f"({left} byte(s) left)"
+            )
+        raise DicomReadError(
+            f"truncated: {left} bytes from offset {end} could not be parsed "
+            "(an undefined-length value without its delimiter, or corrupt data)"
+        )
+
+
+# --------------------------------------------------------------------------
+# The walk
+# --------------------------------------------------------------------------
+class _Walker:
+    __slots__ = ("rows", "next_item", "source", "source_size", "instance_values")
+
+    def __init__(self, source: BinaryIO, source_size: int) -> None:
+        self.rows: list[ElementRow] = []
+        self.next_item = 0
+        self.source = source
+        self.source_size = source_size
+        self.instance_values: dict[int, Any] = {}
+
+    def _load_deferred(self, raw: RawDataElement) -> RawDataElement:
+        """Read a deferred value from the open file (pydicom would re-open it)."""
+        tell = raw.value_tell
+        if raw.length == _UNDEFINED_LENGTH:
+            self.source.seek(tell)
+            value = read_undefined_length_value(
+                self.source, raw.is_little_endian, SequenceDelimiterTag, None
+            )
+        else:
+            if tell + raw.length > self.source_size:
+                raise DicomReadError(
+                    f"truncated: element {_fmt_tag(raw.tag)} at offset {tell} declares "
+                    f"{raw.length} bytes but the data ends at offset {self.source_size}"
+                )
+            self.source.seek(tell)
+            value = self.source.read(raw.length)
+            if len(value) != raw.length:
+                raise DicomReadError(
+                    f"truncated: element {_fmt_tag(raw.tag)} at offset {tell}: "
+                    f"only {len(value)} of {raw.length} bytes could be read"
+                )
+        return raw._replace(value=value)
+
+    def walk(
+        self,
+        ds: Dataset,
+        parent_sequence_index: int | None,
+        parent_item_index: int | None,
+        collect_instance_values: bool = False,
+    ) -> None:
+        rows = self.rows
+        creators: dict[int, str | None] = {}
+        # Sorted tag order is DICOM's mandatory element order (and pydicom's
+        # iteration order); for any valid file it is the order in the file.
+        for tag in sorted(ds.keys()):
+            raw = ds.get_item(tag, keep_deferred=True)
+            if isinstance(raw, RawDataElement):
+                if raw.value is None:
+                    if raw.length != 0:
+                        if tag in PIXEL_DATA_TAGS:
+                            # Never loaded; only make sure it is all there.
+                            if (
+                                raw.length != _UNDEFINED_LENGTH
+                                and raw.value_tell + raw.length > self.source_size
+                            ):
+                                raise DicomReadError(
+                                    f"truncated: pixel data {_fmt_tag(tag)} at offset "
+                                    f"{raw.value_tell} declares {raw.length} bytes but the "
+                                    f"data ends at offset {self.source_size}"
+                                )
+                            continue
+                        raw = self._load_deferred(raw)
+                        ds[tag] = raw
+                elif raw.length != _UNDEFINED_LENGTH and len(raw.value) != raw.length:
+                    # pydicom does not treat a short read as an error.
+                    raise DicomReadError(
+                        f"truncated: element {_fmt_tag(tag)} at offset {raw.value_tell} "
+                        f"declares {raw.length} bytes but only {len(raw.value)} are present"
+                    )
+            if tag in PIXEL_DATA_TAGS:
+                continue
+
+            group = tag >> 16
+            element = tag & 0xFFFF
+            is_private = bool(group & 1)
+            try:
+                elem = ds[tag]  # converts the raw value (and fixes ambiguous VRs)
+                if elem.VR == "SQ":
+                    json_model = None
+                    vr = "SQ"
+                else:
+                    json_model = elem.to_json_dict(None, _NO_BULK_THRESHOLD)
+                    vr = json_model["vr"]
+                vm = str(elem.VM)
+            except DicomReadError:
+                raise
+            except Exception as exc:
+                raise DicomReadError(_decode_reason(tag, raw, exc)) from exc
+
+            # Keyword, name, dictionary tag, private creator.
+            creator: str | None = None
+            if is_private:
+                keyword = None
+                name = None
+                dictionary_tag = _fmt_tag(tag)
+                block = element >> 8
+                if 0x0010 <= element <= 0x00FF:
+                    creator = _text(elem.value)
+                    creators[element] = creator
+                    name = "Private Creator"
+                elif block >= 0x10:
+                    if block in creators:
+                        creator = creators[block]
+                    else:
+                        creator_tag = (group << 16) | block
+                        creator = None
+                        if creator_tag in ds:
+                            try:
+                                creator = _text(ds[creator_tag].value)
+                            except Exception:
+                                creator = None
+                        creators[block] = creator
+                    if creator:
+                        name = _private_name(tag, creator)
+            else:
+                dictionary_tag, keyword, name = _public_info(tag)
+
+            index = len(rows)
+            if vr == "SQ":
+                items = elem.value
+                rows.append(
+                    ElementRow(
+                        index,
+                        parent_sequence_index,
+                        parent_item_index,
+                        _fmt_tag(tag),
+                        f"{group:04X}",
+                        dictionary_tag,
+                        keyword,
+                        name,
+                        "SQ",
+                        vm,
+                        None,
+                        True,
+                        len(items),
+                        is_private,
+                        creator,
+                    )
+                )
+                for item in items:
+                    item_index = self.next_item
+                    self.next_item += 1
+                    self.walk(item, index, item_index)
+                continue
+
+            if "Value" in json_model:
+                value_json = json.dumps(json_model["Value"], ensure_ascii=False)
+            elif "InlineBinary" in json_model:
+                value_json = json.dumps(json_model["InlineBinary"], ensure_ascii=False)
+            else:
+                value_json = None
+            rows.append(
+                ElementRow(
+                    index,
+                    parent_sequence_index,
+                    parent_item_index,
+                    _fmt_tag(tag),
+                    f"{group:04X}",
+                    dictionary_tag,
+                    keyword,
+                    name,
+                    vr,
+                    vm,
+                    value_json,
+                    False,
+                    None,
+                    is_private,
+                    creator,
+                )
+            )
+            if collect_instance_values and tag in _INSTANCE_TAGS:
+                self.instance_values[tag] = elem.value
+
+
+# Patient-identifying values could appear inside pydicom/ValueError messages
+# (e.g. "could not convert string to float: '...'"), so for these the message
+# is withheld and only the exception type is reported.
+_SENSITIVE_GROUPS = frozenset({0x0010, 0x0032, 0x0038, 0x0040})
+
+
+def _decode_reason(tag: int, raw: Any, exc: Exception) -> str:
+    group = tag >> 16
+    if group & 1:
+        label = "private"
+    else:
+        label = _public_info(tag)[1] or "unknown"
+    vr = getattr(raw, "VR", None)
+    if group & 1 or group in _SENSITIVE_GROUPS or vr == "PN":
+        detail = f"{type(exc).__name__} (details withheld: the value may contain patient data)"
+    else:
+        detail = _exc_text(exc)
+    return f"cannot decode element {_fmt_tag(tag)} {label}: {detail}"
+
+
+# --------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------
+def read_instance(path: str | os.PathLike) -> DicomInstance:
+    """Read one DICOM file; raise DicomReadError (and only that) if it cannot be ingested."""
+    try:
+        with _quiet_pydicom():
+            return _read_instance(path)
+    except DicomReadError:
+        raise
+    except RecursionError as exc:
+        raise DicomReadError("cannot parse DICOM data: sequences nested too deeply") from exc
+    except Exception as exc:  # the boundary: nothing else may escape
+        raise DicomReadError(f"cannot read DICOM file: {_exc_text(exc)}") from exc
+
+
+def _read_instance(path: str | os.PathLike) -> DicomInstance:
+    try:
+        fp = open(path, "rb")  # noqa: SIM115 - closed below, must stay open for the walk
+    except OSError as exc:
+        # strerror only: the path itself may contain a patient name
+        raise DicomReadError(f"cannot open file: {exc.strerror or type(exc).__name__}") from exc
+    with fp:
+        file_size = os.fstat(fp.fileno()).st_size
+        if file_size == 0:
+            raise DicomReadError("empty file (0 bytes)")
+
+        head = fp.read(132)
+        fp.seek(0)
+        has_prefix = head[128:132] == b"DICM"
+        if not has_prefix and not _starts_like_dataset(head, file_size):
+            raise DicomReadError(
+                "not a DICOM file: no 'DICM' prefix at offset 128 and it does not "
+                "start with a DICOM data element"
+            )
+
+        try:
+            # force only for files without preamble: they are DICOM too.
+            ds = dcmread(fp, defer_size=_DEFER_SIZE, force=not has_prefix)
+        except InvalidDicomError as exc:
+            raise DicomReadError(f"not a DICOM file: {_one_line(str(exc))}") from exc
+        except zlib.error as exc:
+            raise DicomReadError(
+                f"truncated or corrupt deflate-compressed dataset: {_one_line(str(exc))}"
+            ) from exc
+        except Exception as exc:
+            try:
+                at_eof = fp.tell() >= file_size
+            except Exception:
+                at_eof = False
+            if at_eof:
+                raise DicomReadError(
+                    f"truncated: end of file reached while parsing ({_exc_text(exc)})"
+                ) from exc
+            raise DicomReadError(f"cannot parse DICOM data: {_exc_text(exc)}") from exc
+
+        # Deflated datasets are inflated by pydicom into an in-memory buffer;
+        # element offsets of the dataset then refer to that buffer.
+        deflated = ds.buffer is not None
+        source: BinaryIO = ds.buffer if deflated else fp  # type: ignore[assignment]
+        source_size = _stream_size(source) if deflated else file_size
+        meta = ds.file_meta if ds.file_meta is not None else Dataset()
+
+        if len(ds) == 0 and len(meta) == 0:
+            raise DicomReadError("not a DICOM file: no data elements could be read")
+        _check_top_level_end(ds, meta, source_size, deflated)
+
+        walker = _Walker(source, source_size)
+        # File meta elements are never deferred and are checked/converted the
+        # same way; they come first, as in the file.
+        walker.walk(meta, None, None)
+        walker.walk(ds, None, None, collect_instance_values=True)
+
+    values = walker.instance_values
+    uids: dict[int, str | None] = {tag: _text(values.get(tag)) for _, tag in _REQUIRED_UIDS}
+    missing = [kw for kw, tag in _REQUIRED_UIDS if not uids[tag]]
+    if missing:
+        raise DicomReadError(f"missing required attribute(s): {', '.join(missing)}")
+
+    dates = {tag: _parse_date(values.get(tag)) for tag in _PROCEDURE_DATE_ORDER}
+    procedure_date = next((dates[t] for t in _PROCEDURE_DATE_ORDER if dates[t]), None)
+    image_date = next((dates[t] for t in _IMAGE_DATE_ORDER if dates[t]), None)
+    if procedure_date is None or image_date is None:
+        raise DicomReadError(_NO_DATE_REASON)
+
+    return DicomInstance(
+        sop_instance_uid=uids[_TAG_SOP_INSTANCE_UID],  # type: ignore[arg-type]
+        study_instance_uid=uids[_TAG_STUDY_INSTANCE_UID],  # type: ignore[arg-type]
+        series_instance_uid=uids[_TAG_SERIES_INSTANCE_UID],  # type: ignore[arg-type]
+        patient_id=_text(values.get(_TAG_PATIENT_ID)),
+        procedure_date=procedure_date,
+        image_date=image_date,
+        study_description=_text(values.get(_TAG_STUDY_DESCRIPTION)),
+        modality=_text(values.get(_TAG_MODALITY)),
+        body_part_examined=_text(values.get(_TAG_BODY_PART_EXAMINED)),
+        instance_number=_parse_int(values.get(_TAG_INSTANCE_NUMBER)),
+        elements=walker.rows,
+    )

@@ -1,0 +1,77 @@
+"""The contract commands, run as users run them: `dagster job execute ... -c options.json`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from dicom_etl_dagster_tests.conftest import REPO_ROOT, scalar
+from dicom_etl_dagster_tests.helpers import ORIGINAL_OPTIONS
+
+DAGSTER = str(Path(sys.executable).with_name("dagster"))
+
+
+def dagster_job_execute(job: str, tmp_path: Path, env: dict[str, str], document: dict | None = None):
+    config = tmp_path / "options.json"
+    config.write_text(json.dumps(document or ORIGINAL_OPTIONS))
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_ETL_")}
+    full_env.update({"DAGSTER_HOME": str(tmp_path / "dagster_home"), **env})
+    (tmp_path / "dagster_home").mkdir(exist_ok=True)
+    return subprocess.run(
+        [DAGSTER, "job", "execute", "-m", "dicom_etl_dagster.definitions", "-j", job, "-c", str(config)],
+        cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=600,
+    )
+
+
+@pytest.fixture
+def embedded_pgdata(tmp_path):
+    pgdata = tmp_path / "pgdata"
+    yield pgdata
+    if pgdata.exists():  # stop the server the CLI left running for later runs
+        import pgserver
+
+        pgserver.get_server(pgdata, cleanup_mode="stop").cleanup()
+
+
+def test_load_vocab_with_original_options_on_embedded_database(tmp_path, vocab_dir, embedded_pgdata):
+    env = {"DICOM_ETL_VOCAB_DIR": str(vocab_dir), "DICOM_ETL_EMBEDDED_PGDATA": str(embedded_pgdata)}
+    completed = dagster_job_execute("load_vocab", tmp_path, env)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "RUN_SUCCESS" in completed.stdout + completed.stderr
+
+    import pgserver
+
+    url = pgserver.get_server(embedded_pgdata, cleanup_mode="stop").get_uri()
+    with psycopg.connect(url) as conn:
+        assert scalar(conn, "SELECT count(*) FROM cdmvocab.concept WHERE vocabulary_id = 'DICOM'") == 8811
+        assert scalar(conn, "SELECT count(*) FROM cdmmedicalimaging.dicom_data_element") == 5190
+
+
+@pytest.mark.parametrize(
+    "case, env, expected",
+    [
+        ("bad database url",
+         {"DICOM_ETL_DATABASE_URL": "postgresql://etl:s3cret-pw@127.0.0.1:1/omop"},
+         "cannot connect to PostgreSQL at postgresql://etl:***@127.0.0.1:1/omop"),
+        ("missing vocabulary file",
+         {"DICOM_ETL_VOCAB_DIR": "{empty}", "DICOM_ETL_VOCAB_MIRROR_URL": "http://127.0.0.1:9/"},
+         "omop_table_staging_v5.csv is missing from"),
+    ],
+)
+def test_bad_setup_fails_fast_with_one_line_reason(case, env, expected, tmp_path, vocab_dir, embedded_pgdata):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {"DICOM_ETL_VOCAB_DIR": str(vocab_dir), "DICOM_ETL_EMBEDDED_PGDATA": str(embedded_pgdata),
+           **{k: v.replace("{empty}", str(empty)) for k, v in env.items()}}
+    completed = dagster_job_execute("load_vocab", tmp_path, env)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode != 0
+    reason_lines = [line for line in output.splitlines() if expected in line]
+    assert reason_lines, output[-3000:]
+    assert "s3cret-pw" not in output
