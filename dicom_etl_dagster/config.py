@@ -47,6 +47,9 @@ class EtlOptions(dg.Config):
     upload_files: bool = False
     missing_person_id_options: str = "use_id_zero"
     person_to_patient_mapping: PersonToPatientMapping = PersonToPatientMapping()
+    # Extensions beyond the original document (optional, so the original stays valid):
+    ingest_batch_size: int = 500  # files per database transaction
+    parse_workers: Optional[int] = None  # default: the CPUs this container may use
 
     def missing_person_policy(self) -> str:
         policy = (self.missing_person_id_options or "").strip().lower()

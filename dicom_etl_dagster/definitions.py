@@ -6,6 +6,7 @@ import os
 
 import dagster as dg
 
+from .assets.imaging import IMAGING_ASSETS
 from .assets.vocabulary import VOCABULARY_ASSETS
 from .jobs import JOBS
 from .resources.database import DATABASE_URL_ENV, PostgresResource
@@ -21,7 +22,7 @@ def default_database() -> PostgresResource:
 
 def build_definitions(database: PostgresResource) -> dg.Definitions:
     return dg.Definitions(
-        assets=[*VOCABULARY_ASSETS],
+        assets=[*VOCABULARY_ASSETS, *IMAGING_ASSETS],
         jobs=JOBS,
         resources={"database": database},
     )

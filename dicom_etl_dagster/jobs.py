@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from .assets.imaging import IMAGING_ASSETS
 from .assets.vocabulary import VOCABULARY_ASSETS
 from .config import options_mapping
 
@@ -19,4 +20,11 @@ load_vocab = dg.define_asset_job(
     description="Load the DICOM2OMOP vocabulary into OMOP vocabulary tables and dicom_data_element.",
 )
 
-JOBS = [load_vocab]
+ingest_metadata = dg.define_asset_job(
+    "ingest_metadata",
+    selection=dg.AssetSelection.assets(*IMAGING_ASSETS),
+    config=options_mapping(_op_names(IMAGING_ASSETS)),
+    description="Ingest a folder of DICOM files into procedure_occurrence, image_occurrence and dicom_file_metadata.",
+)
+
+JOBS = [load_vocab, ingest_metadata]

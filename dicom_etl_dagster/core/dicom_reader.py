@@ -124,8 +124,8 @@ _NO_DATE_REASON = (
 )
 
 _STRIP_CHARS = " \x00"
-_DA_RE = re.compile(r"(\d{4})(\d{2})(\d{2})")
-_DA_ACR_NEMA_RE = re.compile(r"(\d{4})\.(\d{2})\.(\d{2})")
+_DA_RE = re.compile(r"([0-9]{4})([0-9]{2})([0-9]{2})")
+_DA_ACR_NEMA_RE = re.compile(r"([0-9]{4})\.([0-9]{2})\.([0-9]{2})")
 
 # VRs that may start an explicit-VR data element, used only to sniff files
 # that lack the 128-byte preamble and "DICM" prefix.
@@ -228,8 +228,15 @@ def _one_line(text: str) -> str:
     return text
 
 
+# pydicom quotes raw bytes in some messages (BytesLengthException shows the
+# whole value, which with a corrupt length can span neighbouring elements such
+# as the patient's name); such byte dumps never make it into a reason.
+_BYTES_REPR_RE = re.compile(r"""\bb(['"]).*?(?<!\\)\1""")
+
+
 def _exc_text(exc: BaseException) -> str:
-    msg = _one_line(str(exc))
+    msg = _BYTES_REPR_RE.sub("<bytes>", " ".join(str(exc).split()))
+    msg = _one_line(msg)
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
@@ -371,16 +378,46 @@ def _value_tell(elem: RawDataElement | DataElement | None) -> int | None:
     return getattr(elem, "file_tell", None)  # DataElement spelling
 
 
-def _check_top_level_end(ds: Dataset, meta: Dataset, stream_size: int, deflated: bool) -> None:
+def _declared_length_from_header(
+    source: BinaryIO, elem: DataElement, value_tell: int, implicit: bool, little: bool
+) -> int | None:
+    """Re-read the length field of an element pydicom has already converted.
+
+    pydicom converts a few elements while reading (e.g. Specific Character
+    Set), which loses the declared length; the header sits right before the
+    value.  Returns None when the header does not look as expected.
+    """
+    endian = "<" if little else ">"
+    vr = str(elem.VR).encode("ascii", "replace")
+    if implicit:
+        source.seek(value_tell - 4)
+        field = source.read(4)
+        return struct.unpack(endian + "L", field)[0] if len(field) == 4 else None
+    if vr in _EXPLICIT_VRS_32BIT_LENGTH:
+        source.seek(value_tell - 8)
+        field = source.read(8)
+        if len(field) == 8 and field[:2] == vr and field[2:4] == b"\x00\x00":
+            return struct.unpack(endian + "L", field[4:])[0]
+        return None
+    source.seek(value_tell - 4)
+    field = source.read(4)
+    if len(field) == 4 and field[:2] == vr:
+        return struct.unpack(endian + "H", field[2:])[0]
+    return None
+
+
+def _check_top_level_end(
+    ds: Dataset, source: BinaryIO, stream_size: int, deflated: bool
+) -> None:
     """The last top-level element must end exactly at the end of the stream.
 
     pydicom stops silently when fewer than 8 bytes are left for an element
     header, skips (seeks) past deferred values even beyond EOF and drops an
-    undefined-length value whose delimiter never comes.  All three leave the
-    last parsed element ending before or after the real end of the data.
+    undefined-length value whose delimiter never comes.  All of these leave
+    the last parsed element ending before or after the real end of the data.
+
     Limitation: a file cut exactly at an element boundary is a valid, shorter
-    DICOM file and cannot be recognised as truncated in general; neither can a
-    cut inside the last <8 bytes after an undefined-length last element.
+    DICOM file and cannot be recognised as truncated in general.
     """
     last: RawDataElement | DataElement | None = None
     last_tell = -1
@@ -391,23 +428,33 @@ def _check_top_level_end(ds: Dataset, meta: Dataset, stream_size: int, deflated:
         tell = _value_tell(elem)
         if tell is not None and tell > last_tell:
             last, last_tell = elem, tell
-    if last is None and not deflated:
-        for tag in meta.keys():
-            elem = meta.get_item(tag, keep_deferred=True)
-            tell = _value_tell(elem)
-            if tell is not None and tell > last_tell:
-                last, last_tell = elem, tell
     if last is None:
         return
+    implicit, little = ds.original_encoding
+    little = True if little is None else little
 
     if isinstance(last, RawDataElement):
-        length = last.length
+        length: int | None = last.length
     elif last.is_undefined_length:
         length = _UNDEFINED_LENGTH
-    else:  # a DataElement whose length we do not know for sure
-        return
+    else:
+        length = _declared_length_from_header(source, last, last_tell, bool(implicit), little)
+        if length is None:
+            return  # cannot tell; the walk still checks every value it reads
+
     if length == _UNDEFINED_LENGTH:
-        return  # parsed up to its delimiter, so it is complete
+        # pydicom parsed it up to its delimiter, but a few bytes of a further
+        # element header after it would have been dropped silently: a
+        # complete file ends exactly with the Sequence Delimitation Item.
+        delimiter = struct.pack("<HHL" if little else ">HHL", 0xFFFE, 0xE0DD, 0)
+        source.seek(max(stream_size - 8, 0))
+        if source.read(8) != delimiter:
+            raise DicomReadError(
+                "truncated: the data does not end with the delimiter of the last "
+                f"undefined-length element {_fmt_tag(last.tag)} (it ends inside a "
+                "further data element header)"
+            )
+        return
 
     end = last_tell + length
     if end > stream_size:
@@ -426,6 +473,52 @@ def _check_top_level_end(ds: Dataset, meta: Dataset, stream_size: int, deflated:
             f"truncated: {left} bytes from offset {end} could not be parsed "
             "(an undefined-length value without its delimiter, or corrupt data)"
         )
+
+
+def _check_file_meta_bytes(fp: BinaryIO, start: int, file_size: int) -> None:
+    """Walk the element headers of a file whose dataset pydicom found empty.
+
+    Either the file ends in or right after the meta group (then this finds
+    a cut element), or pydicom dropped the dataset (see below).  File meta is explicit VR little
+    endian by definition; implicit VR is tolerated as pydicom does.
+    """
+    pos = start
+    while pos < file_size:
+        fp.seek(pos)
+        head = fp.read(12)
+        if len(head) < 8:
+            raise DicomReadError(
+                f"truncated: the data ends inside a data element header at offset {pos}"
+            )
+        group = struct.unpack("<H", head[:2])[0]
+        if group != 0x0002:
+            # There is data after the meta, yet pydicom returned no dataset:
+            # it discards the whole dataset when an undefined-length value
+            # (typically encapsulated pixel data) has no delimiter before EOF.
+            raise DicomReadError(
+                f"truncated: the dataset starting at offset {pos} could not be read "
+                "(end of file reached before the delimiter of an undefined-length value)"
+            )
+        vr = head[4:6]
+        if vr in _EXPLICIT_VRS_32BIT_LENGTH:
+            if len(head) < 12:
+                raise DicomReadError(
+                    f"truncated: the data ends inside a data element header at offset {pos}"
+                )
+            header, length = 12, struct.unpack("<L", head[8:12])[0]
+        elif vr in _EXPLICIT_VRS:
+            header, length = 8, struct.unpack("<H", head[6:8])[0]
+        else:
+            header, length = 8, struct.unpack("<L", head[4:8])[0]
+        if length == _UNDEFINED_LENGTH:
+            return
+        if pos + header + length > file_size:
+            raise DicomReadError(
+                f"truncated: element {_fmt_tag(struct.unpack('<L', head[2:4] + head[:2])[0])} "
+                f"at offset {pos + header} declares {length} bytes but the data ends at "
+                f"offset {file_size}"
+            )
+        pos += header + length
 
 
 # --------------------------------------------------------------------------
@@ -472,11 +565,12 @@ class _Walker:
         collect_instance_values: bool = False,
     ) -> None:
         rows = self.rows
-        creators: dict[int, str | None] = {}
+        creators: dict[int, str | None] = {}  # creator tag -> creator, this dataset only
         # Sorted tag order is DICOM's mandatory element order (and pydicom's
         # iteration order); for any valid file it is the order in the file.
         for tag in sorted(ds.keys()):
             raw = ds.get_item(tag, keep_deferred=True)
+            loaded: RawDataElement | None = None
             if isinstance(raw, RawDataElement):
                 if raw.value is None:
                     if raw.length != 0:
@@ -492,8 +586,7 @@ class _Walker:
                                     f"data ends at offset {self.source_size}"
                                 )
                             continue
-                        raw = self._load_deferred(raw)
-                        ds[tag] = raw
+                        loaded = self._load_deferred(raw)
                 elif raw.length != _UNDEFINED_LENGTH and len(raw.value) != raw.length:
                     # pydicom does not treat a short read as an error.
                     raise DicomReadError(
@@ -506,14 +599,20 @@ class _Walker:
             group = tag >> 16
             element = tag & 0xFFFF
             is_private = bool(group & 1)
+            value_json: str | None = None
             try:
+                if loaded is not None:
+                    ds[tag] = loaded  # so pydicom converts it without re-opening the file
                 elem = ds[tag]  # converts the raw value (and fixes ambiguous VRs)
                 if elem.VR == "SQ":
-                    json_model = None
                     vr = "SQ"
                 else:
                     json_model = elem.to_json_dict(None, _NO_BULK_THRESHOLD)
                     vr = json_model["vr"]
+                    if "Value" in json_model:
+                        value_json = json.dumps(json_model["Value"], ensure_ascii=False)
+                    elif "InlineBinary" in json_model:
+                        value_json = json.dumps(json_model["InlineBinary"], ensure_ascii=False)
                 vm = str(elem.VM)
             except DicomReadError:
                 raise
@@ -529,20 +628,20 @@ class _Walker:
                 block = element >> 8
                 if 0x0010 <= element <= 0x00FF:
                     creator = _text(elem.value)
-                    creators[element] = creator
+                    creators[tag] = creator
                     name = "Private Creator"
                 elif block >= 0x10:
-                    if block in creators:
-                        creator = creators[block]
+                    creator_tag = (group << 16) | block
+                    if creator_tag in creators:
+                        creator = creators[creator_tag]
                     else:
-                        creator_tag = (group << 16) | block
                         creator = None
                         if creator_tag in ds:
                             try:
                                 creator = _text(ds[creator_tag].value)
                             except Exception:
                                 creator = None
-                        creators[block] = creator
+                        creators[creator_tag] = creator
                     if creator:
                         name = _private_name(tag, creator)
             else:
@@ -576,12 +675,6 @@ class _Walker:
                     self.walk(item, index, item_index)
                 continue
 
-            if "Value" in json_model:
-                value_json = json.dumps(json_model["Value"], ensure_ascii=False)
-            elif "InlineBinary" in json_model:
-                value_json = json.dumps(json_model["InlineBinary"], ensure_ascii=False)
-            else:
-                value_json = None
             rows.append(
                 ElementRow(
                     index,
@@ -605,9 +698,10 @@ class _Walker:
                 self.instance_values[tag] = elem.value
 
 
-# Patient-identifying values could appear inside pydicom/ValueError messages
-# (e.g. "could not convert string to float: '...'"), so for these the message
-# is withheld and only the exception type is reported.
+# Values can appear inside pydicom/ValueError messages (e.g. "could not
+# convert string to float: '...'").  For elements that may identify the
+# patient (patient/visit/procedure groups, person names, private elements)
+# the message is withheld and only the exception type is reported.
 _SENSITIVE_GROUPS = frozenset({0x0010, 0x0032, 0x0038, 0x0040})
 
 
@@ -618,6 +712,9 @@ def _decode_reason(tag: int, raw: Any, exc: Exception) -> str:
     else:
         label = _public_info(tag)[1] or "unknown"
     vr = getattr(raw, "VR", None)
+    if vr is None:  # implicit VR file: fall back to the dictionary
+        entry = DicomDictionary.get(tag)
+        vr = entry[0] if entry else None
     if group & 1 or group in _SENSITIVE_GROUPS or vr == "PN":
         detail = f"{type(exc).__name__} (details withheld: the value may contain patient data)"
     else:
@@ -665,10 +762,10 @@ def _read_instance(path: str | os.PathLike) -> DicomInstance:
             # force only for files without preamble: they are DICOM too.
             ds = dcmread(fp, defer_size=_DEFER_SIZE, force=not has_prefix)
         except InvalidDicomError as exc:
-            raise DicomReadError(f"not a DICOM file: {_one_line(str(exc))}") from exc
+            raise DicomReadError(f"not a DICOM file: {_exc_text(exc)}") from exc
         except zlib.error as exc:
             raise DicomReadError(
-                f"truncated or corrupt deflate-compressed dataset: {_one_line(str(exc))}"
+                f"truncated or corrupt deflate-compressed dataset: {_exc_text(exc)}"
             ) from exc
         except Exception as exc:
             try:
@@ -688,9 +785,13 @@ def _read_instance(path: str | os.PathLike) -> DicomInstance:
         source_size = _stream_size(source) if deflated else file_size
         meta = ds.file_meta if ds.file_meta is not None else Dataset()
 
+        if len(ds) == 0 and not deflated:
+            # Nothing after the file meta: pydicom has already converted some
+            # meta elements (lengths lost), so check the meta bytes directly.
+            _check_file_meta_bytes(fp, 132 if has_prefix else 0, file_size)
         if len(ds) == 0 and len(meta) == 0:
             raise DicomReadError("not a DICOM file: no data elements could be read")
-        _check_top_level_end(ds, meta, source_size, deflated)
+        _check_top_level_end(ds, source, source_size, deflated)
 
         walker = _Walker(source, source_size)
         # File meta elements are never deferred and are checked/converted the

@@ -1,0 +1,159 @@
+"""Imaging assets: a folder of DICOM files -> procedure_occurrence, image_occurrence,
+dicom_file_metadata and the ingest ledger, written together batch by batch."""
+
+from collections import Counter
+
+import dagster as dg
+from psycopg import sql
+
+from ..config import EtlOptions
+from ..core.cpu import available_cpus
+from ..core.identifiers import Schemas
+from ..core.ingest import IngestSetupError, ingest_folder, prepare_run
+from ..core.writer import IngestReport, PersonMapping
+from ..resources.database import PostgresResource
+from .common import clear_failures, database_session
+
+GROUP = "imaging"
+MAX_FAILURES_SHOWN = 20
+UNMAPPED_MODALITY_WARN_SHARE = 0.2
+
+INGEST_SPECS = [
+    dg.AssetSpec("procedure_occurrence", group_name=GROUP, deps=["concept"], kinds={"postgres"},
+                 description="OMOP procedure_occurrence: one row per imaging study (StudyInstanceUID) and person."),
+    dg.AssetSpec("image_occurrence", group_name=GROUP, kinds={"postgres"},
+                 deps=["procedure_occurrence", "concept", "concept_relationship"],
+                 description="MI-CDM image_occurrence: one row per series, with modality and anatomic-site concepts."),
+    dg.AssetSpec("dicom_file_metadata", group_name=GROUP, kinds={"postgres"},
+                 deps=["image_occurrence", "dicom_data_element"],
+                 description="Every DICOM attribute except pixel data, nested sequences included (EAV)."),
+    dg.AssetSpec("dicom_ingest_log", group_name=GROUP, kinds={"postgres"}, deps=["dicom_file_metadata"],
+                 description="One row per file path seen: ingested, duplicate, or failed with its reason."),
+]
+
+INGEST_CHECKS = [
+    dg.AssetCheckSpec("every_series_has_its_procedure", asset="image_occurrence",
+                      description="Every image_occurrence points at an existing procedure_occurrence."),
+    dg.AssetCheckSpec("no_sop_instance_twice", asset="dicom_file_metadata",
+                      description="No SOP instance is ingested twice (ledger and EAV rows)."),
+    dg.AssetCheckSpec("share_of_series_without_modality_concept", asset="image_occurrence",
+                      description=f"Warns when more than {UNMAPPED_MODALITY_WARN_SHARE:.0%} of series have "
+                                  "modality_concept_id 0."),
+]
+
+
+def _markdown_table(header: tuple[str, ...], rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _failures_by_reason(report: IngestReport) -> Counter:
+    # Group by the reason's first clause so "truncated at byte 1234" and "... 99" land together.
+    return Counter(reason.split(":")[0] for _, reason in report.failures)
+
+
+def _checks(conn, schemas: Schemas) -> list[dg.AssetCheckResult]:
+    mi, cdm = schemas.medical_imaging, schemas.cdm
+    orphans = conn.execute(sql.SQL(
+        "SELECT count(*) FROM {io} i WHERE NOT EXISTS (SELECT 1 FROM {po} p"
+        " WHERE p.procedure_occurrence_id = i.procedure_occurrence_id)").format(
+        io=sql.Identifier(mi, "image_occurrence"), po=sql.Identifier(cdm, "procedure_occurrence"))).fetchone()[0]
+    twice_in_ledger = conn.execute(sql.SQL(
+        "SELECT count(*) FROM (SELECT sop_instance_uid FROM {} WHERE status = 'ingested'"
+        " GROUP BY 1 HAVING count(*) > 1) d").format(sql.Identifier(mi, "dicom_ingest_log"))).fetchone()[0]
+    twice_in_metadata = conn.execute(sql.SQL(
+        "SELECT count(*) FROM (SELECT sop_instance_id FROM {} WHERE metadata_source_tag = '(0008,0018)'"
+        " AND parent_sequence_id IS NULL GROUP BY 1 HAVING count(*) > 1) d").format(
+        sql.Identifier(mi, "dicom_file_metadata"))).fetchone()[0]
+    series, unmapped = conn.execute(sql.SQL(
+        "SELECT count(*), count(*) FILTER (WHERE modality_concept_id = 0) FROM {}").format(
+        sql.Identifier(mi, "image_occurrence"))).fetchone()
+    share = unmapped / series if series else 0.0
+    return [
+        dg.AssetCheckResult(check_name="every_series_has_its_procedure", asset_key="image_occurrence",
+                            passed=orphans == 0, metadata={"series_without_procedure": orphans}),
+        dg.AssetCheckResult(check_name="no_sop_instance_twice", asset_key="dicom_file_metadata",
+                            passed=twice_in_ledger == 0 and twice_in_metadata == 0,
+                            metadata={"sop_instances_twice_in_ledger": twice_in_ledger,
+                                      "sop_instances_twice_in_metadata": twice_in_metadata}),
+        dg.AssetCheckResult(check_name="share_of_series_without_modality_concept", asset_key="image_occurrence",
+                            passed=share <= UNMAPPED_MODALITY_WARN_SHARE, severity=dg.AssetCheckSeverity.WARN,
+                            metadata={"series": series, "series_with_modality_concept_0": unmapped,
+                                      "share": dg.MetadataValue.float(round(share, 4))}),
+    ]
+
+
+@dg.multi_asset(specs=INGEST_SPECS, check_specs=INGEST_CHECKS, name="ingest_dicom_folder",
+                description="Ingest every file under dicom_files_abs_path into the OMOP imaging tables.")
+def ingest_dicom_folder(context: dg.AssetExecutionContext, config: EtlOptions, database: PostgresResource):
+    if config.upload_files:
+        raise dg.Failure(
+            description="upload_files: true is not supported yet: uploading to a DICOM server is not part of "
+            "this release. Set upload_files to false; nothing was ingested.", allow_retries=False)
+    policy = config.missing_person_policy()
+    root = config.dicom_folder()
+    workers = config.parse_workers or available_cpus()
+    with clear_failures():
+        m = config.person_to_patient_mapping.validated()
+        mapping = PersonMapping(m.schema_name, m.table_name, m.person_id_column_name, m.patient_id_column_name)
+
+    with database_session(context, config, database) as (conn, schemas):
+        try:
+            state = prepare_run(conn, schemas, context.run_id, policy, mapping, context.log.warning)
+            context.log.info(f"Ingesting {root} with {workers} parse workers, {config.ingest_batch_size} files per batch")
+            report, seconds = ingest_folder(
+                conn, state, root, config.ingest_batch_size, workers,
+                progress=lambda r: context.log.debug(f"{sum(r.status_counts.values())} files written so far"))
+        except IngestSetupError as exc:
+            raise dg.Failure(description=str(exc), allow_retries=False) from None
+        checks = _checks(conn, schemas)
+
+    counts = report.status_counts
+    elapsed = sum(seconds.values())
+    processed = sum(counts.values())
+    context.log.info(
+        f"{report.files_seen} files seen: {counts['ingested']} ingested, {counts['duplicate']} duplicate, "
+        f"{counts['failed']} failed, {report.files_already_done} already done")
+    common = {"dicom_files_abs_path": str(root)}
+    modality_rows = sorted(((m, b, mc, sc, n) for (m, b, mc, sc), n in report.series_by_modality.items()),
+                           key=lambda r: -r[4])
+    yield dg.MaterializeResult(asset_key="procedure_occurrence", metadata={
+        **common, "table": f"{schemas.cdm}.procedure_occurrence",
+        "rows_written": report.rows["procedure_occurrence"]})
+    yield dg.MaterializeResult(asset_key="image_occurrence", metadata={
+        **common, "table": f"{schemas.medical_imaging}.image_occurrence",
+        "rows_written": report.rows["image_occurrence"],
+        "new_series_by_modality": dg.MetadataValue.md(_markdown_table(
+            ("Modality", "BodyPartExamined", "modality_concept_id", "anatomic_site_concept_id", "series"),
+            modality_rows))})
+    yield dg.MaterializeResult(asset_key="dicom_file_metadata", metadata={
+        **common, "table": f"{schemas.medical_imaging}.dicom_file_metadata",
+        "rows_written": report.rows["dicom_file_metadata"],
+        "rows_replaced_for_changed_files": report.rows["dicom_file_metadata_replaced"],
+        "files_seen": report.files_seen, "files_ingested": counts["ingested"],
+        "files_duplicate": counts["duplicate"], "files_failed": counts["failed"],
+        "files_already_done": report.files_already_done,
+        "files_per_second": dg.MetadataValue.float(round(processed / elapsed, 1) if elapsed else 0.0),
+        "slowest_stage": max(seconds, key=seconds.get) if seconds else "none",
+        "seconds_per_stage": dg.MetadataValue.json({k: round(v, 3) for k, v in seconds.items()}),
+        "parse_workers": workers})
+    yield dg.MaterializeResult(asset_key="dicom_ingest_log", metadata={
+        **common, "table": f"{schemas.medical_imaging}.dicom_ingest_log",
+        "rows_written": report.rows["dicom_ingest_log"],
+        "failures_by_reason": dg.MetadataValue.md(_markdown_table(
+            ("reason", "files"), _failures_by_reason(report).most_common())),
+        "first_failures": dg.MetadataValue.md(_markdown_table(
+            ("file", "reason"), report.failures[:MAX_FAILURES_SHOWN]))})
+    yield from checks
+
+    if report.person_misses:
+        reasons = [reason for _, reason in report.failures if "missing_person_id_options" in reason]
+        raise dg.Failure(
+            description=f"{report.person_misses} file(s) were not ingested because no person matched their patient "
+            f"(missing_person_id_options: skip); first reasons: {'; '.join(reasons[:3])}. "
+            "Fix the mapping table and re-run: those files will be ingested then.",
+            allow_retries=False)
+
+
+IMAGING_ASSETS = [ingest_dicom_folder]

@@ -1,0 +1,39 @@
+"""Walk a folder tree lazily: every regular file, with the size and mtime the ledger compares."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, NamedTuple
+
+
+class FileEntry(NamedTuple):
+    path: str
+    size: int
+    mtime_ns: int
+
+
+def iter_files(root: str | os.PathLike) -> Iterator[FileEntry]:
+    """Every regular file under ``root`` (any name, any suffix), in a stable order.
+
+    A generator over os.scandir, so a folder of millions of files is never held in memory.
+    Symlinked folders are not followed (no loops); symlinked files are read like files.
+    """
+    stack = [os.fspath(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        subfolders = []
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    subfolders.append(entry.path)
+                elif entry.is_file():
+                    stat = entry.stat()
+                    yield FileEntry(os.path.abspath(entry.path), stat.st_size, stat.st_mtime_ns)
+            except OSError:
+                continue  # vanished between listing and stat
+        stack.extend(reversed(subfolders))
