@@ -75,3 +75,56 @@ def test_bad_setup_fails_fast_with_one_line_reason(case, env, expected, tmp_path
     reason_lines = [line for line in output.splitlines() if expected in line]
     assert reason_lines, output[-3000:]
     assert "s3cret-pw" not in output
+
+
+def _sample_folder(tmp_path: Path) -> Path:
+    import shutil
+
+    from pydicom.data import get_testdata_files
+
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm"):
+        shutil.copy(next(p for p in get_testdata_files(name) if p.endswith(name)), folder / name)
+    return folder
+
+
+def test_ingest_metadata_with_original_options_on_embedded_database(tmp_path, vocab_dir, embedded_pgdata):
+    env = {"DICOM_ETL_VOCAB_DIR": str(vocab_dir), "DICOM_ETL_EMBEDDED_PGDATA": str(embedded_pgdata)}
+    document = json.loads(json.dumps(ORIGINAL_OPTIONS))
+    document["options"]["dicom_files_abs_path"] = str(_sample_folder(tmp_path))
+    for job in ("load_vocab", "ingest_metadata"):
+        completed = dagster_job_execute(job, tmp_path, env, document)
+        assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+    import pgserver
+
+    with psycopg.connect(pgserver.get_server(embedded_pgdata, cleanup_mode="stop").get_uri()) as conn:
+        statuses = dict(conn.execute(
+            "SELECT status, count(*) FROM cdmmedicalimaging.dicom_ingest_log GROUP BY 1").fetchall())
+        assert statuses == {"ingested": 3}
+        assert scalar(conn, "SELECT count(*) FROM cdmmedicalimaging.image_occurrence") == 3
+        assert scalar(conn, "SELECT count(DISTINCT sop_instance_id) FROM cdmmedicalimaging.dicom_file_metadata") == 3
+
+
+def test_readme_quickstart_runs_the_whole_chain(tmp_path, vocab_dir, embedded_pgdata):
+    """The README's second set-up command, on pydicom's bundled samples, from a clean instance."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    command = ".venv/bin/dagster asset materialize -m dicom_etl_dagster.definitions --select '*'"
+    assert command in readme
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_ETL_")}
+    env.update({"DICOM_ETL_VOCAB_DIR": str(vocab_dir), "DICOM_ETL_EMBEDDED_PGDATA": str(embedded_pgdata),
+                "DAGSTER_HOME": str(tmp_path)})
+    completed = subprocess.run(
+        [DAGSTER, "asset", "materialize", "-m", "dicom_etl_dagster.definitions", "--select", "*"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-3000:]
+    assert f"data folder {embedded_pgdata}" in output
+
+    import pgserver
+
+    with psycopg.connect(pgserver.get_server(embedded_pgdata, cleanup_mode="stop").get_uri()) as conn:
+        assert scalar(conn, "SELECT count(*) FROM cdmvocab.concept WHERE vocabulary_id = 'DICOM'") == 8811
+        assert scalar(conn, "SELECT count(*) FROM cdmmedicalimaging.dicom_ingest_log WHERE status = 'ingested'") > 100
+        assert scalar(conn, "SELECT count(*) FROM cdmmedicalimaging.image_occurrence") > 10

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from pathlib import Path
@@ -16,7 +15,6 @@ from ..core.identifiers import Schemas
 DATABASE_URL_ENV = "DICOM_ETL_DATABASE_URL"
 EMBEDDED_DATA_DIR_ENV = "DICOM_ETL_EMBEDDED_PGDATA"
 
-_logger = logging.getLogger(__name__)
 _PASSWORD_IN_URL = re.compile(r"(://[^:/@]*:)[^@]*@")
 
 
@@ -26,6 +24,10 @@ def redact_url(url: str) -> str:
 
 
 def default_embedded_data_dir() -> Path:
+    if os.geteuid() == 0:
+        # As root, pgserver runs PostgreSQL as its own user, which must be able to reach the
+        # folder: keep it out of /root (pgserver would otherwise open up its permissions).
+        return Path("/var/lib/dicom_etl_dagster/pgdata")
     data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
     return data_home / "dicom_etl_dagster" / "pgdata"
 
@@ -73,18 +75,17 @@ class PostgresResource(dg.ConfigurableResource):
     vocab_schema_name: str = "cdmvocab"
     medical_imaging_schema_name: str = "cdmmedicalimaging"
 
+    def embedded_dir(self) -> Path:
+        return Path(self.embedded_data_dir or os.environ.get(EMBEDDED_DATA_DIR_ENV) or default_embedded_data_dir())
+
     def url(self) -> str:
-        if self.database_url:
-            return self.database_url
-        data_dir = Path(
-            self.embedded_data_dir or os.environ.get(EMBEDDED_DATA_DIR_ENV) or default_embedded_data_dir()
-        )
-        _logger.info("Using the embedded PostgreSQL kept in %s (set %s to use another server)",
-                     data_dir, DATABASE_URL_ENV)
-        return embedded_database_url(data_dir)
+        return self.database_url or embedded_database_url(self.embedded_dir())
 
     def describe(self) -> str:
-        return redact_url(self.database_url) if self.database_url else "embedded PostgreSQL"
+        """Where the data goes, safe to log: the redacted URL or the embedded data folder."""
+        if self.database_url:
+            return redact_url(self.database_url)
+        return f"embedded PostgreSQL with data folder {self.embedded_dir()} (set {DATABASE_URL_ENV} to use your own)"
 
     def connect(self) -> psycopg.Connection:
         try:
