@@ -53,19 +53,25 @@ def _failures_by_reason(report: IngestReport) -> Counter:
     return Counter(reason.split(":")[0] for _, reason in report.failures)
 
 
-def _checks(conn, schemas: Schemas) -> list[dg.AssetCheckResult]:
+def _checks(conn, schemas: Schemas, run_id: str) -> list[dg.AssetCheckResult]:
+    # The SOP checks look at this run's instances only (through the ledger and the
+    # sop_instance_id index): a full scan of a billion-row EAV table per run would not scale.
     mi, cdm = schemas.medical_imaging, schemas.cdm
     orphans = conn.execute(sql.SQL(
         "SELECT count(*) FROM {io} i WHERE NOT EXISTS (SELECT 1 FROM {po} p"
         " WHERE p.procedure_occurrence_id = i.procedure_occurrence_id)").format(
         io=sql.Identifier(mi, "image_occurrence"), po=sql.Identifier(cdm, "procedure_occurrence"))).fetchone()[0]
+    ledger, metadata = sql.Identifier(mi, "dicom_ingest_log"), sql.Identifier(mi, "dicom_file_metadata")
+    this_run = sql.SQL("SELECT sop_instance_uid FROM {} WHERE run_id = %(run)s AND status = 'ingested'").format(ledger)
     twice_in_ledger = conn.execute(sql.SQL(
-        "SELECT count(*) FROM (SELECT sop_instance_uid FROM {} WHERE status = 'ingested'"
-        " GROUP BY 1 HAVING count(*) > 1) d").format(sql.Identifier(mi, "dicom_ingest_log"))).fetchone()[0]
+        "SELECT count(*) FROM (SELECT sop_instance_uid FROM {ledger} WHERE status = 'ingested'"
+        " AND sop_instance_uid IN ({this_run}) GROUP BY 1 HAVING count(*) > 1) d").format(
+        ledger=ledger, this_run=this_run), {"run": run_id}).fetchone()[0]
     twice_in_metadata = conn.execute(sql.SQL(
-        "SELECT count(*) FROM (SELECT sop_instance_id FROM {} WHERE metadata_source_tag = '(0008,0018)'"
-        " AND parent_sequence_id IS NULL GROUP BY 1 HAVING count(*) > 1) d").format(
-        sql.Identifier(mi, "dicom_file_metadata"))).fetchone()[0]
+        "SELECT count(*) FROM (SELECT sop_instance_id FROM {metadata} WHERE sop_instance_id IN ({this_run})"
+        " AND metadata_source_tag = '(0008,0018)' AND parent_sequence_id IS NULL"
+        " GROUP BY 1 HAVING count(*) > 1) d").format(metadata=metadata, this_run=this_run),
+        {"run": run_id}).fetchone()[0]
     series, unmapped = conn.execute(sql.SQL(
         "SELECT count(*), count(*) FILTER (WHERE modality_concept_id = 0) FROM {}").format(
         sql.Identifier(mi, "image_occurrence"))).fetchone()
@@ -107,7 +113,7 @@ def ingest_dicom_folder(context: dg.AssetExecutionContext, config: EtlOptions, d
                 progress=lambda r: context.log.debug(f"{sum(r.status_counts.values())} files written so far"))
         except IngestSetupError as exc:
             raise dg.Failure(description=str(exc), allow_retries=False) from None
-        checks = _checks(conn, schemas)
+        checks = _checks(conn, schemas, context.run_id)
 
     counts = report.status_counts
     elapsed = sum(seconds.values())

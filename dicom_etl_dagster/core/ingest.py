@@ -104,5 +104,4 @@ def ingest_folder(conn: psycopg.Connection, state: RunState, root: Path, batch_s
             progress(report)
     # Scanning happens inside the wait for parsed batches; count it once.
     seconds["parse (waiting on workers)"] = max(0.0, seconds["parse (waiting on workers)"] - seconds["scan and ledger lookup"])
-    report.files_already_done += report.status_counts.pop("already_done", 0)
     return report, seconds

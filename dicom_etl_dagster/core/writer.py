@@ -82,6 +82,7 @@ class IngestReport:
     person_misses: int = 0
 
     def merge(self, other: "IngestReport") -> None:
+        self.files_already_done += other.files_already_done
         self.status_counts.update(other.status_counts)
         self.rows.update(other.rows)
         self.failures.extend(other.failures)
@@ -153,7 +154,7 @@ def write_batch(conn: psycopg.Connection, state: RunState, outcomes: list[ParseO
         for outcome in outcomes:
             old = previous.get(outcome.entry.path)
             if old and old[3] != FAILED and (old[1], old[2]) == (outcome.entry.size, outcome.entry.mtime_ns):
-                report.status_counts["already_done"] += 1
+                report.files_already_done += 1  # another run wrote it while this one was parsing
                 continue
             todo.append(outcome)
         if not todo:
@@ -172,6 +173,7 @@ def write_batch(conn: psycopg.Connection, state: RunState, outcomes: list[ParseO
             conn.execute(sql.SQL("DELETE FROM {} WHERE file_path = ANY(%s)").format(ledger), [replaced_paths])
 
         ledger_rows: list[tuple] = []
+        failure_reasons: dict[str, str] = {}
 
         def record(outcome: ParseOutcome, status: str, reason: str | None = None,
                    sop: str | None = None, image_occurrence_id: int | None = None) -> None:
@@ -180,6 +182,7 @@ def write_batch(conn: psycopg.Connection, state: RunState, outcomes: list[ParseO
             report.status_counts[status] += 1
             if status == FAILED:
                 report.failures.append((outcome.entry.path, reason))
+                failure_reasons[outcome.entry.path] = reason
 
         # 3. Duplicates: SOP instances already ingested from another path, or twice in this batch.
         parsed = [o for o in todo if o.instance is not None]
@@ -278,8 +281,8 @@ def write_batch(conn: psycopg.Connection, state: RunState, outcomes: list[ParseO
         for o in in_batch_duplicates:
             first_holder = first_path_of_sop[o.instance.sop_instance_uid]
             holder_series = series_ids.get(first_holder.instance.series_instance_uid)
-            if holder_series is None:  # the first holder failed (no person): this copy fails the same way
-                record(o, FAILED, ledger_rows_reason(ledger_rows, first_holder.entry.path), sop=o.instance.sop_instance_uid)
+            if holder_series is None:  # the first copy failed (no person): this copy fails the same way
+                record(o, FAILED, failure_reasons[first_holder.entry.path], sop=o.instance.sop_instance_uid)
             else:
                 record(o, DUPLICATE, sop=o.instance.sop_instance_uid, image_occurrence_id=holder_series)
 
@@ -289,10 +292,6 @@ def write_batch(conn: psycopg.Connection, state: RunState, outcomes: list[ParseO
             conn, ledger, _LEDGER_COLUMNS,
             ((first + i, *row[:7], state.run_id, processed_at) for i, row in enumerate(ledger_rows)))
     return report
-
-
-def ledger_rows_reason(ledger_rows: list[tuple], path: str) -> str:
-    return next((row[4] for row in ledger_rows if row[0] == path), "the first copy of this SOP instance failed")
 
 
 def _parent_folder(path: str) -> str:
