@@ -37,10 +37,14 @@ def _isolated_environment(monkeypatch, vocab_dir, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory):
+def postgres_server():
+    import tempfile
+
     import pgserver
 
-    server = pgserver.get_server(tmp_path_factory.mktemp("pgserver"), cleanup_mode="delete")
+    # Not under pytest's basetemp: another pytest session starting meanwhile prunes old
+    # basetemp folders, which would pull the data folder from under a running server.
+    server = pgserver.get_server(Path(tempfile.mkdtemp(prefix="dicom_etl_test_pg_")), cleanup_mode="delete")
     yield server
     server.cleanup()
 
