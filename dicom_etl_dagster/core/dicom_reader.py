@@ -142,6 +142,7 @@ _EXPLICIT_VRS_32BIT_LENGTH = frozenset(
 _PLAUSIBLE_FIRST_GROUPS = frozenset({0x0000, 0x0002, 0x0004, 0x0008})
 
 _MAX_REASON_LENGTH = 400
+_MAX_UID_LENGTH = 64
 
 
 class DicomReadError(Exception):
@@ -804,6 +805,11 @@ def _read_instance(path: str | os.PathLike) -> DicomInstance:
     missing = [kw for kw, tag in _REQUIRED_UIDS if not uids[tag]]
     if missing:
         raise DicomReadError(f"missing required attribute(s): {', '.join(missing)}")
+    # DICOM caps UIDs at 64 characters; a longer one is corrupt and would not fit the
+    # OMOP columns (varchar(250)), failing the whole batch instead of this file.
+    too_long = [kw for kw, tag in _REQUIRED_UIDS if len(uids[tag]) > _MAX_UID_LENGTH]
+    if too_long:
+        raise DicomReadError(f"invalid UID(s) longer than {_MAX_UID_LENGTH} characters: {', '.join(too_long)}")
 
     dates = {tag: _parse_date(values.get(tag)) for tag in _PROCEDURE_DATE_ORDER}
     procedure_date = next((dates[t] for t in _PROCEDURE_DATE_ORDER if dates[t]), None)

@@ -1031,3 +1031,17 @@ def test_damaged_files_never_raise_anything_else(
         assert reason and "\n" not in reason
     else:
         _check_instance_invariants(inst)
+
+
+def test_uid_longer_than_dicom_allows_fails_the_file(tmp_path):
+    """A corrupt over-long UID fails its file instead of overflowing varchar(250) for the batch."""
+    import warnings
+
+    ds = _quiet_dcmread(_testfile("CT_small.dcm"))
+    ds.SeriesInstanceUID = "1.2." + "3" * 300
+    target = tmp_path / "long_uid.dcm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.save_as(target)
+    with pytest.raises(DicomReadError, match="longer than 64 characters: SeriesInstanceUID"):
+        read_instance(target)
