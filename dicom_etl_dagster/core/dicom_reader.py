@@ -143,6 +143,7 @@ _PLAUSIBLE_FIRST_GROUPS = frozenset({0x0000, 0x0002, 0x0004, 0x0008})
 
 _MAX_REASON_LENGTH = 400
 _MAX_UID_LENGTH = 64
+_INT4_MIN, _INT4_MAX = -(2**31), 2**31 - 1
 
 
 class DicomReadError(Exception):
@@ -317,18 +318,21 @@ def _parse_date(value: Any) -> datetime.date | None:
 
 
 def _parse_int(value: Any) -> int | None:
+    """An integer that fits the OMOP integer columns, else None (the raw value stays in the EAV row)."""
     value = _first(value)
     if value is None or value == "":
         return None
     try:
-        return int(value)
+        number = int(value)
     except (TypeError, ValueError):
-        pass
-    try:
-        number = float(str(value).strip(_STRIP_CHARS))
-    except ValueError:
-        return None
-    return int(number) if number.is_integer() else None
+        try:
+            as_float = float(str(value).strip(_STRIP_CHARS))
+        except ValueError:
+            return None
+        if not as_float.is_integer():
+            return None
+        number = int(as_float)
+    return number if _INT4_MIN <= number <= _INT4_MAX else None
 
 
 def _stream_size(stream: BinaryIO) -> int:

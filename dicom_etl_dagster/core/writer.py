@@ -161,14 +161,18 @@ def write_batch(conn: psycopg.Connection, state: RunState, outcomes: list[ParseO
             return report
 
         # 2. Files changed since they were ingested: their old instance's rows go, and paths
-        #    that were duplicates of it are forgotten so the next run ingests them instead.
+        #    that were duplicates of it become 'failed' (keeping their ledger row) so that the
+        #    next run, which retries failures, ingests one of them instead.
         replaced_paths = [o.entry.path for o in todo if o.entry.path in previous]
         changed_sops = [previous[p][4] for p in replaced_paths if previous[p][3] == INGESTED and previous[p][4]]
         if changed_sops:
             report.rows["dicom_file_metadata_replaced"] += conn.execute(
                 sql.SQL("DELETE FROM {} WHERE sop_instance_id = ANY(%s)").format(metadata), [changed_sops]).rowcount
-            conn.execute(sql.SQL("DELETE FROM {} WHERE status = 'duplicate' AND sop_instance_uid = ANY(%s)")
-                         .format(ledger), [changed_sops])
+            conn.execute(
+                sql.SQL("UPDATE {} SET status = 'failed', image_occurrence_id = NULL, error_message = %s"
+                        " WHERE status = 'duplicate' AND sop_instance_uid = ANY(%s)").format(ledger),
+                ["the ingested copy of this SOP instance (another path) changed; the next run ingests this one",
+                 changed_sops])
         if replaced_paths:
             conn.execute(sql.SQL("DELETE FROM {} WHERE file_path = ANY(%s)").format(ledger), [replaced_paths])
 
