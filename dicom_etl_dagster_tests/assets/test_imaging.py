@@ -17,12 +17,12 @@ from pydicom.uid import generate_uid
 
 from dicom_etl_dagster_tests.conftest import scalar
 from dicom_etl_dagster_tests.helpers import options, run_job
+from dicom_etl_dagster_tests.dicom_samples import expected_metadata_rows
 
 TEST_FILES_DIR = Path(pydicom.__file__).parent / "data" / "test_files"
 CT_SMALL = TEST_FILES_DIR / "CT_small.dcm"
 RTPLAN = TEST_FILES_DIR / "rtplan.dcm"
 # Written out here rather than imported, so the tests do not trust the product module.
-PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
 CHEST_DICOM_CONCEPT_ID = 2128009433
 STATUSES = {"ingested", "duplicate", "failed"}
 
@@ -82,27 +82,6 @@ def ledger(db) -> dict[str, tuple]:
 
 def metadata_count(db, sop: str) -> int:
     return scalar(db, f"SELECT count(*) FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s", [sop])
-
-
-def count_elements(dataset) -> int:
-    """Independent count of dicom_file_metadata rows for one dataset: every element at every
-    level, sequences included (one row each), pixel data excluded."""
-    n = 0
-    for elem in dataset:
-        if elem.tag in PIXEL_TAGS:
-            continue
-        n += 1
-        if elem.VR == "SQ":
-            n += sum(count_elements(item) for item in elem.value)
-    return n
-
-
-def expected_rows(path: Path) -> int:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = pydicom.dcmread(path, force=True)
-        meta = ds.file_meta if ds.file_meta is not None else []
-        return count_elements(meta) + count_elements(ds)
 
 
 def read(path: Path):
@@ -228,7 +207,7 @@ def test_all_pydicom_sample_files(vocab_url, db, tmp_path):
     mismatches = {}
     expected_total = 0
     for path in ingested:
-        expected = expected_rows(path)
+        expected = expected_metadata_rows(path)
         expected_total += expected
         got = metadata_count(db, sop_of[path])
         if got != expected:
@@ -310,7 +289,7 @@ def test_nested_sequences_point_at_their_parents(vocab_url, db, tmp_path):
         f"SELECT metadata_id, metadata_source_tag, is_sequence, sequence_length, parent_sequence_id,"
         f" parent_dataset_id, sop_instance_id FROM {MI}.dicom_file_metadata").fetchall()
     by_id = {r[0]: r for r in rows}
-    assert len(by_id) == len(rows) == expected_rows(RTPLAN)
+    assert len(by_id) == len(rows) == expected_metadata_rows(RTPLAN)
     nested = [r for r in rows if r[4] is not None]
     assert nested, "rtplan.dcm has nested sequences"
     for r in rows:
@@ -449,8 +428,8 @@ def test_same_sop_instance_at_two_paths(vocab_url, db, tmp_path, batch_size):
     assert first[0] == "ingested" and second[0] == "duplicate"
     assert first[2] == second[2] == sop
     assert first[3] == second[3] is not None
-    assert metadata_count(db, sop) == expected_rows(CT_SMALL)
-    assert scalar(db, f"SELECT count(*) FROM {MI}.dicom_file_metadata") == expected_rows(CT_SMALL)
+    assert metadata_count(db, sop) == expected_metadata_rows(CT_SMALL)
+    assert scalar(db, f"SELECT count(*) FROM {MI}.dicom_file_metadata") == expected_metadata_rows(CT_SMALL)
     assert scalar(db, f"SELECT count(*) FROM {MI}.image_occurrence") == 1
     assert scalar(db, "SELECT count(*) FROM cdmdefault.procedure_occurrence") == 1
     md = file_metadata(result)
@@ -519,7 +498,7 @@ def test_missing_person_under_skip_fails_then_recovers(vocab_url, db, tmp_path, 
     assert (status, reason, ledger_sop) == ("ingested", None, sop) and io_id is not None
     assert log[copy] == ("duplicate", None, sop, io_id)
     assert _persons_of(db, sop) == [(42, 42)]
-    assert metadata_count(db, sop) == expected_rows(folder / "ct.dcm")
+    assert metadata_count(db, sop) == expected_metadata_rows(folder / "ct.dcm")
 
 
 @pytest.mark.parametrize("with_table", [True, False], ids=["table-without-row", "no-table"])
@@ -687,8 +666,8 @@ def test_truncated_files_fail_and_the_rest_is_ingested(vocab_url, db, tmp_path):
         assert "truncated" in reason, f"{name}: {reason}"
     assert log[str(folder / "intact.dcm")][0] == "ingested"
     assert log[str(folder / "z_original.dcm")][0] == "ingested"
-    assert metadata_count(db, str(intact.SOPInstanceUID)) == expected_rows(folder / "intact.dcm")
-    assert metadata_count(db, str(read(CT_SMALL).SOPInstanceUID)) == expected_rows(CT_SMALL)
+    assert metadata_count(db, str(intact.SOPInstanceUID)) == expected_metadata_rows(folder / "intact.dcm")
+    assert metadata_count(db, str(read(CT_SMALL).SOPInstanceUID)) == expected_metadata_rows(CT_SMALL)
     assert file_metadata(result)["files_failed"] == len(cuts)
 
 
@@ -748,7 +727,7 @@ def test_upload_files_without_a_dicom_server_fails_clearly(vocab_url, db, tmp_pa
     else:
         assert failures[0].step_key != "ingest_dicom_folder"
         assert ledger(db) == {str(folder / "ct.dcm"): ("ingested", None, str(ds.SOPInstanceUID), ANY_ID)}
-        assert metadata_count(db, str(ds.SOPInstanceUID)) == expected_rows(folder / "ct.dcm")
+        assert metadata_count(db, str(ds.SOPInstanceUID)) == expected_metadata_rows(folder / "ct.dcm")
 
 
 class _AnyId:
@@ -776,15 +755,15 @@ def test_changed_file_replaces_its_old_instance(vocab_url, db, tmp_path):
     other = make_instance(CT_SMALL, folder / "other.dcm")
     ingest(vocab_url, folder)
     old_sop = str(old.SOPInstanceUID)
-    assert metadata_count(db, old_sop) == expected_rows(folder / "ct.dcm") > 0
+    assert metadata_count(db, old_sop) == expected_metadata_rows(folder / "ct.dcm") > 0
 
     new = _replace_file(CT_SMALL, folder / "ct.dcm")
     result = ingest(vocab_url, folder)
     assert result.success
     new_sop = str(new.SOPInstanceUID)
     assert metadata_count(db, old_sop) == 0
-    assert metadata_count(db, new_sop) == expected_rows(folder / "ct.dcm")
-    assert metadata_count(db, str(other.SOPInstanceUID)) == expected_rows(folder / "other.dcm")
+    assert metadata_count(db, new_sop) == expected_metadata_rows(folder / "ct.dcm")
+    assert metadata_count(db, str(other.SOPInstanceUID)) == expected_metadata_rows(folder / "other.dcm")
     log = ledger(db)
     assert len(log) == 2
     status, _reason, sop, io_id = log[str(folder / "ct.dcm")]
@@ -792,7 +771,7 @@ def test_changed_file_replaces_its_old_instance(vocab_url, db, tmp_path):
     assert image_row(db, str(new.SeriesInstanceUID))[0][0] == io_id
     md = file_metadata(result)
     assert (md["files_ingested"], md["files_already_done"]) == (1, 1)
-    assert md["rows_replaced_for_changed_files"] == expected_rows(CT_SMALL)
+    assert md["rows_replaced_for_changed_files"] == expected_metadata_rows(CT_SMALL)
 
 
 def test_changed_file_with_a_duplicate_elsewhere(vocab_url, db, tmp_path):
@@ -811,7 +790,7 @@ def test_changed_file_with_a_duplicate_elsewhere(vocab_url, db, tmp_path):
     assert status == "failed" and "the next run ingests this one" in reason
     ingest(vocab_url, folder)
     assert ledger(db)[str(folder / "b_copy.dcm")][0] == "ingested"
-    assert metadata_count(db, str(old.SOPInstanceUID)) == expected_rows(folder / "b_copy.dcm")
+    assert metadata_count(db, str(old.SOPInstanceUID)) == expected_metadata_rows(folder / "b_copy.dcm")
 
 
 def test_changed_file_duplicate_is_ingested_by_a_later_run(vocab_url, db, tmp_path):
@@ -828,8 +807,8 @@ def test_changed_file_duplicate_is_ingested_by_a_later_run(vocab_url, db, tmp_pa
         str(folder / "a.dcm"): ("ingested", str(new.SOPInstanceUID)),
         str(folder / "b_copy.dcm"): ("ingested", str(old.SOPInstanceUID)),
     }
-    assert metadata_count(db, str(old.SOPInstanceUID)) == expected_rows(folder / "b_copy.dcm")
-    assert metadata_count(db, str(new.SOPInstanceUID)) == expected_rows(folder / "a.dcm")
+    assert metadata_count(db, str(old.SOPInstanceUID)) == expected_metadata_rows(folder / "b_copy.dcm")
+    assert metadata_count(db, str(new.SOPInstanceUID)) == expected_metadata_rows(folder / "a.dcm")
 
 
 # --------------------------------------------------------------------------
@@ -900,8 +879,8 @@ def test_overlong_uid_fails_the_file_not_the_run(vocab_url, db, tmp_path, keywor
     status, reason, *_ = log[str(folder / "a_bad.dcm")]
     assert status == "failed" and keyword in reason and "64" in reason
     assert LONG_UID not in reason
-    assert metadata_count(db, str(good.SOPInstanceUID)) == expected_rows(folder / "b_good.dcm")
-    assert scalar(db, f"SELECT count(*) FROM {MI}.dicom_file_metadata") == expected_rows(folder / "b_good.dcm")
+    assert metadata_count(db, str(good.SOPInstanceUID)) == expected_metadata_rows(folder / "b_good.dcm")
+    assert scalar(db, f"SELECT count(*) FROM {MI}.dicom_file_metadata") == expected_metadata_rows(folder / "b_good.dcm")
 
 
 def test_instance_number_outside_integer_does_not_fail_the_run(vocab_url, db, tmp_path):
@@ -919,4 +898,4 @@ def test_instance_number_outside_integer_does_not_fail_the_run(vocab_url, db, tm
         assert scalar(db, f"SELECT DISTINCT instance_number FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s",
                       [str(bad.SOPInstanceUID)]) is None
     assert result.success
-    assert metadata_count(db, str(good.SOPInstanceUID)) == expected_rows(folder / "b_good.dcm")
+    assert metadata_count(db, str(good.SOPInstanceUID)) == expected_metadata_rows(folder / "b_good.dcm")

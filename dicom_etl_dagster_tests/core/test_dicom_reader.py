@@ -37,6 +37,7 @@ from dicom_etl_dagster.core.dicom_reader import (
     ElementRow,
     read_instance,
 )
+from dicom_etl_dagster_tests.dicom_samples import expected_metadata_rows
 
 TEST_FILES_DIR = Path(pydicom.__file__).parent / "data" / "test_files"
 # Written out here rather than imported, so the test does not trust the module.
@@ -98,21 +99,7 @@ def _quiet_dcmread(path: str | os.PathLike) -> pydicom.FileDataset:
 
 
 def _independent_count(path: str | os.PathLike) -> int:
-    ds = _quiet_dcmread(path)
-
-    def count(dataset: Dataset) -> int:
-        total = 0
-        for elem in dataset:
-            if elem.tag in PIXEL_TAGS:
-                continue
-            total += 1
-            if elem.VR == "SQ":
-                total += sum(count(item) for item in elem.value)
-        return total
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return count(ds.file_meta or Dataset()) + count(ds)
+    return expected_metadata_rows(path)
 
 
 def _reference_rows(path: str | os.PathLike) -> list[tuple]:

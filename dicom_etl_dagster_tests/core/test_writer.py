@@ -24,10 +24,10 @@ from dicom_etl_dagster.core.identifiers import Schemas
 from dicom_etl_dagster.core.ingest import ingest_folder, prepare_run
 from dicom_etl_dagster.core.writer import PersonMapping
 from dicom_etl_dagster_tests.conftest import scalar
+from dicom_etl_dagster_tests.dicom_samples import expected_metadata_rows
 
 TEST_FILES_DIR = Path(pydicom.__file__).parent / "data" / "test_files"
 CT_SMALL = TEST_FILES_DIR / "CT_small.dcm"
-PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
 BATCH = 3
 NEW_PRIVATE_TAG = 0x00771001  # only in a file of the failing batch
 NEW_PRIVATE_TAG_TEXT = "(0077,1001)"
@@ -43,22 +43,6 @@ def _read(path: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return pydicom.dcmread(path, force=True)
-
-
-def _count_elements(dataset) -> int:
-    n = 0
-    for elem in dataset:
-        if elem.tag in PIXEL_TAGS:
-            continue
-        n += 1
-        if elem.VR == "SQ":
-            n += sum(_count_elements(item) for item in elem.value)
-    return n
-
-
-def expected_rows(path: Path) -> int:
-    ds = _read(path)
-    return _count_elements(ds.file_meta) + _count_elements(ds)
 
 
 def _write(target: Path, study: str, series: str, description: str, private: bool = False) -> str:
@@ -225,12 +209,12 @@ def test_failing_batch_leaves_whole_batches_and_rerun_completes(db, tmp_path, st
     assert ledger == {folder.path[n]: "ingested" for n in folder.batch1}
     for name in folder.batch1:
         assert scalar(db, f"SELECT count(*) FROM {mi}.dicom_file_metadata WHERE sop_instance_id = %s",
-                      [folder.sop[name]]) == expected_rows(Path(folder.path[name]))
+                      [folder.sop[name]]) == expected_metadata_rows(Path(folder.path[name]))
     series = {r[0] for r in db.execute(f"SELECT image_series_uid FROM {mi}.image_occurrence")}
     assert series == {folder.series["S1"], folder.series["S2"]}
     assert scalar(db, "SELECT count(*) FROM cdmdefault.procedure_occurrence") == 1
     assert scalar(db, f"SELECT count(*) FROM {mi}.dicom_file_metadata") == sum(
-        expected_rows(Path(folder.path[n])) for n in folder.batch1)
+        expected_metadata_rows(Path(folder.path[n])) for n in folder.batch1)
     # Batch 2: nothing at all, not even the dictionary entry of its new private tag.
     assert scalar(db, f"SELECT count(*) FROM {mi}.dicom_file_metadata WHERE sop_instance_id = ANY(%s)",
                   [[folder.sop[n] for n in folder.batch2]]) == 0
