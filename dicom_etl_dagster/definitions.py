@@ -7,9 +7,11 @@ import os
 import dagster as dg
 
 from .assets.imaging import IMAGING_ASSETS
+from .assets.upload import UPLOAD_ASSETS
 from .assets.vocabulary import VOCABULARY_ASSETS
 from .jobs import JOBS
 from .resources.database import DATABASE_URL_ENV, PostgresResource
+from .resources.dicom_server import DicomServerResource
 
 
 def default_database() -> PostgresResource:
@@ -20,11 +22,13 @@ def default_database() -> PostgresResource:
     return PostgresResource()
 
 
-def build_definitions(database: PostgresResource) -> dg.Definitions:
+def build_definitions(database: PostgresResource, dicom_server: DicomServerResource | None = None) -> dg.Definitions:
+    # The DICOM server comes from the DICOM_ETL_DICOM_SERVER_* variables, each through
+    # dg.EnvVar (so the password never appears in run config or the UI).
     return dg.Definitions(
-        assets=[*VOCABULARY_ASSETS, *IMAGING_ASSETS],
+        assets=[*VOCABULARY_ASSETS, *IMAGING_ASSETS, *UPLOAD_ASSETS],
         jobs=JOBS,
-        resources={"database": database},
+        resources={"database": database, "dicom_server": dicom_server or DicomServerResource.from_environment()},
     )
 
 

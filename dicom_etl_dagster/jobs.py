@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from .assets.imaging import IMAGING_ASSETS
+from .assets.upload import UPLOAD_ASSETS
 from .assets.vocabulary import VOCABULARY_ASSETS
 from .config import options_mapping
 
@@ -20,11 +21,14 @@ load_vocab = dg.define_asset_job(
     description="Load the DICOM2OMOP vocabulary into OMOP vocabulary tables and dicom_data_element.",
 )
 
+# The upload asset is part of the job and does the uploading only when upload_files is true
+# (it reports "skipped" otherwise), so one options document drives both, as in the original.
 ingest_metadata = dg.define_asset_job(
     "ingest_metadata",
-    selection=dg.AssetSelection.assets(*IMAGING_ASSETS),
-    config=options_mapping(_op_names(IMAGING_ASSETS)),
-    description="Ingest a folder of DICOM files into procedure_occurrence, image_occurrence and dicom_file_metadata.",
+    selection=dg.AssetSelection.assets(*IMAGING_ASSETS, *UPLOAD_ASSETS),
+    config=options_mapping(_op_names([*IMAGING_ASSETS, *UPLOAD_ASSETS])),
+    description="Ingest a folder of DICOM files into procedure_occurrence, image_occurrence and dicom_file_metadata; "
+                "with upload_files: true, upload them to the DICOM server (file_upload_metadata).",
 )
 
 JOBS = [load_vocab, ingest_metadata]

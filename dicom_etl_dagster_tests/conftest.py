@@ -10,6 +10,9 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
+# The real Orthanc fixtures (`orthanc`, `orthanc_with_auth`) for the upload tests.
+pytest_plugins = ["dicom_etl_dagster_tests.orthanc"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_VOCAB_DIR = REPO_ROOT.parent / "shared" / "dicom2omop"
 

@@ -18,6 +18,13 @@ from ..resources.database import DatabaseUnavailableError, PostgresResource
 CLEAR_ERRORS = (VocabularyFileError, InvalidIdentifierError, DatabaseUnavailableError)
 
 
+def markdown_table(header: tuple[str, ...], rows) -> str:
+    """A small markdown table for materialization metadata (the UI renders it)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 @contextlib.contextmanager
 def clear_failures() -> Iterator[None]:
     try:

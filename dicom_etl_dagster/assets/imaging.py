@@ -12,7 +12,7 @@ from ..core.identifiers import Schemas
 from ..core.ingest import IngestSetupError, ingest_folder, prepare_run
 from ..core.writer import IngestReport, PersonMapping
 from ..resources.database import PostgresResource
-from .common import clear_failures, database_session
+from .common import clear_failures, database_session, markdown_table
 
 GROUP = "imaging"
 MAX_FAILURES_SHOWN = 20
@@ -40,12 +40,6 @@ INGEST_CHECKS = [
                       description=f"Warns when more than {UNMAPPED_MODALITY_WARN_SHARE:.0%} of series have "
                                   "modality_concept_id 0."),
 ]
-
-
-def _markdown_table(header: tuple[str, ...], rows) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _failures_by_reason(report: IngestReport) -> Counter:
@@ -93,10 +87,6 @@ def _checks(conn, schemas: Schemas, run_id: str) -> list[dg.AssetCheckResult]:
 @dg.multi_asset(specs=INGEST_SPECS, check_specs=INGEST_CHECKS, name="ingest_dicom_folder",
                 description="Ingest every file under dicom_files_abs_path into the OMOP imaging tables.")
 def ingest_dicom_folder(context: dg.AssetExecutionContext, config: EtlOptions, database: PostgresResource):
-    if config.upload_files:
-        raise dg.Failure(
-            description="upload_files: true is not supported yet: uploading to a DICOM server is not part of "
-            "this release. Set upload_files to false; nothing was ingested.", allow_retries=False)
     policy = config.missing_person_policy()
     root = config.dicom_folder()
     workers = config.parse_workers or available_cpus()
@@ -106,14 +96,14 @@ def ingest_dicom_folder(context: dg.AssetExecutionContext, config: EtlOptions, d
 
     with database_session(context, config, database) as (conn, schemas):
         try:
-            state = prepare_run(conn, schemas, context.run_id, policy, mapping, context.log.warning)
+            state = prepare_run(conn, schemas, context.run.run_id, policy, mapping, context.log.warning)
             context.log.info(f"Ingesting {root} with {workers} parse workers, {config.ingest_batch_size} files per batch")
             report, seconds = ingest_folder(
                 conn, state, root, config.ingest_batch_size, workers,
                 progress=lambda r: context.log.debug(f"{sum(r.status_counts.values())} files written so far"))
         except IngestSetupError as exc:
             raise dg.Failure(description=str(exc), allow_retries=False) from None
-        checks = _checks(conn, schemas, context.run_id)
+        checks = _checks(conn, schemas, context.run.run_id)
 
     counts = report.status_counts
     elapsed = sum(seconds.values())
@@ -130,7 +120,7 @@ def ingest_dicom_folder(context: dg.AssetExecutionContext, config: EtlOptions, d
     yield dg.MaterializeResult(asset_key="image_occurrence", metadata={
         **common, "table": f"{schemas.medical_imaging}.image_occurrence",
         "rows_written": report.rows["image_occurrence"],
-        "new_series_by_modality": dg.MetadataValue.md(_markdown_table(
+        "new_series_by_modality": dg.MetadataValue.md(markdown_table(
             ("Modality", "BodyPartExamined", "modality_concept_id", "anatomic_site_concept_id", "series"),
             modality_rows))})
     yield dg.MaterializeResult(asset_key="dicom_file_metadata", metadata={
@@ -147,9 +137,9 @@ def ingest_dicom_folder(context: dg.AssetExecutionContext, config: EtlOptions, d
     yield dg.MaterializeResult(asset_key="dicom_ingest_log", metadata={
         **common, "table": f"{schemas.medical_imaging}.dicom_ingest_log",
         "rows_written": report.rows["dicom_ingest_log"],
-        "failures_by_reason": dg.MetadataValue.md(_markdown_table(
+        "failures_by_reason": dg.MetadataValue.md(markdown_table(
             ("reason", "files"), _failures_by_reason(report).most_common())),
-        "first_failures": dg.MetadataValue.md(_markdown_table(
+        "first_failures": dg.MetadataValue.md(markdown_table(
             ("file", "reason"), report.failures[:MAX_FAILURES_SHOWN]))})
     yield from checks
 

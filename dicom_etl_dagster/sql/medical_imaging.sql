@@ -82,6 +82,10 @@ CREATE INDEX idx_dicom_file_metadata_sop_instance ON {schema}.dicom_file_metadat
 CREATE INDEX idx_dicom_file_metadata_image_occurrence ON {schema}.dicom_file_metadata (image_occurrence_id);
 
 -- table: file_upload_metadata
+-- One row per SOP instance stored on a DICOM server. The original plugin's columns, plus
+-- server_kind (orthanc | dicomweb: what instance_id / uploaded_filename hold) and file_size
+-- (bytes sent). Orthanc: instance_id is Orthanc's instance id, uploaded_filename its stored
+-- file (attachment uuid + .dcm); DICOMweb: the SOP Instance UID and the instance's RetrieveURL.
 CREATE TABLE {schema}.file_upload_metadata (
     file_upload_id       bigint       NOT NULL,
     task_run_id          varchar(255) NOT NULL,
@@ -89,14 +93,19 @@ CREATE TABLE {schema}.file_upload_metadata (
     original_filename    varchar(255) NOT NULL,
     original_file_path   text         NULL,
     instance_id          varchar(255) NOT NULL,
-    uploaded_filename    varchar(255) NOT NULL,
+    uploaded_filename    text         NOT NULL,
     uploaded_datetime    timestamp    NOT NULL,
     image_occurrence_id  integer      NOT NULL,
     sop_instance_id      varchar(255) NOT NULL,
-    server_url           text         NULL,
+    server_url           text         NOT NULL,
+    server_kind          varchar(20)  NULL,
+    file_size            bigint       NULL,
     CONSTRAINT xpk_file_upload_metadata PRIMARY KEY (file_upload_id)
 );
+-- An instance is recorded once per server, also when two runs upload it at the same time.
+CREATE UNIQUE INDEX idx_file_upload_metadata_server_sop ON {schema}.file_upload_metadata (server_url, sop_instance_id);
 CREATE INDEX idx_file_upload_metadata_sop_instance ON {schema}.file_upload_metadata (sop_instance_id);
+CREATE INDEX idx_file_upload_metadata_image_occurrence ON {schema}.file_upload_metadata (image_occurrence_id);
 
 -- table: dicom_ingest_log
 CREATE TABLE {schema}.dicom_ingest_log (
