@@ -50,6 +50,9 @@ class EtlOptions(dg.Config):
     # Extensions beyond the original document (optional, so the original stays valid):
     ingest_batch_size: int = 500  # files per database transaction
     parse_workers: Optional[int] = None  # default: the CPUs this container may use
+    # Set by the new-file sensor: only files whose inode change time (ns) is in (after, until].
+    changed_after_ns: Optional[int] = None
+    changed_until_ns: Optional[int] = None
 
     def missing_person_policy(self) -> str:
         policy = (self.missing_person_id_options or "").strip().lower()

@@ -12,6 +12,7 @@ from .assets.vocabulary import VOCABULARY_ASSETS
 from .jobs import JOBS
 from .resources.database import DATABASE_URL_ENV, PostgresResource
 from .resources.dicom_server import DicomServerResource
+from .sensors import new_dicom_files
 
 
 def default_database() -> PostgresResource:
@@ -28,6 +29,7 @@ def build_definitions(database: PostgresResource, dicom_server: DicomServerResou
     return dg.Definitions(
         assets=[*VOCABULARY_ASSETS, *IMAGING_ASSETS, *UPLOAD_ASSETS],
         jobs=JOBS,
+        sensors=[new_dicom_files],
         resources={"database": database, "dicom_server": dicom_server or DicomServerResource.from_environment()},
     )
 

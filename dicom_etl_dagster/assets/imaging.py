@@ -100,7 +100,8 @@ def ingest_dicom_folder(context: dg.AssetExecutionContext, config: EtlOptions, d
             context.log.info(f"Ingesting {root} with {workers} parse workers, {config.ingest_batch_size} files per batch")
             report, seconds = ingest_folder(
                 conn, state, root, config.ingest_batch_size, workers,
-                progress=lambda r: context.log.debug(f"{sum(r.status_counts.values())} files written so far"))
+                progress=lambda r: context.log.debug(f"{sum(r.status_counts.values())} files written so far"),
+                changed_window=(config.changed_after_ns, config.changed_until_ns))
         except IngestSetupError as exc:
             raise dg.Failure(description=str(exc), allow_retries=False) from None
         checks = _checks(conn, schemas, context.run.run_id)

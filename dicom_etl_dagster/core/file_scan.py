@@ -10,6 +10,9 @@ class FileEntry(NamedTuple):
     path: str
     size: int
     mtime_ns: int
+    #: Inode change time: unlike mtime it cannot be set back by a copy that preserves times
+    #: (cp -p, rsync -t), so it is what "new since" is measured on.
+    ctime_ns: int = 0
 
 
 def iter_files(root: str | os.PathLike) -> Iterator[FileEntry]:
@@ -33,7 +36,7 @@ def iter_files(root: str | os.PathLike) -> Iterator[FileEntry]:
                     subfolders.append(entry.path)
                 elif entry.is_file():
                     stat = entry.stat()
-                    yield FileEntry(os.path.abspath(entry.path), stat.st_size, stat.st_mtime_ns)
+                    yield FileEntry(os.path.abspath(entry.path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
             except OSError:
                 continue  # vanished between listing and stat
         stack.extend(reversed(subfolders))

@@ -68,15 +68,23 @@ def _unchanged_paths(conn: psycopg.Connection, schemas: Schemas, batch: list[Fil
 
 
 def ingest_folder(conn: psycopg.Connection, state: RunState, root: Path, batch_size: int, workers: int,
-                  progress: Callable[[IngestReport], None] | None = None) -> tuple[IngestReport, Counter]:
-    """Ingest every regular file under ``root``; returns the report and seconds per stage."""
+                  progress: Callable[[IngestReport], None] | None = None,
+                  changed_window: tuple[int | None, int | None] = (None, None)) -> tuple[IngestReport, Counter]:
+    """Ingest every regular file under ``root``; returns the report and seconds per stage.
+
+    ``changed_window`` (after, until], in ns of inode change time, restricts the run to the
+    files a sensor batch stands for; None ends are open.
+    """
     if not root.is_dir():
         raise IngestSetupError(f"dicom_files_abs_path {root} is not a folder")
     report = IngestReport()
     seconds: Counter = Counter()
 
+    after, until = changed_window
+    in_window = (lambda e: (after is None or e.ctime_ns > after) and (until is None or e.ctime_ns <= until))
+
     def pending_batches() -> Iterator[list[FileEntry]]:
-        files = iter_files(root)
+        files = filter(in_window, iter_files(root))
         while True:
             started = time.perf_counter()
             batch = list(itertools.islice(files, batch_size))

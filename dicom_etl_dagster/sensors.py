@@ -1,0 +1,85 @@
+"""A sensor that turns new or changed DICOM files into bounded ingest_metadata runs."""
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from .config import FILES_DIR_ENV
+from .core.new_files import plan_batches
+from .jobs import ingest_metadata
+
+SETTLE_SECONDS_ENV = "DICOM_ETL_SENSOR_SETTLE_SECONDS"
+MAX_FILES_PER_RUN_ENV = "DICOM_ETL_SENSOR_MAX_FILES_PER_RUN"
+MAX_RUNS_PER_TICK_ENV = "DICOM_ETL_SENSOR_MAX_RUNS_PER_TICK"
+OPTIONS_FILE_ENV = "DICOM_ETL_SENSOR_OPTIONS"
+
+DEFAULTS = {SETTLE_SECONDS_ENV: 60, MAX_FILES_PER_RUN_ENV: 5000, MAX_RUNS_PER_TICK_ENV: 20}
+
+
+def watched_roots() -> list[str]:
+    """DICOM_ETL_FILES_DIR: one folder, or several separated by ':'."""
+    value = os.environ.get(FILES_DIR_ENV, "")
+    return [str(Path(p).resolve()) for p in value.split(os.pathsep) if p.strip()]
+
+
+def _setting(name: str) -> int:
+    return int(os.environ.get(name) or DEFAULTS[name])
+
+
+def _root_key(root: str) -> str:
+    return hashlib.sha1(root.encode()).hexdigest()[:10]
+
+
+def _base_options() -> dict:
+    """The options every sensor run starts from: DICOM_ETL_SENSOR_OPTIONS (a JSON options document) or defaults."""
+    path = os.environ.get(OPTIONS_FILE_ENV)
+    if not path:
+        return {}
+    return dict(json.loads(Path(path).read_text()).get("options", {}))
+
+
+@dg.sensor(
+    name="new_dicom_files",
+    job=ingest_metadata,
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING if watched_roots() else dg.DefaultSensorStatus.STOPPED,
+    description=f"Watches {FILES_DIR_ENV} and requests one ingest_metadata run per batch of new or changed files.",
+)
+def new_dicom_files(context: dg.SensorEvaluationContext):
+    roots = watched_roots()
+    if not roots:
+        return dg.SkipReason(f"no folder to watch: set {FILES_DIR_ENV} (several folders separated by ':')")
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    now_ns = time.time_ns()
+    settle_ns = _setting(SETTLE_SECONDS_ENV) * 1_000_000_000
+    runs_left = _setting(MAX_RUNS_PER_TICK_ENV)
+    requests, notes = [], []
+    for root in roots:
+        key = _root_key(root)
+        started = time.perf_counter()
+        plan = plan_batches(root, int(cursor.get(key, 0)), now_ns, settle_ns,
+                            _setting(MAX_FILES_PER_RUN_ENV), runs_left)
+        runs_left -= len(plan.batches)
+        cursor[key] = plan.watermark_ns
+        notes.append(f"{root}: {plan.files_scanned} files scanned in {time.perf_counter() - started:.2f}s, "
+                     f"{sum(b.files for b in plan.batches)} in {len(plan.batches)} new run(s), "
+                     f"{plan.files_unsettled} still changing, {plan.files_deferred} left for the next tick")
+        for batch in plan.batches:
+            options = {**_base_options(), "dicom_files_abs_path": root,
+                       "changed_after_ns": batch.after_ns, "changed_until_ns": batch.until_ns}
+            requests.append(dg.RunRequest(
+                run_key=f"{key}:{batch.after_ns}-{batch.until_ns}",
+                run_config={"options": options},
+                tags={"dicom_etl/folder": root, "dicom_etl/batch": f"{batch.after_ns}-{batch.until_ns}",
+                      "dicom_etl/files": str(batch.files)},
+            ))
+    context.log.info("; ".join(notes))
+    return dg.SensorResult(
+        run_requests=requests,
+        skip_reason=None if requests else "no new settled files: " + "; ".join(notes),
+        cursor=json.dumps(cursor, sort_keys=True),
+    )
