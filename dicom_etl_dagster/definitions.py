@@ -9,6 +9,7 @@ import dagster as dg
 from .assets.imaging import IMAGING_ASSETS
 from .assets.upload import UPLOAD_ASSETS
 from .assets.vocabulary import VOCABULARY_ASSETS
+from .executor import default_executor
 from .jobs import JOBS
 from .resources.database import DATABASE_URL_ENV, PostgresResource
 from .resources.dicom_server import DicomServerResource
@@ -30,6 +31,7 @@ def build_definitions(database: PostgresResource, dicom_server: DicomServerResou
         assets=[*VOCABULARY_ASSETS, *IMAGING_ASSETS, *UPLOAD_ASSETS],
         jobs=JOBS,
         sensors=[new_dicom_files],
+        executor=default_executor(),
         resources={"database": database, "dicom_server": dicom_server or DicomServerResource.from_environment()},
     )
 
