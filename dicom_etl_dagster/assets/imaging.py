@@ -13,6 +13,7 @@ from ..core.ingest import IngestSetupError, ingest_folder, prepare_run
 from ..core.writer import IngestReport, PersonMapping
 from ..resources.database import PostgresResource
 from .common import clear_failures, database_session, markdown_table
+from .table_schemas import column_schema
 
 GROUP = "imaging"
 MAX_FAILURES_SHOWN = 20
@@ -20,14 +21,17 @@ UNMAPPED_MODALITY_WARN_SHARE = 0.2
 
 INGEST_SPECS = [
     dg.AssetSpec("procedure_occurrence", group_name=GROUP, deps=["concept"], kinds={"postgres"},
+                 metadata=column_schema("procedure_occurrence"),
                  description="OMOP procedure_occurrence: one row per imaging study (StudyInstanceUID) and person."),
     dg.AssetSpec("image_occurrence", group_name=GROUP, kinds={"postgres"},
                  deps=["procedure_occurrence", "concept", "concept_relationship"],
+                 metadata=column_schema("image_occurrence"),
                  description="MI-CDM image_occurrence: one row per series, with modality and anatomic-site concepts."),
     dg.AssetSpec("dicom_file_metadata", group_name=GROUP, kinds={"postgres"},
-                 deps=["image_occurrence", "dicom_data_element"],
+                 deps=["image_occurrence", "dicom_data_element"], metadata=column_schema("dicom_file_metadata"),
                  description="Every DICOM attribute except pixel data, nested sequences included (EAV)."),
     dg.AssetSpec("dicom_ingest_log", group_name=GROUP, kinds={"postgres"}, deps=["dicom_file_metadata"],
+                 metadata=column_schema("dicom_ingest_log"),
                  description="One row per file path seen: ingested, duplicate, or failed with its reason."),
 ]
 
@@ -45,6 +49,16 @@ INGEST_CHECKS = [
 def _failures_by_reason(report: IngestReport) -> Counter:
     # Group by the reason's first clause so "truncated at byte 1234" and "... 99" land together.
     return Counter(reason.split(":")[0] for _, reason in report.failures)
+
+
+def _table_facts(conn, schemas: Schemas) -> dict:
+    # Cheap: one row per study / series (not the EAV table), and the one DICOM vocabulary row.
+    count = sql.SQL("SELECT count(*) FROM {}")
+    counts = {table: conn.execute(count.format(sql.Identifier(schema, table))).fetchone()[0] for schema, table in
+              ((schemas.cdm, "procedure_occurrence"), (schemas.medical_imaging, "image_occurrence"))}
+    version = conn.execute(sql.SQL("SELECT vocabulary_version FROM {} WHERE vocabulary_id = 'DICOM'").format(
+        sql.Identifier(schemas.vocab, "vocabulary"))).fetchone()
+    return {**counts, "vocabulary_version": version[0] if version else "DICOM vocabulary not loaded (run load_vocab)"}
 
 
 def _checks(conn, schemas: Schemas, run_id: str) -> list[dg.AssetCheckResult]:
@@ -85,6 +99,7 @@ def _checks(conn, schemas: Schemas, run_id: str) -> list[dg.AssetCheckResult]:
 
 
 @dg.multi_asset(specs=INGEST_SPECS, check_specs=INGEST_CHECKS, name="ingest_dicom_folder",
+                pool="dicom_etl_database",
                 description="Ingest every file under dicom_files_abs_path into the OMOP imaging tables.")
 def ingest_dicom_folder(context: dg.AssetExecutionContext, config: EtlOptions, database: PostgresResource):
     policy = config.missing_person_policy()
@@ -105,6 +120,7 @@ def ingest_dicom_folder(context: dg.AssetExecutionContext, config: EtlOptions, d
         except IngestSetupError as exc:
             raise dg.Failure(description=str(exc), allow_retries=False) from None
         checks = _checks(conn, schemas, context.run.run_id)
+        facts = _table_facts(conn, schemas)
 
     counts = report.status_counts
     elapsed = sum(seconds.values())
@@ -112,15 +128,16 @@ def ingest_dicom_folder(context: dg.AssetExecutionContext, config: EtlOptions, d
     context.log.info(
         f"{report.files_seen} files seen: {counts['ingested']} ingested, {counts['duplicate']} duplicate, "
         f"{counts['failed']} failed, {report.files_already_done} already done")
-    common = {"dicom_files_abs_path": str(root)}
+    common = {"dicom_files_abs_path": dg.MetadataValue.path(str(root))}
     modality_rows = sorted(((m, b, mc, sc, n) for (m, b, mc, sc), n in report.series_by_modality.items()),
                            key=lambda r: -r[4])
     yield dg.MaterializeResult(asset_key="procedure_occurrence", metadata={
         **common, "table": f"{schemas.cdm}.procedure_occurrence",
-        "rows_written": report.rows["procedure_occurrence"]})
+        "rows_written": report.rows["procedure_occurrence"], "dagster/row_count": facts["procedure_occurrence"]})
     yield dg.MaterializeResult(asset_key="image_occurrence", metadata={
         **common, "table": f"{schemas.medical_imaging}.image_occurrence",
-        "rows_written": report.rows["image_occurrence"],
+        "rows_written": report.rows["image_occurrence"], "dagster/row_count": facts["image_occurrence"],
+        "dicom_vocabulary_version": facts["vocabulary_version"],
         "new_series_by_modality": dg.MetadataValue.md(markdown_table(
             ("Modality", "BodyPartExamined", "modality_concept_id", "anatomic_site_concept_id", "series"),
             modality_rows))})

@@ -11,14 +11,16 @@ file_upload_metadata" uploads.
 from typing import Optional
 
 import dagster as dg
+from psycopg import sql
 
 from ..config import EtlOptions
 from ..core.uploader import UploadReport, upload_pending
 from ..resources.database import PostgresResource
 from ..resources.dicom_server import DicomServerConfigError, DicomServerResource
 from .common import database_session, markdown_table
+from .table_schemas import column_schema
 
-GROUP = "imaging"
+GROUP = "upload"
 INGEST_ASSET = dg.AssetKey("dicom_file_metadata")
 MAX_FAILURES_SHOWN = 20
 
@@ -38,10 +40,18 @@ def _should_upload(context: dg.AssetExecutionContext, config: UploadOptions) -> 
     return True, "launched on its own"
 
 
-def _metadata(report: UploadReport, server: str) -> dict:
+def _sample_wadors_uri(conn, schemas) -> dict:
+    # The newest series that has one (a backward walk of the primary key, not a scan).
+    row = conn.execute(sql.SQL("SELECT wadors_uri FROM {} WHERE wadors_uri IS NOT NULL"
+                               " ORDER BY image_occurrence_id DESC LIMIT 1").format(
+        sql.Identifier(schemas.medical_imaging, "image_occurrence"))).fetchone()
+    return {"sample_wadors_uri": dg.MetadataValue.url(row[0])} if row else {}
+
+
+def _metadata(report: UploadReport, server: str, links: dict | None = None) -> dict:
     return {
         "server": server,
-        "server_url": report.server_url,
+        "server_url": dg.MetadataValue.url(report.server_url),
         "server_kind": report.kind,
         "files_uploaded": report.uploaded,
         "files_already_on_server": report.already_present,
@@ -55,11 +65,14 @@ def _metadata(report: UploadReport, server: str) -> dict:
         "series_wadors_uri_set": report.series_with_wadors_uri,
         "first_failures": dg.MetadataValue.md(markdown_table(
             ("file", "reason"), report.failures[:MAX_FAILURES_SHOWN])),
+        **(links or {}),
     }
 
 
 @dg.asset(
     name="file_upload_metadata", group_name=GROUP, kinds={"postgres", "dicom"}, output_required=False,
+    metadata=column_schema("file_upload_metadata"),
+    pool="dicom_etl_dicom_server",
     deps=["dicom_file_metadata", "dicom_ingest_log"],
     description="Ingested files uploaded to the DICOM server (Orthanc REST or DICOMweb STOW-RS): one row per "
                 "upload; sets image_occurrence.wadors_uri when the server speaks DICOMweb.",
@@ -82,6 +95,7 @@ def file_upload_metadata(context: dg.AssetExecutionContext, config: UploadOption
         report = upload_pending(conn, schemas, client, run_id=context.run.run_id,
                                 task_run_id=f"{context.run.run_id}:{context.op_execution_context.op.name}",
                                 concurrency=dicom_server.max_concurrent_uploads, log=context.log.info)
+        links = _sample_wadors_uri(conn, schemas)
 
     context.log.info(
         f"{report.uploaded} file(s) uploaded, {report.already_present} already on the server, {report.failed} "
@@ -92,7 +106,7 @@ def file_upload_metadata(context: dg.AssetExecutionContext, config: UploadOption
             description=f"{report.aborted}. {report.recorded} file(s) uploaded and recorded before it stopped, "
             f"{report.not_attempted} not uploaded; run again when the server is back to upload exactly those.",
             metadata=_metadata(report, server))
-    yield dg.MaterializeResult(metadata=_metadata(report, server))
+    yield dg.MaterializeResult(metadata=_metadata(report, server, links))
     if report.failed:
         first = "; ".join(reason for _, reason in report.failures[:3])
         raise dg.Failure(

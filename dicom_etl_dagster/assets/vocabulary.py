@@ -2,11 +2,13 @@
 
 
 import dagster as dg
+from psycopg import sql
 
 from ..config import EtlOptions
 from ..core import vocabulary_loader as loader
 from ..resources.database import PostgresResource
 from .common import clear_failures, database_session
+from .table_schemas import column_schema
 
 GROUP = "vocabulary"
 
@@ -18,17 +20,27 @@ _DESCRIPTIONS = {
 }
 
 
+def _row_count(conn, schema: str, table: str) -> dict:
+    # Only the small tables: an Athena concept / concept_relationship has millions of rows.
+    if table not in ("vocabulary", "concept_class", "dicom_data_element"):
+        return {}
+    count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))).fetchone()[0]
+    return {"dagster/row_count": count}
+
+
 def _vocabulary_table_asset(spec: loader.TableSpec, deps: list[str]) -> dg.AssetsDefinition:
     @dg.asset(name=spec.table, group_name=GROUP, deps=deps, description=_DESCRIPTIONS[spec.table],
-              kinds={"postgres"})
+              kinds={"postgres"}, pool="dicom_etl_database", metadata=column_schema(spec.table))
     def _asset(context: dg.AssetExecutionContext, config: EtlOptions, database: PostgresResource):
         with database_session(context, config, database) as (conn, schemas), clear_failures():
             result = loader.load_table(conn, schemas, spec, truncate=config.to_truncate)
+            row_count = _row_count(conn, schemas.vocab, spec.table)
         context.log.info(
             f"{schemas.vocab}.{spec.table}: {result.rows_written} rows written, "
             f"{result.rows_already_present} already present"
         )
-        return dg.MaterializeResult(metadata={"table": f"{schemas.vocab}.{spec.table}", **result.as_metadata()})
+        return dg.MaterializeResult(metadata={"table": f"{schemas.vocab}.{spec.table}", **result.as_metadata(),
+                                              **row_count})
 
     return _asset
 
@@ -39,17 +51,19 @@ concept = _vocabulary_table_asset(loader.CONCEPT, deps=["vocabulary", "concept_c
 concept_relationship = _vocabulary_table_asset(loader.CONCEPT_RELATIONSHIP, deps=["concept"])
 
 
-@dg.asset(group_name=GROUP, kinds={"postgres"},
+@dg.asset(group_name=GROUP, kinds={"postgres"}, pool="dicom_etl_database",
+          metadata=column_schema("dicom_data_element"),
           description="The DICOM PS3.6 data dictionary (5,190 tags) plus private/unknown tags met during ingest.")
 def dicom_data_element(context: dg.AssetExecutionContext, config: EtlOptions, database: PostgresResource):
     with database_session(context, config, database) as (conn, schemas), clear_failures():
         result = loader.load_data_elements(conn, schemas, truncate=config.to_truncate)
+        row_count = _row_count(conn, schemas.medical_imaging, "dicom_data_element")
     context.log.info(
         f"{schemas.medical_imaging}.dicom_data_element: {result.rows_written} rows written, "
         f"{result.rows_already_present} already present, {result.rows_refreshed} refreshed"
     )
     return dg.MaterializeResult(
-        metadata={"table": f"{schemas.medical_imaging}.dicom_data_element", **result.as_metadata()}
+        metadata={"table": f"{schemas.medical_imaging}.dicom_data_element", **result.as_metadata(), **row_count}
     )
 
 

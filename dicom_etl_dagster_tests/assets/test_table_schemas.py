@@ -1,0 +1,57 @@
+"""The column schemas the UI shows are the columns the ETL creates."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+
+from dicom_etl_dagster.assets.table_schemas import TABLE_SCHEMAS, parse_table
+from dicom_etl_dagster.core.ddl import ensure_tables
+from dicom_etl_dagster.core.identifiers import Schemas
+from dicom_etl_dagster.definitions import defs
+
+TABLE_ASSETS = {"vocabulary", "concept_class", "concept", "concept_relationship", "dicom_data_element",
+                "procedure_occurrence", "image_occurrence", "dicom_file_metadata", "dicom_ingest_log",
+                "file_upload_metadata"}
+
+
+def test_every_table_asset_documents_its_columns():
+    graph = defs.resolve_asset_graph()
+    for table in TABLE_ASSETS:
+        node = graph.get(dg.AssetKey(table))
+        schema = node.metadata["dagster/column_schema"]
+        schema = schema.schema if isinstance(schema, dg.TableSchemaMetadataValue) else schema
+        assert schema == TABLE_SCHEMAS[table], table
+        assert node.description, f"{table} has no description"
+
+
+def test_column_schemas_match_the_created_tables(db):
+    schemas = Schemas(cdm="cdmdefault", vocab="cdmvocab", medical_imaging="cdmmedicalimaging")
+    ensure_tables(db, schemas)
+    schema_of = {"vocabulary": "cdmvocab", "concept_class": "cdmvocab", "concept": "cdmvocab",
+                 "concept_relationship": "cdmvocab", "procedure_occurrence": "cdmdefault"}
+    for table in TABLE_ASSETS:
+        rows = db.execute(
+            "SELECT column_name, is_nullable = 'YES' FROM information_schema.columns"
+            " WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position",
+            [schema_of.get(table, "cdmmedicalimaging"), table]).fetchall()
+        documented = [(c.name, c.constraints.nullable) for c in TABLE_SCHEMAS[table].columns]
+        assert documented == [tuple(r) for r in rows], table
+
+
+def test_schema_details_for_the_ui():
+    image = {c.name: c for c in TABLE_SCHEMAS["image_occurrence"].columns}
+    assert image["image_series_uid"].constraints.unique and image["image_series_uid"].type == "varchar(250)"
+    assert image["image_occurrence_id"].constraints.other == ["primary key"]
+    assert "DICOMweb" in image["wadors_uri"].description
+    ledger = TABLE_SCHEMAS["dicom_ingest_log"]
+    assert any("CHECK (status IN" in c for c in ledger.constraints.other)
+    assert {c.name: c for c in ledger.columns}["sop_instance_uid"].constraints.other == [
+        "unique WHERE status = 'ingested'"]
+    uploads = TABLE_SCHEMAS["file_upload_metadata"]
+    assert "unique (server_url, sop_instance_id)" in uploads.constraints.other
+
+
+def test_ddl_the_parser_does_not_understand_is_an_error():
+    with pytest.raises(ValueError, match="not understood"):
+        parse_table("t", "CREATE TABLE {schema}.t (\n    a integer NOT NULL,\n    b weird stuff here\n);")
