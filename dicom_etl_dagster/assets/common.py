@@ -12,7 +12,7 @@ from ..config import EtlOptions, run_schemas
 from ..core.ddl import ensure_tables
 from ..core.identifiers import InvalidIdentifierError, Schemas
 from ..core.vocabulary_files import VocabularyFileError
-from ..resources.database import DatabaseUnavailableError, PostgresResource
+from ..resources.database import DatabaseUnavailableError, PostgresResource, redact_url
 
 #: Errors whose message is the whole story: the run fails with that line, not a traceback.
 CLEAR_ERRORS = (VocabularyFileError, InvalidIdentifierError, DatabaseUnavailableError)
@@ -45,4 +45,13 @@ def database_session(
             created = ensure_tables(conn, schemas)
             if created:
                 context.log.info(f"Created tables: {', '.join(created)}")
-            yield conn, schemas
+            try:
+                yield conn, schemas
+            except psycopg.OperationalError as exc:
+                # The server went away mid-run (restart, failover, network): whole batches
+                # are committed or not, so the message can tell the user what to do.
+                reason = redact_url((str(exc).strip().splitlines() or [type(exc).__name__])[0])
+                raise dg.Failure(
+                    description=f"lost the connection to PostgreSQL ({database.describe()}): {reason}. "
+                    "Batches committed before are kept; re-run to finish the rest.",
+                    allow_retries=False) from None
