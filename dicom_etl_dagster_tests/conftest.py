@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -57,16 +59,25 @@ def _with_database(url: str, database: str) -> str:
     return urlunsplit(parts._replace(path=f"/{database}"))
 
 
-@pytest.fixture
-def database_url(postgres_server) -> str:
-    """A new, empty database on the session's server; dropped after the test."""
-    admin_url = postgres_server.get_uri()
-    name = f"t_{uuid.uuid4().hex[:12]}"
+@contextlib.contextmanager
+def fresh_database(server, prefix: str = "t") -> Iterator[str]:
+    """A new, empty database on ``server`` (a pgserver instance), dropped afterwards."""
+    admin_url = server.get_uri()
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    yield _with_database(admin_url, name)
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield _with_database(admin_url, name)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def database_url(postgres_server) -> Iterator[str]:
+    """A new, empty database on the session's server; dropped after the test."""
+    with fresh_database(postgres_server) as url:
+        yield url
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import importlib.util
 import os
 import re
 import sys
-import uuid
 from pathlib import Path
 
 import psycopg
@@ -23,7 +22,7 @@ import pytest
 
 from dicom_etl_dagster.assets.table_schemas import TABLE_SCHEMAS
 from dicom_etl_dagster.core.vocabulary_files import SOURCE_VERSION
-from dicom_etl_dagster_tests.conftest import REPO_ROOT, _with_database, scalar
+from dicom_etl_dagster_tests.conftest import REPO_ROOT, fresh_database, scalar
 from dicom_etl_dagster_tests.helpers import ORIGINAL_OPTIONS
 
 
@@ -76,13 +75,8 @@ query ($path: [String!]!) { assetOrError(assetKey: {path: $path}) { __typename
 
 @pytest.fixture(scope="module")
 def module_database(postgres_server):
-    admin_url = postgres_server.get_uri()
-    name = f"t_web_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield _with_database(admin_url, name)
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(postgres_server, "t_web") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

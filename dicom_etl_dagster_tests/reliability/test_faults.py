@@ -24,7 +24,6 @@ import tempfile
 import textwrap
 import threading
 import time
-import uuid
 import warnings
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from dicom_etl_dagster.core.ddl import ensure_tables
 from dicom_etl_dagster.core.identifiers import Schemas
 from dicom_etl_dagster.core.ingest import ingest_folder, prepare_run
 from dicom_etl_dagster.core.writer import PersonMapping
-from dicom_etl_dagster_tests.conftest import _with_database, scalar
+from dicom_etl_dagster_tests.conftest import _with_database, fresh_database, scalar
 from dicom_etl_dagster_tests.core.test_writer import _assert_ids_consistent, _content
 from dicom_etl_dagster_tests.dicom_samples import expected_metadata_rows
 from dicom_etl_dagster_tests.helpers import options, run_job
@@ -87,13 +86,8 @@ def core_ingest(url: str, root: Path, run_id: str, workers: int = 1) -> None:
 
 @pytest.fixture
 def second_database_url(postgres_server):
-    admin = postgres_server.get_uri()
-    name = f"t_clean_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield _with_database(admin, name)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(postgres_server, "t_clean") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
