@@ -653,33 +653,7 @@ class _Walker:
                 dictionary_tag, keyword, name = _public_info(tag)
 
             index = len(rows)
-            if vr == "SQ":
-                items = elem.value
-                rows.append(
-                    ElementRow(
-                        index,
-                        parent_sequence_index,
-                        parent_item_index,
-                        _fmt_tag(tag),
-                        f"{group:04X}",
-                        dictionary_tag,
-                        keyword,
-                        name,
-                        "SQ",
-                        vm,
-                        None,
-                        True,
-                        len(items),
-                        is_private,
-                        creator,
-                    )
-                )
-                for item in items:
-                    item_index = self.next_item
-                    self.next_item += 1
-                    self.walk(item, index, item_index)
-                continue
-
+            items = elem.value if vr == "SQ" else None
             rows.append(
                 ElementRow(
                     index,
@@ -692,13 +666,19 @@ class _Walker:
                     name,
                     vr,
                     vm,
-                    value_json,
-                    False,
-                    None,
+                    value_json,  # None for sequences: their items follow as rows of their own
+                    items is not None,
+                    None if items is None else len(items),
                     is_private,
                     creator,
                 )
             )
+            if items is not None:
+                for item in items:
+                    item_index = self.next_item
+                    self.next_item += 1
+                    self.walk(item, index, item_index)
+                continue
             if collect_instance_values and tag in _INSTANCE_TAGS:
                 self.instance_values[tag] = elem.value
 
