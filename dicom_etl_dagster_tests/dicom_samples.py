@@ -6,7 +6,10 @@ import os
 import warnings
 
 import pydicom
+from pathlib import Path
+
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 #: PixelData, FloatPixelData, DoubleFloatPixelData: the only elements the ETL leaves out.
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
@@ -37,3 +40,26 @@ def expected_metadata_rows(path: str | os.PathLike) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return count_elements(ds.file_meta or Dataset()) + count_elements(ds)
+
+
+def clone_instance(source: str | os.PathLike, target: Path, *, new_uids: bool = True, **attributes) -> Dataset:
+    """``source`` saved to ``target`` with new Study/Series/SOP UIDs (unless ``new_uids`` is
+    False) and ``attributes`` set (``None`` deletes one). Returns the dataset written."""
+    ds = quiet_dcmread(source)
+    if new_uids:
+        ds.StudyInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = generate_uid()
+        ds.SOPInstanceUID = generate_uid()
+    with warnings.catch_warnings():  # invalid values are often written on purpose
+        warnings.simplefilter("ignore")
+        for keyword, value in attributes.items():
+            if value is None:
+                if keyword in ds:
+                    delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+        if ds.file_meta is not None and "MediaStorageSOPInstanceUID" in ds.file_meta and "SOPInstanceUID" in ds:
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(target, enforce_file_format=False)
+    return ds

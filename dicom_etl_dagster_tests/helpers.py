@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
+from pathlib import Path
 
 import dagster as dg
 
@@ -42,3 +45,24 @@ def run_job(job_name: str, database_url: str, run_config: dict | None = None,
     defs = build_definitions(PostgresResource(database_url=database_url))
     job = defs.resolve_job_def(job_name)
     return job.execute_in_process(run_config=run_config or {}, raise_on_error=raise_on_error)
+
+
+def load_script(name: str):
+    """scripts/ is not a package: load scripts/<name>.py as a module (registered in
+    sys.modules, so its dataclasses and pickling work)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def ledger(conn, schema: str = "cdmmedicalimaging") -> dict[str, tuple]:
+    """dicom_ingest_log as {path: (status, error_message, sop_instance_uid, image_occurrence_id)};
+    fails if a path has more than one row."""
+    rows = conn.execute(f"SELECT file_path, status, error_message, sop_instance_uid, image_occurrence_id"
+                        f" FROM {schema}.dicom_ingest_log").fetchall()
+    paths = [r[0] for r in rows]
+    assert len(paths) == len(set(paths)), "a path has more than one ledger row"
+    return {r[0]: r[1:] for r in rows}

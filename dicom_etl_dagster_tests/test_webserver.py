@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import copy
 import html
-import importlib.util
 import os
 import re
-import sys
 from pathlib import Path
 
 import psycopg
@@ -22,20 +20,13 @@ import pytest
 
 from dicom_etl_dagster.assets.table_schemas import TABLE_SCHEMAS
 from dicom_etl_dagster.core.vocabulary_files import SOURCE_VERSION
-from dicom_etl_dagster_tests.conftest import REPO_ROOT, fresh_database, scalar
-from dicom_etl_dagster_tests.helpers import ORIGINAL_OPTIONS
+from dicom_etl_dagster_tests.conftest import fresh_database, scalar
+from dicom_etl_dagster_tests.helpers import ORIGINAL_OPTIONS, load_script
 
 
-def _load_script(name: str):
-    """scripts/ is not a package: load the file as a module."""
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
-screenshots = _load_script("screenshots")
+screenshots = load_script("screenshots")
 
 # The dagster-graphql client calls gql in a way gql deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Using variable_values:DeprecationWarning")

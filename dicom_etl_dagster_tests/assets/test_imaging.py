@@ -8,7 +8,6 @@ import collections
 import datetime as dt
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import pydicom
@@ -16,8 +15,10 @@ import pytest
 from pydicom.uid import generate_uid
 
 from dicom_etl_dagster_tests.conftest import scalar
-from dicom_etl_dagster_tests.helpers import options, run_job
+from dicom_etl_dagster_tests.helpers import ledger, options, run_job
+from dicom_etl_dagster_tests.dicom_samples import clone_instance as make_instance
 from dicom_etl_dagster_tests.dicom_samples import expected_metadata_rows
+from dicom_etl_dagster_tests.dicom_samples import quiet_dcmread as read
 
 TEST_FILES_DIR = Path(pydicom.__file__).parent / "data" / "test_files"
 CT_SMALL = TEST_FILES_DIR / "CT_small.dcm"
@@ -72,45 +73,8 @@ def table_counts(db) -> dict[str, int | None]:
     return counts
 
 
-def ledger(db) -> dict[str, tuple]:
-    rows = db.execute(f"SELECT file_path, status, error_message, sop_instance_uid, image_occurrence_id"
-                      f" FROM {MI}.dicom_ingest_log").fetchall()
-    paths = [r[0] for r in rows]
-    assert len(paths) == len(set(paths)), "a path has more than one ledger row"
-    return {r[0]: r[1:] for r in rows}
-
-
 def metadata_count(db, sop: str) -> int:
     return scalar(db, f"SELECT count(*) FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s", [sop])
-
-
-def read(path: Path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pydicom.dcmread(path, force=True)
-
-
-def make_instance(source: Path, target: Path, *, new_uids: bool = True, **attributes) -> pydicom.Dataset:
-    """Copy ``source`` to ``target`` with new Study/Series/SOP UIDs and the given attributes
-    (``None`` deletes an attribute). Returns the dataset written."""
-    ds = read(source)
-    if new_uids:
-        ds.StudyInstanceUID = generate_uid()
-        ds.SeriesInstanceUID = generate_uid()
-        ds.SOPInstanceUID = generate_uid()
-    for keyword, value in attributes.items():
-        if value is None:
-            if keyword in ds:
-                delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
-    if ds.file_meta is not None and "MediaStorageSOPInstanceUID" in ds.file_meta:
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds.save_as(target)
-    return ds
 
 
 def _date(value) -> dt.date | None:

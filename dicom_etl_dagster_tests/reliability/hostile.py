@@ -21,6 +21,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from dicom_etl_dagster_tests.dicom_samples import clone_instance, quiet_dcmread
+
 TEST_FILES_DIR = Path(pydicom.__file__).parent / "data" / "test_files"
 CT_SMALL = TEST_FILES_DIR / "CT_small.dcm"
 MR_SMALL = TEST_FILES_DIR / "MR_small.dcm"
@@ -31,11 +33,9 @@ PHI_NAME = "Zyxwvut^Secretname"
 PHI_BIRTH_DATE = "19011231"
 PHI_PATIENT_ID = "PID-SECRET-42"
 
-
-def quiet_read(path: Path) -> pydicom.FileDataset:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pydicom.dcmread(path, force=True)
+#: Helpers shared with the other tests, under the names this module's callers use.
+quiet_read = quiet_dcmread
+clone = clone_instance
 
 
 def save(ds: Dataset, target: Path) -> Path:
@@ -52,21 +52,6 @@ def fresh_uids(ds: Dataset, study: str | None = None, series: str | None = None)
     ds.SOPInstanceUID = generate_uid()
     if getattr(ds, "file_meta", None) is not None and "MediaStorageSOPInstanceUID" in ds.file_meta:
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    return ds
-
-
-def clone(source: Path, target: Path, **attributes) -> Dataset:
-    """``source`` with fresh UIDs and ``attributes`` set (None deletes), saved to ``target``."""
-    ds = fresh_uids(quiet_read(source))
-    with warnings.catch_warnings():  # pydicom warns about the invalid values we mean to write
-        warnings.simplefilter("ignore")
-        for keyword, value in attributes.items():
-            if value is None:
-                if keyword in ds:
-                    delattr(ds, keyword)
-            else:
-                setattr(ds, keyword, value)
-    save(ds, target)
     return ds
 
 

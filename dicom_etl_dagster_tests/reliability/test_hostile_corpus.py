@@ -26,7 +26,7 @@ from dicom_etl_dagster.core.dicom_reader import DicomReadError, read_instance
 
 from dicom_etl_dagster_tests.conftest import scalar
 from dicom_etl_dagster_tests.dicom_samples import expected_metadata_rows
-from dicom_etl_dagster_tests.helpers import options, run_job
+from dicom_etl_dagster_tests.helpers import ledger as read_ledger, options, run_job
 from dicom_etl_dagster_tests.reliability import hostile
 from dicom_etl_dagster_tests.reliability.figures import FIGURES, reason_class
 
@@ -43,30 +43,22 @@ def _materialization(result, asset: str) -> dict:
 @pytest.fixture(scope="module")
 def corpus_run(tmp_path_factory, postgres_server):
     """One ingest of the whole hostile corpus (module scope: ~450 files, shared by the tests)."""
-    import uuid
-
     import psycopg
 
-    from dicom_etl_dagster_tests.conftest import _with_database
+    from dicom_etl_dagster_tests.conftest import fresh_database
 
     root = tmp_path_factory.mktemp("hostile")
     with warnings.catch_warnings():  # pydicom warns about the invalid values written on purpose
         warnings.simplefilter("ignore")
         corpus = hostile.hostile_corpus(root)
-    admin = postgres_server.get_uri()
-    name = f"t_hostile_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = _with_database(admin, name)
-    result = run_job("ingest_metadata", url, options(dicom_files_abs_path=str(root), ingest_batch_size=25,
-                                                     parse_workers=2), raise_on_error=False)
-    with psycopg.connect(url, autocommit=True) as conn:
-        yield {"root": root, "corpus": corpus, "result": result, "conn": conn}
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(postgres_server, "t_hostile") as url:
+        result = run_job("ingest_metadata", url, options(dicom_files_abs_path=str(root), ingest_batch_size=25,
+                                                         parse_workers=2), raise_on_error=False)
+        with psycopg.connect(url, autocommit=True) as conn:
+            yield {"root": root, "corpus": corpus, "result": result, "conn": conn}
 
 
-def _ledger(conn) -> dict[str, tuple]:
+def ledger(conn) -> dict[str, tuple]:
     rows = conn.execute(f"SELECT file_path, status, error_message, sop_instance_uid, image_occurrence_id"
                         f" FROM {MI}.dicom_ingest_log").fetchall()
     paths = [r[0] for r in rows]
@@ -77,7 +69,7 @@ def _ledger(conn) -> dict[str, tuple]:
 def test_the_run_completes_and_every_file_has_one_reasoned_outcome(corpus_run):
     result, corpus, conn = corpus_run["result"], corpus_run["corpus"], corpus_run["conn"]
     assert result.success, [e.message for e in result.all_events if e.is_failure]
-    ledger = _ledger(conn)
+    ledger = read_ledger(conn)
     assert set(ledger) == {str(p) for p in corpus}, "every file gets exactly one ledger row"
     for path, (status, reason, sop, image_id) in ledger.items():
         assert status in {"ingested", "duplicate", "failed"}
@@ -96,7 +88,7 @@ def test_the_run_completes_and_every_file_has_one_reasoned_outcome(corpus_run):
 
 
 def test_expected_outcomes_of_the_generated_variants(corpus_run):
-    ledger = _ledger(corpus_run["conn"])
+    ledger = read_ledger(corpus_run["conn"])
     wrong = {}
     for path, expected in corpus_run["corpus"].items():
         if expected is None:
@@ -110,7 +102,7 @@ def test_expected_outcomes_of_the_generated_variants(corpus_run):
 
 def test_counts_reconcile_exactly(corpus_run):
     result, conn = corpus_run["result"], corpus_run["conn"]
-    ledger = _ledger(conn)
+    ledger = read_ledger(conn)
     statuses = Counter(s for s, *_ in ledger.values())
     figures = _materialization(result, "dicom_file_metadata")
     assert figures["files_seen"] == len(corpus_run["corpus"]) == len(ledger)
@@ -154,7 +146,7 @@ def test_counts_reconcile_exactly(corpus_run):
 
 def test_structures_are_stored_whole(corpus_run):
     conn, root = corpus_run["conn"], corpus_run["root"]
-    ledger = _ledger(conn)
+    ledger = read_ledger(conn)
     huge = ledger[str(root / "e_structures" / "huge_sequence_3000_items.dcm")]
     rows = scalar(conn, f"SELECT count(*) FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s", [huge[2]])
     assert rows == expected_metadata_rows(root / "e_structures" / "huge_sequence_3000_items.dcm")
@@ -174,7 +166,7 @@ def test_structures_are_stored_whole(corpus_run):
 
 def test_values_from_hostile_files(corpus_run):
     conn, root = corpus_run["conn"], corpus_run["root"]
-    ledger = _ledger(conn)
+    ledger = read_ledger(conn)
     original = ledger[str(root / "a_aaa_original" / "ct_original.dcm")]
     for name in ("uid_trailing_nul", "uid_trailing_spaces"):
         status, _r, sop, image_id = ledger[str(root / "f_values" / f"{name}.dcm")]

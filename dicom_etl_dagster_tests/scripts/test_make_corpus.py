@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -14,20 +12,13 @@ import pytest
 
 from dicom_etl_dagster.core.dicom_reader import read_instance
 from dicom_etl_dagster.core.file_scan import iter_files
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load_script(name: str):
-    """scripts/ is not a package: load the file as a module (registered, so dataclasses work)."""
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from dicom_etl_dagster_tests.helpers import load_script
 
 
-make_corpus = _load_script("make_corpus")
+
+
+
+make_corpus = load_script("make_corpus")
 
 # 30 files, 4 per series -> 8 series (the last has 2 files), 2 per study -> 4 studies,
 # 2 per patient -> 2 patients.
@@ -169,7 +160,7 @@ def test_command_line(tmp_path: Path, capsys) -> None:
 
 def test_the_corpus_goes_through_the_benchmark(tmp_path: Path, database_url: str) -> None:
     """Every generated file is ingested by the real ETL, and scripts/benchmark.py keeps working."""
-    benchmark = _load_script("benchmark")
+    benchmark = load_script("benchmark")
     results = tmp_path / "results.json"
     report = tmp_path / "report.md"
     assert benchmark.main(["--files", "24", "--corpus", str(tmp_path / "corpus"), "--workers", "1",
