@@ -31,22 +31,22 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.datadict import (
-    DicomDictionary,
-    RepeatersDictionary,
-    mask_match,
-    private_dictionary_description,
-)
+from pydicom.datadict import DicomDictionary
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.fileutil import read_undefined_length_value
 from pydicom.multival import MultiValue
 from pydicom.tag import SequenceDelimiterTag
+
+from .dicom_elements import PIXEL_DATA_TAGS, ElementRow
+from .dicom_fast_path import NeedsPydicom, read_fast
+from .dicom_elements import fmt_tag as _fmt_tag
+from .dicom_elements import private_name as _private_name
+from .dicom_elements import public_info as _public_info
 
 __all__ = [
     "PIXEL_DATA_TAGS",
@@ -56,8 +56,6 @@ __all__ = [
     "read_instance",
 ]
 
-#: PixelData, FloatPixelData, DoubleFloatPixelData: never stored as metadata rows.
-PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 
 # Values longer than this are not read while parsing; pydicom only records
 # their offset.  Pixel data above it is therefore never loaded at all; other
@@ -150,26 +148,6 @@ class DicomReadError(Exception):
     """The file cannot be ingested; str(exc) is a plain one-line human-readable reason."""
 
 
-class ElementRow(NamedTuple):
-    """One row of the EAV table ``dicom_file_metadata``."""
-
-    index: int
-    parent_sequence_index: int | None
-    parent_item_index: int | None
-    tag: str
-    group: str
-    dictionary_tag: str
-    keyword: str | None
-    name: str | None
-    vr: str
-    vm: str
-    value_json: str | None
-    is_sequence: bool
-    sequence_length: int | None
-    is_private: bool
-    private_creator: str | None
-
-
 @dataclass(frozen=True)
 class DicomInstance:
     sop_instance_uid: str
@@ -240,37 +218,6 @@ def _exc_text(exc: BaseException) -> str:
     msg = _BYTES_REPR_RE.sub("<bytes>", " ".join(str(exc).split()))
     msg = _one_line(msg)
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
-
-
-def _fmt_tag(tag: int) -> str:
-    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
-
-
-@lru_cache(maxsize=16384)
-def _public_info(tag: int) -> tuple[str, str | None, str | None]:
-    """(dictionary_tag, keyword, name) for a non-private tag."""
-    entry = DicomDictionary.get(tag)
-    if entry is not None:
-        return _fmt_tag(tag), entry[4] or None, entry[2] or None
-    mask = mask_match(tag)
-    if mask is not None:
-        # Repeating groups such as (60xx,3000) are keyed by their mask, in the
-        # PS3.6 spelling: upper-case hex digits, lower-case "x".
-        entry = RepeatersDictionary[mask]
-        return f"({mask[:4]},{mask[4:]})", entry[4] or None, entry[2] or None
-    if tag & 0xFFFF == 0:
-        # Group length elements of groups other than 0002 are retired and
-        # not in the dictionary; pydicom still names them.
-        return _fmt_tag(tag), None, "Group Length"
-    return _fmt_tag(tag), None, None
-
-
-@lru_cache(maxsize=16384)
-def _private_name(tag: int, creator: str) -> str | None:
-    try:
-        return private_dictionary_description(tag, creator) or None
-    except Exception:  # KeyError for unknown ones; never fatal
-        return None
 
 
 def _text(value: Any) -> str | None:
@@ -710,11 +657,16 @@ def _decode_reason(tag: int, raw: Any, exc: Exception) -> str:
 # --------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------
-def read_instance(path: str | os.PathLike) -> DicomInstance:
-    """Read one DICOM file; raise DicomReadError (and only that) if it cannot be ingested."""
+def read_instance(path: str | os.PathLike, fast_path: bool = True) -> DicomInstance:
+    """Read one DICOM file; raise DicomReadError (and only that) if it cannot be ingested.
+
+    Files in the common encodings are read by ``dicom_fast_path`` straight from their
+    bytes; every other file, and every file the fast path declines, goes through pydicom.
+    Both give the same instance and rows (``fast_path=False`` forces pydicom, for tests).
+    """
     try:
         with _quiet_pydicom():
-            return _read_instance(path)
+            return _read_instance(path, fast_path)
     except DicomReadError:
         raise
     except RecursionError as exc:
@@ -723,7 +675,7 @@ def read_instance(path: str | os.PathLike) -> DicomInstance:
         raise DicomReadError(f"cannot read DICOM file: {_exc_text(exc)}") from exc
 
 
-def _read_instance(path: str | os.PathLike) -> DicomInstance:
+def _read_instance(path: str | os.PathLike, fast_path: bool) -> DicomInstance:
     try:
         fp = open(path, "rb")  # noqa: SIM115 - closed below, must stay open for the walk
     except OSError as exc:
@@ -737,6 +689,11 @@ def _read_instance(path: str | os.PathLike) -> DicomInstance:
         head = fp.read(132)
         fp.seek(0)
         has_prefix = head[128:132] == b"DICM"
+        if has_prefix and fast_path:
+            try:
+                return _instance_from(*read_fast(fp, file_size, _INSTANCE_TAGS))
+            except NeedsPydicom:
+                fp.seek(0)
         if not has_prefix and not _starts_like_dataset(head, file_size):
             raise DicomReadError(
                 "not a DICOM file: no 'DICM' prefix at offset 128 and it does not "
@@ -784,7 +741,11 @@ def _read_instance(path: str | os.PathLike) -> DicomInstance:
         walker.walk(meta, None, None)
         walker.walk(ds, None, None, collect_instance_values=True)
 
-    values = walker.instance_values
+    return _instance_from(walker.rows, walker.instance_values)
+
+
+def _instance_from(rows: list[ElementRow], values: dict[int, Any]) -> DicomInstance:
+    """The instance record from the walk's rows and its top-level instance attributes."""
     uids: dict[int, str | None] = {tag: _text(values.get(tag)) for _, tag in _REQUIRED_UIDS}
     missing = [kw for kw, tag in _REQUIRED_UIDS if not uids[tag]]
     if missing:
@@ -812,5 +773,5 @@ def _read_instance(path: str | os.PathLike) -> DicomInstance:
         modality=_text(values.get(_TAG_MODALITY)),
         body_part_examined=_text(values.get(_TAG_BODY_PART_EXAMINED)),
         instance_number=_parse_int(values.get(_TAG_INSTANCE_NUMBER)),
-        elements=walker.rows,
+        elements=rows,
     )

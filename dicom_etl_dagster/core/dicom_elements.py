@@ -1,0 +1,67 @@
+"""The shape of one metadata row and the names of tags: shared by both DICOM readers.
+
+``dicom_reader`` (pydicom, every encoding) and ``dicom_fast_path`` (raw bytes, the common
+encodings) must produce identical rows; what a row is and how a tag is named lives here
+once so that they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import NamedTuple
+
+from pydicom.datadict import DicomDictionary, RepeatersDictionary, mask_match, private_dictionary_description
+
+#: PixelData, FloatPixelData, DoubleFloatPixelData: never stored as metadata rows.
+PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+
+
+class ElementRow(NamedTuple):
+    """One row of the EAV table ``dicom_file_metadata``."""
+
+    index: int
+    parent_sequence_index: int | None
+    parent_item_index: int | None
+    tag: str
+    group: str
+    dictionary_tag: str
+    keyword: str | None
+    name: str | None
+    vr: str
+    vm: str
+    value_json: str | None
+    is_sequence: bool
+    sequence_length: int | None
+    is_private: bool
+    private_creator: str | None
+
+
+def fmt_tag(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+@lru_cache(maxsize=16384)
+def public_info(tag: int) -> tuple[str, str | None, str | None]:
+    """(dictionary_tag, keyword, name) for a non-private tag."""
+    entry = DicomDictionary.get(tag)
+    if entry is not None:
+        return fmt_tag(tag), entry[4] or None, entry[2] or None
+    mask = mask_match(tag)
+    if mask is not None:
+        # Repeating groups such as (60xx,3000) are keyed by their mask, in the
+        # PS3.6 spelling: upper-case hex digits, lower-case "x".
+        entry = RepeatersDictionary[mask]
+        return f"({mask[:4]},{mask[4:]})", entry[4] or None, entry[2] or None
+    if tag & 0xFFFF == 0:
+        # Group length elements of groups other than 0002 are retired and
+        # not in the dictionary; pydicom still names them.
+        return fmt_tag(tag), None, "Group Length"
+    return fmt_tag(tag), None, None
+
+
+@lru_cache(maxsize=16384)
+def private_name(tag: int, creator: str) -> str | None:
+    try:
+        return private_dictionary_description(tag, creator) or None
+    except Exception:  # KeyError for unknown ones; never fatal
+        return None

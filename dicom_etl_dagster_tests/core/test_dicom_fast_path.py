@@ -1,0 +1,214 @@
+"""The fast path reads exactly what the pydicom path reads, and takes the common files.
+
+The oracle is ``read_instance(path, fast_path=False)``: the pydicom-based reader that
+test_dicom_reader.py and test_serializer_equivalence.py check against pydicom's DICOM JSON
+model. For every file below, reading it with the fast path must give the same instance
+and the same rows, or the same failure reason. Separately, the fast path must actually
+take the files it is meant for (so a fast path that always declines fails here).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.tag import Tag
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
+
+from dicom_etl_dagster.core.dicom_fast_path import NeedsPydicom, read_fast
+from dicom_etl_dagster.core.dicom_reader import _INSTANCE_TAGS, DicomReadError, read_instance
+from dicom_etl_dagster_tests.helpers import load_script
+from dicom_etl_dagster_tests.reliability.hostile import hostile_corpus
+
+SAMPLES = Path(pydicom.__file__).parent / "data"
+SAMPLE_FILES = sorted(p for folder in ("test_files", "charset_files")
+                      for p in (SAMPLES / folder).rglob("*") if p.is_file())
+
+
+def outcome(path: Path, fast_path: bool):
+    try:
+        return read_instance(path, fast_path=fast_path)
+    except DicomReadError as exc:
+        return f"DicomReadError: {exc}"
+
+
+def takes_fast_path(path: Path) -> bool:
+    with open(path, "rb") as fp:
+        try:
+            read_fast(fp, path.stat().st_size, _INSTANCE_TAGS)
+        except NeedsPydicom:
+            return False
+    return True
+
+
+def assert_same_outcome(path: Path) -> None:
+    fast, slow = outcome(path, True), outcome(path, False)
+    if isinstance(fast, str) or isinstance(slow, str):
+        assert fast == slow, path
+        return
+    assert fast.elements == slow.elements, path  # every column of every row, in order
+    assert fast == slow, path
+
+
+@pytest.mark.parametrize("path", SAMPLE_FILES, ids=lambda p: str(p.relative_to(SAMPLES)))
+def test_every_pydicom_sample_reads_the_same_on_both_paths(path):
+    assert_same_outcome(path)
+
+
+def test_the_fast_path_takes_the_common_encodings():
+    taken = {p.name for p in SAMPLE_FILES if takes_fast_path(p)}
+    # explicit VR LE with GE private tags and ISO_IR 100, implicit VR LE with nested
+    # sequences, encapsulated JPEG, SR content tree, SEG with 32 sequences, UTF-8, Cyrillic, Greek.
+    for name in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "rtdose.dcm", "JPEG-lossy.dcm",
+                 "test-SR.dcm", "liver_1frame.dcm", "chrX1.dcm", "chrRuss.dcm", "chrGreek.dcm"):
+        assert name in taken, name
+    assert len(taken) >= 140, f"only {len(taken)} of {len(SAMPLE_FILES)} sample files took the fast path"
+
+
+def test_every_benchmark_corpus_template_takes_the_fast_path_with_identical_rows(tmp_path):
+    make_corpus = load_script("make_corpus")
+    make_corpus.generate(tmp_path, make_corpus.CorpusSpec(files=48, files_per_series=2))
+    files = sorted((tmp_path / make_corpus.DICOM_SUBDIR).rglob("*.dcm"))
+    assert len(files) == 48
+    for path in files:
+        assert takes_fast_path(path), path
+        assert_same_outcome(path)
+
+
+def test_hostile_files_read_the_same_on_both_paths(tmp_path):
+    """Truncations, byte flips, broken structures and odd values: same rows or same reason."""
+    files = sorted(hostile_corpus(tmp_path))
+    assert len(files) > 300
+    for path in files:
+        assert_same_outcome(path)
+
+
+# --------------------------------------------------------------------------
+# Values at the edges of each converter, written both explicit and implicit
+# --------------------------------------------------------------------------
+EDGE_VALUES = [
+    ("PatientName", "PN", b"Doe^John=Ideo^Graphic=Pho^Netic"),
+    ("ReferringPhysicianName", "PN", b"A^B\\C^D "),
+    ("OtherPatientNames", "PN", b"=OnlyIdeographic"),
+    ("PatientID", "LO", b" lead and trail  "),
+    ("StudyDescription", "LO", b'quote " back\\slash\ttab'),
+    ("SeriesDescription", "LO", b"brace {0} and caf\xe9"),
+    ("ImageComments", "LT", b"line one\r\nline two \\ not split\x00"),
+    ("ImageType", "CS", b"ORIGINAL\\PRIMARY\\\\AXIAL "),
+    ("Modality", "CS", b""),
+    ("StationAETitle", "AE", b"  AE1 \\ AE2"),
+    ("SliceThickness", "DS", b" 1.50 "),
+    ("PixelSpacing", "DS", b"0.5\\-1e-3"),
+    ("WindowCenter", "DS", b"+40.\\.5"),
+    ("InstanceNumber", "IS", b"+0012 "),
+    ("ReferencedFrameNumber", "IS", b"1\\-2\\3"),
+    ("Rows", "US", b"\x00\x02"),
+    ("Columns", "US", b""),
+    ("RescaleType", "LO", b"HU\x00"),
+    ("FrameIncrementPointer", "AT", b"\x18\x00\x63\x10\x20\x00\x13\x00"),
+    ("RecommendedDisplayFrameRateInFloat", "FL", b"\x00\x00\xc0\x7f"),  # NaN
+    ("PhysicalDeltaX", "FD", b"\x00\x00\x00\x00\x00\x00\xf0\x7f"),  # Infinity
+    ("ReferencedSOPInstanceUID", "UI", b"1.2.3\x00"),
+    ("AcquisitionDateTime", "DT", b"20240101120000.123456+0100"),
+    ("StudyTime", "TM", b"235959.9 "),
+    ("PatientAge", "AS", b"045Y"),
+    ("TextValue", "UT", b"free text \\ with backslash  "),
+    ("EncapsulatedDocument", "OB", b"\x00\x01\x02\xff"),
+    ("SoftwareVersions", "LO", b"a\\b\\\\"),
+]
+
+
+def _edge_dataset(charset: str | None, text_suffix: bytes, private: bool = True) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.StudyDate = "20240102"
+    if charset is not None:
+        ds.SpecificCharacterSet = charset
+    for keyword, vr, raw in EDGE_VALUES:
+        # Raw bytes, written as they are: the point is how each reader converts them.
+        raw += text_suffix if vr in ("LO", "LT") else b""
+        raw += b"\x00" if len(raw) % 2 and vr == "UI" else b" " if len(raw) % 2 else b""
+        tag = Tag(keyword)
+        ds[tag] = RawDataElement(tag, vr, len(raw), raw, 0, False, True)
+    item = Dataset()
+    item.CodeValue = "T-D1100"
+    item.CodeMeaning = "caf\xe9"
+    nested = Dataset()
+    nested.CodeValue = "nested"
+    if private:
+        nested.add_new(0x00090010, "LO", "PRIVATE CREATOR")
+        nested.add_new(0x00091001, "US", 7)
+    item.add_new("ConceptCodeSequence", "SQ", Sequence([nested, Dataset()]))
+    ds.add_new("AnatomicRegionSequence", "SQ", Sequence([item]))
+    ds.add_new("ReferencedImageSequence", "SQ", Sequence([]))
+    if private:
+        ds.add_new(0x00190010, "LO", "GEMS_ACQU_01")
+        ds.add_new(0x0019100A, "US", 3)
+        ds.add_new(0x00191020, "SQ", Sequence([Dataset()]))
+    return ds
+
+
+def _save(ds: Dataset, path: Path, syntax: str) -> Path:
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.preamble = b"\x00" * 128
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("charset, suffix", [(None, b""), ("ISO_IR 100", b" \xe9"), ("ISO_IR 192", b" \xc3\xa9")])
+def test_edge_values_explicit_vr_read_the_same(tmp_path, charset, suffix):
+    path = _save(_edge_dataset(charset, suffix), tmp_path / "edge.dcm", ExplicitVRLittleEndian)
+    assert takes_fast_path(path)
+    assert_same_outcome(path)
+    by_keyword = {r.keyword: r for r in read_instance(path).elements if r.parent_sequence_index is None}
+    assert by_keyword["PatientName"].value_json == (
+        '[{"Alphabetic": "Doe^John", "Ideographic": "Ideo^Graphic", "Phonetic": "Pho^Netic"}]')
+    assert (by_keyword["ImageType"].vm, by_keyword["ImageType"].value_json) == ("4", '["ORIGINAL", "PRIMARY", "", "AXIAL"]')
+    assert by_keyword["PixelSpacing"].value_json == "[0.5, -0.001]"
+
+
+def test_edge_values_implicit_vr_read_the_same(tmp_path):
+    # Private tags in implicit VR take their VR from pydicom's private dictionary: declined.
+    path = _save(_edge_dataset(None, b"", private=False), tmp_path / "edge.dcm", ImplicitVRLittleEndian)
+    assert takes_fast_path(path)
+    assert_same_outcome(path)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian])
+def test_other_transfer_syntaxes_are_declined_and_read_by_pydicom(tmp_path, syntax):
+    ds = _edge_dataset(None, b"")
+    path = _save(ds, tmp_path / "other.dcm", syntax)
+    assert not takes_fast_path(path)
+    assert_same_outcome(path)
+    assert read_instance(path).sop_instance_uid == ds.SOPInstanceUID
+
+
+@pytest.mark.parametrize("charset", ["ISO 2022 IR 87", "GB18030", ["ISO 2022 IR 6", "ISO 2022 IR 100"]])
+def test_other_character_sets_are_declined_and_read_by_pydicom(tmp_path, charset):
+    ds = _edge_dataset(None, b"", private=False)
+    for keyword, _, _ in EDGE_VALUES:  # raw bytes that are not valid in these character sets
+        delattr(ds, keyword)
+    ds.SpecificCharacterSet = charset
+    ds.PatientName = "Doe^John"
+    path = _save(ds, tmp_path / "charset.dcm", ExplicitVRLittleEndian)
+    assert not takes_fast_path(path)
+    assert_same_outcome(path)
