@@ -230,6 +230,12 @@ def _implicit_vr(tag: int) -> str:
 # --------------------------------------------------------------------------
 # The walk
 # --------------------------------------------------------------------------
+# Tag texts and names, kept for the life of a worker process: the same few hundred tags
+# recur in every file.
+_PUBLIC_NAMES: dict[int, tuple] = {}
+_PRIVATE_TAG_TEXT: dict[int, str] = {}
+_NAME_CACHE_LIMIT = 100_000
+
 class _FastWalker:
     def __init__(self, fp: BinaryIO, file_size: int, instance_tags: frozenset[int]) -> None:
         self.fp = fp
@@ -242,7 +248,6 @@ class _FastWalker:
         self.explicit = True
         self.transfer_syntax = ""
         self.instance_values: dict[int, Any] = {}
-        self.tag_names: dict[int, tuple] = {}
 
     def _bytes_at(self, start: int, length: int) -> bytes:
         end = start + length
@@ -256,11 +261,14 @@ class _FastWalker:
             raise NeedsPydicom
         return data
 
-    def _names(self, tag: int) -> tuple:
-        """(tag text, group text, dictionary tag, keyword, name) of a public tag, cached."""
-        names = self.tag_names.get(tag)
+    @staticmethod
+    def _names(tag: int) -> tuple:
+        """(tag text, group text, dictionary tag, keyword, name) of a public tag, cached per process."""
+        names = _PUBLIC_NAMES.get(tag)
         if names is None:
-            names = self.tag_names[tag] = (fmt_tag(tag), f"{tag >> 16:04X}", *public_info(tag))
+            if len(_PUBLIC_NAMES) > _NAME_CACHE_LIMIT:  # hostile files can invent any number of tags
+                _PUBLIC_NAMES.clear()
+            names = _PUBLIC_NAMES[tag] = (fmt_tag(tag), f"{tag >> 16:04X}", *public_info(tag))
         return names
 
     def meta_and_dataset(self) -> None:
@@ -363,7 +371,11 @@ class _FastWalker:
         comes from the private dictionary, by the creator of the element's block.
         """
         element = tag & 0xFFFF
-        tag_text = fmt_tag(tag)
+        tag_text = _PRIVATE_TAG_TEXT.get(tag)
+        if tag_text is None:
+            if len(_PRIVATE_TAG_TEXT) > _NAME_CACHE_LIMIT:
+                _PRIVATE_TAG_TEXT.clear()
+            tag_text = _PRIVATE_TAG_TEXT[tag] = fmt_tag(tag)
         name = creator = None
         if 0x0010 <= element <= 0x00FF:
             if vr != "LO":
