@@ -300,7 +300,7 @@ def run_parse_only(root: Path, workers: int, batch_size: int) -> PhaseResult:
                 result.files += 1
                 if outcome.instance is not None:
                     result.files_ok += 1
-                    result.elements += len(outcome.instance.elements)
+                    result.elements += outcome.metadata.row_count
                 else:
                     failures[outcome.error] = failures.get(outcome.error, 0) + 1
         result.seconds = time.perf_counter() - started

@@ -14,6 +14,7 @@ from psycopg import sql
 from .concepts import ConceptResolver
 from .file_scan import FileEntry, iter_files
 from .identifiers import Schemas
+from .metadata_copy import DataElementIds
 from .parse_pool import parse_batches
 from .writer import IngestReport, PersonMapping, RunState, write_batch
 
@@ -47,7 +48,7 @@ def resolve_mapping(conn: psycopg.Connection, mapping: PersonMapping, policy: st
 
 def prepare_run(conn: psycopg.Connection, schemas: Schemas, run_id: str, policy: str,
                 mapping: PersonMapping, warn: Callable[[str], None]) -> RunState:
-    data_elements = dict(conn.execute(
+    data_elements = DataElementIds(conn.execute(
         sql.SQL("SELECT data_element_tag, data_element_id FROM {}").format(
             sql.Identifier(schemas.medical_imaging, "dicom_data_element"))).fetchall())
     if not data_elements:

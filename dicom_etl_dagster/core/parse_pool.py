@@ -2,10 +2,15 @@
 
 The main process writes batch N while the workers parse batch N+1; at most two batches of
 parsed rows exist at once, so memory stays bounded whatever the folder size.
+
+A worker also renders the file's metadata rows as COPY text (``metadata_copy``) and sends
+the instance without its element list: the main process, the only writer, then neither
+unpickles nor serialises rows one by one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -13,21 +18,24 @@ from typing import Iterable, Iterator, NamedTuple
 
 from .dicom_reader import DicomInstance, DicomReadError, read_instance
 from .file_scan import FileEntry
+from .metadata_copy import RenderedMetadata, render_metadata
 
 
 class ParseOutcome(NamedTuple):
     entry: FileEntry
-    instance: DicomInstance | None
+    instance: DicomInstance | None  # without its elements: they are in ``metadata``
     error: str | None
+    metadata: RenderedMetadata | None  # set exactly when ``instance`` is
 
 
 def parse_file(entry: FileEntry) -> ParseOutcome:
     try:
-        return ParseOutcome(entry, read_instance(entry.path), None)
+        instance = read_instance(entry.path)
     except DicomReadError as exc:
-        return ParseOutcome(entry, None, str(exc))
+        return ParseOutcome(entry, None, str(exc), None)
     except OSError as exc:  # unreadable, vanished: a reason, not a crash
-        return ParseOutcome(entry, None, f"cannot read file: {exc.strerror or exc}")
+        return ParseOutcome(entry, None, f"cannot read file: {exc.strerror or exc}", None)
+    return ParseOutcome(entry, dataclasses.replace(instance, elements=[]), None, render_metadata(instance))
 
 
 def parse_batches(batches: Iterable[list[FileEntry]], workers: int) -> Iterator[list[ParseOutcome]]:

@@ -22,19 +22,14 @@ from .concepts import ConceptResolver
 from .ddl import sequence_name
 from .dicom_reader import DicomInstance
 from .identifiers import Schemas
+from .metadata_copy import COLUMNS as METADATA_COLUMNS
+from .metadata_copy import DataElementIds, RenderedMetadata, fill, storable_text
 from .parse_pool import ParseOutcome
 
 EHR_TYPE_CONCEPT_ID = 32817
 PROCEDURE_SOURCE_VALUE_LENGTH = 50
 INGESTED, FAILED, DUPLICATE = "ingested", "failed", "duplicate"
 
-_METADATA_COLUMNS = (
-    "metadata_id", "data_element_id", "metadata_source_keyword", "metadata_source_tag",
-    "metadata_source_group_number", "metadata_source_value_representation",
-    "metadata_source_value_multiplicity", "metadata_source_value", "is_sequence", "sequence_length",
-    "parent_sequence_id", "parent_dataset_id", "is_private", "private_creator", "sop_instance_id",
-    "instance_number", "image_occurrence_id", "etl_created_datetime", "etl_modified_datetime",
-)
 _PROCEDURE_COLUMNS = (
     "procedure_occurrence_id", "person_id", "procedure_concept_id", "procedure_date",
     "procedure_type_concept_id", "procedure_source_value",
@@ -68,7 +63,7 @@ class RunState:
     missing_person_policy: str  # "skip" | "use_id_zero"
     mapping: PersonMapping | None  # None: the mapping table does not exist
     concepts: ConceptResolver
-    data_elements: dict[str, int]
+    data_elements: DataElementIds  # dictionary tag -> data_element_id, learnt as tags are added
 
 
 @dataclass
@@ -95,14 +90,6 @@ def patient_reference(patient_id: str) -> str:
     return "sha256:" + hashlib.sha256(patient_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
-def _text(value: str | None, limit: int | None = None) -> str | None:
-    # PostgreSQL text cannot hold NUL; column widths are the OMOP ones.
-    if value is None:
-        return None
-    value = value.replace("\x00", "")
-    return value[:limit] if limit else value
-
-
 def _reserve_ids(conn: psycopg.Connection, schemas: Schemas, sequence: str, count: int) -> int:
     """Reserve ``count`` consecutive ids and return the first.
 
@@ -126,6 +113,19 @@ def _copy(conn: psycopg.Connection, table: sql.Composable, columns: tuple[str, .
     return written
 
 
+def _copy_metadata(conn: psycopg.Connection, table: sql.Composable, data_elements: DataElementIds,
+                   rendered: list[RenderedMetadata], image_occurrence_ids: list[int], metadata_id: int,
+                   dataset_id: int, timestamp_text: str) -> int:
+    """COPY every file's rendered rows; its ids are the next ones of the reserved ranges."""
+    with conn.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN").format(
+            table, sql.SQL(", ").join(map(sql.Identifier, METADATA_COLUMNS)))) as copy:
+        for file_rows, image_occurrence_id in zip(rendered, image_occurrence_ids, strict=True):
+            copy.write(fill(file_rows, metadata_id, dataset_id, image_occurrence_id, data_elements, timestamp_text))
+            metadata_id += file_rows.row_count
+            dataset_id += file_rows.item_count
+    return sum(r.row_count for r in rendered)
+
+
 def write_batch(conn: psycopg.Connection, state: RunState, outcomes: list[ParseOutcome]) -> IngestReport:
     """Record every outcome of the batch; returns what was written."""
     report = IngestReport()
@@ -136,7 +136,8 @@ def write_batch(conn: psycopg.Connection, state: RunState, outcomes: list[ParseO
     metadata = sql.Identifier(mi, "dicom_file_metadata")
     image_occurrence = sql.Identifier(mi, "image_occurrence")
     procedure_occurrence = sql.Identifier(state.schemas.cdm, "procedure_occurrence")
-    now = dt.datetime.now()
+    # etl_created/modified_datetime, as psycopg would send a naive datetime in text format.
+    now_text = dt.datetime.now().isoformat(sep=" ")
     processed_at = dt.datetime.now(dt.timezone.utc)
 
     with conn.transaction():
@@ -182,7 +183,7 @@ def write_batch(conn: psycopg.Connection, state: RunState, outcomes: list[ParseO
         def record(outcome: ParseOutcome, status: str, reason: str | None = None,
                    sop: str | None = None, image_occurrence_id: int | None = None) -> None:
             ledger_rows.append((outcome.entry.path, outcome.entry.size, outcome.entry.mtime_ns, status,
-                                _text(reason), sop, image_occurrence_id))
+                                storable_text(reason), sop, image_occurrence_id))
             report.status_counts[status] += 1
             if status == FAILED:
                 report.failures.append((outcome.entry.path, reason))
@@ -251,7 +252,7 @@ def write_batch(conn: psycopg.Connection, state: RunState, outcomes: list[ParseO
         for offset, (key, inst) in enumerate(new_studies.items()):
             procedure_ids[key] = first + offset
             procedure_rows.append((first + offset, key[1], 0, inst.procedure_date, EHR_TYPE_CONCEPT_ID,
-                                   _text(inst.study_description, PROCEDURE_SOURCE_VALUE_LENGTH)))
+                                   storable_text(inst.study_description, PROCEDURE_SOURCE_VALUE_LENGTH)))
         report.rows["procedure_occurrence"] += _copy(conn, procedure_occurrence, _PROCEDURE_COLUMNS, procedure_rows)
 
         state.concepts.prepare({o.instance.modality for o, _ in new_series.values()},
@@ -268,17 +269,17 @@ def write_batch(conn: psycopg.Connection, state: RunState, outcomes: list[ParseO
             report.series_by_modality[(inst.modality or "", inst.body_part_examined or "", modality_id, site_id)] += 1
         report.rows["image_occurrence"] += _copy(conn, image_occurrence, _IMAGE_COLUMNS, image_rows)
 
-        # 6. Every element of every instance into the EAV table.
-        _ensure_data_elements(conn, state, instances)
-        item_counts = [max((e.parent_item_index for e in i.elements if e.parent_item_index is not None),
-                           default=-1) + 1 for i in instances]
+        # 6. Every element of every instance into the EAV table, as the workers rendered it.
+        rendered = [o.metadata for o, _ in ready]
+        _ensure_data_elements(conn, state, rendered)
         # Reserved before COPY starts: the connection can run no other statement during COPY.
         first_metadata_id = _reserve_ids(conn, state.schemas, "dicom_etl_metadata_id_seq",
-                                         sum(len(i.elements) for i in instances))
-        first_dataset_id = _reserve_ids(conn, state.schemas, "dicom_etl_dataset_id_seq", sum(item_counts))
-        report.rows["dicom_file_metadata"] += _copy(
-            conn, metadata, _METADATA_COLUMNS,
-            _metadata_rows(state, instances, item_counts, series_ids, first_metadata_id, first_dataset_id, now))
+                                         sum(r.row_count for r in rendered))
+        first_dataset_id = _reserve_ids(conn, state.schemas, "dicom_etl_dataset_id_seq",
+                                        sum(r.item_count for r in rendered))
+        report.rows["dicom_file_metadata"] += _copy_metadata(
+            conn, metadata, state.data_elements, rendered,
+            [series_ids[i.series_instance_uid] for i in instances], first_metadata_id, first_dataset_id, now_text)
         for o, _ in ready:
             record(o, INGESTED, sop=o.instance.sop_instance_uid,
                    image_occurrence_id=series_ids[o.instance.series_instance_uid])
@@ -334,14 +335,16 @@ def _person_for(state: RunState, persons: dict[str, tuple[str, int]], patient_id
     return 0, f"no person for {who} in {m.schema}.{m.table} (missing_person_id_options: skip)"
 
 
-def _ensure_data_elements(conn: psycopg.Connection, state: RunState, instances: list[DicomInstance]) -> None:
+def _ensure_data_elements(conn: psycopg.Connection, state: RunState, rendered: list[RenderedMetadata]) -> None:
     """Add tags the dictionary lacks (private, unknown) once, and learn their ids."""
     missing: dict[str, tuple] = {}
-    for inst in instances:
-        for e in inst.elements:
-            if e.dictionary_tag not in state.data_elements and e.dictionary_tag not in missing:
-                missing[e.dictionary_tag] = (e.dictionary_tag, _text(e.name, 255), _text(e.keyword, 255), e.vr,
-                                             e.is_private)
+    # Files with the same tags usually share one candidates object (see metadata_copy): look at it once.
+    distinct = {id(r.new_tag_candidates): r.new_tag_candidates for r in rendered}.values()  # first seen first
+    for candidates in distinct:
+        for candidate in candidates:  # (tag, name, keyword, vr, is_private), cut to width
+            tag = candidate[0]
+            if tag not in state.data_elements and tag not in missing:
+                missing[tag] = candidate
     if not missing:
         return
     table = sql.Identifier(state.schemas.medical_imaging, "dicom_data_element")
@@ -361,35 +364,3 @@ def _ensure_data_elements(conn: psycopg.Connection, state: RunState, instances: 
     state.data_elements.update(
         conn.execute(sql.SQL("SELECT data_element_tag, data_element_id FROM {} WHERE data_element_tag = ANY(%s)")
                      .format(table), [tags]).fetchall())
-
-
-def _metadata_rows(state: RunState, instances: list[DicomInstance], item_counts: list[int],
-                   series_ids: dict[str, int], metadata_id: int, dataset_id: int, now: dt.datetime):
-    """dicom_file_metadata rows; file-local indexes become ids by adding the reserved bases."""
-    data_elements = state.data_elements
-    for inst, items in zip(instances, item_counts):
-        image_occurrence_id = series_ids[inst.series_instance_uid]
-        for e in inst.elements:
-            yield (
-                metadata_id + e.index,
-                data_elements.get(e.dictionary_tag),
-                e.keyword,
-                e.tag,
-                e.group,
-                e.vr,
-                e.vm,
-                e.value_json,
-                e.is_sequence,
-                e.sequence_length,
-                None if e.parent_sequence_index is None else metadata_id + e.parent_sequence_index,
-                None if e.parent_item_index is None else dataset_id + e.parent_item_index,
-                e.is_private,
-                _text(e.private_creator, 255),
-                inst.sop_instance_uid,
-                inst.instance_number,
-                image_occurrence_id,
-                now,
-                now,
-            )
-        metadata_id += len(inst.elements)
-        dataset_id += items

@@ -1,0 +1,185 @@
+"""A file's dicom_file_metadata rows, rendered by the parse worker as one COPY text template.
+
+Why: the main process is the ETL's only writer, so its CPU per row bounds the whole ingest.
+It used to unpickle ~200 ElementRow namedtuples per file, build a 19-field tuple per row
+and have psycopg serialise every field. Nearly all of a row depends on the file alone; only
+the ids the writer reserves under its lock, the data_element_id of tags it may still have to
+add, the series' image_occurrence_id and the batch's timestamp are not known in the worker.
+So the worker renders everything else as final PostgreSQL COPY text and leaves exactly those
+values as ``str.format`` fields; the main process receives one string per file and fills it
+with one ``str.format`` call, which runs in C.
+
+Fields of the template (one line per row, columns in ``COLUMNS`` order):
+
+- ``{i}``: metadata_id, positional field i = the row's index in the file;
+- ``{p}``: parent_sequence_id, the positional field of the parent sequence row;
+- ``{<n + k>}``: parent_dataset_id of item k, where n = the file's row count;
+- ``{d[<dictionary tag>]}``: data_element_id, looked up in a ``DataElementIds``;
+- ``{o}``: image_occurrence_id; ``{t}``: etl_created_datetime and etl_modified_datetime.
+
+Everything else is COPY text (``\\N`` for NULL, ``t``/``f``, escaped backslash, tab, newline
+and carriage return) with ``{`` and ``}`` doubled so that ``str.format`` leaves it alone.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import NamedTuple
+
+from .dicom_reader import DicomInstance, ElementRow
+
+#: The COPY column list matching the template's column order.
+COLUMNS = (
+    "metadata_id", "parent_sequence_id", "parent_dataset_id", "data_element_id",
+    "metadata_source_keyword", "metadata_source_tag", "metadata_source_group_number",
+    "metadata_source_value_representation", "metadata_source_value_multiplicity", "metadata_source_value",
+    "is_sequence", "sequence_length", "is_private", "private_creator", "sop_instance_id", "instance_number",
+    "image_occurrence_id", "etl_created_datetime", "etl_modified_datetime",
+)
+
+NULL = "\\N"  # COPY text format's NULL
+TEXT_COLUMN_LENGTH = 255  # private_creator, data_element_name, data_element_keyword: varchar(255)
+
+# COPY text escapes and str.format's brace doubling in one pass. A NUL is left as it is:
+# storable_text removes it where the writer always did; elsewhere PostgreSQL refuses it, as before.
+_TEMPLATE_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "{": "{{", "}": "}}"})
+_NEEDS_ESCAPING = re.compile(r"[\\\t\n\r{}]")
+
+
+#: A dicom_data_element row the writer adds if the dictionary lacks the tag:
+#: (dictionary_tag, name, keyword, vr, is_private). A plain tuple: it unpickles faster than a NamedTuple.
+TagCandidate = tuple[str, str | None, str | None, str, bool]
+
+
+class RenderedMetadata(NamedTuple):
+    template: str  # the file's rows as COPY text with str.format fields (see the module docstring)
+    row_count: int  # metadata ids the file needs
+    item_count: int  # dataset ids the file needs: sequence items, numbered 0..item_count-1
+    new_tag_candidates: tuple[TagCandidate, ...]  # one per distinct dictionary tag, first seen wins
+
+
+class DataElementIds(dict):
+    """dictionary tag -> data_element_id; a tag without an entry fills in as NULL."""
+
+    def __missing__(self, tag: str) -> str:
+        return NULL
+
+
+def storable_text(value: str | None, limit: int | None = None) -> str | None:
+    """``value`` as PostgreSQL text can hold it (no NUL), cut to the column's width."""
+    if value is None:
+        return None
+    value = value.replace("\x00", "")
+    return value[:limit] if limit else value
+
+
+def render_metadata(instance: DicomInstance) -> RenderedMetadata:
+    """Render every metadata row of ``instance``; runs in the parse worker."""
+    rows = instance.elements
+    row_count = len(rows)
+    # sop_instance_id, instance_number, then the writer's image_occurrence_id and timestamps.
+    line_end = f"\t{_text(instance.sop_instance_uid)}\t{_number(instance.instance_number)}\t{{o}}\t{{t}}\t{{t}}\n"
+    lines = []
+    item_count = 0
+    candidates: dict[str, TagCandidate] = {}
+    for position, row in enumerate(rows):
+        _check_numbering(row, position, row_count)
+        lines.append(_render_row(row, row_count) + line_end)
+        if row.parent_item_index is not None and row.parent_item_index >= item_count:
+            item_count = row.parent_item_index + 1
+        if row.dictionary_tag not in candidates:
+            candidates[row.dictionary_tag] = _tag_candidate(
+                row.dictionary_tag, row.name, row.keyword, row.vr, row.is_private)
+    return RenderedMetadata("".join(lines), row_count, item_count, _shared(tuple(candidates.values())))
+
+
+def fill(rendered: RenderedMetadata, metadata_id: int, dataset_id: int, image_occurrence_id: int,
+         data_elements: DataElementIds, timestamp_text: str) -> str:
+    """The file's rows as COPY text, given the first of its reserved metadata and dataset ids."""
+    return rendered.template.format(
+        *range(metadata_id, metadata_id + rendered.row_count),
+        *range(dataset_id, dataset_id + rendered.item_count),
+        d=data_elements, o=image_occurrence_id, t=timestamp_text,
+    )
+
+
+def _check_numbering(row: ElementRow, position: int, row_count: int) -> None:
+    """The reader's numbering is what the template's positional fields stand for; a row that
+    broke it would silently take another row's id (or a dataset id), so it stops the run."""
+    if row.index != position:
+        raise ValueError(f"element rows must be numbered in order: row {position} has index {row.index}")
+    if row.parent_sequence_index is not None and not 0 <= row.parent_sequence_index < row_count:
+        raise ValueError(f"row {position}: parent sequence row {row.parent_sequence_index} does not exist")
+    if row.parent_item_index is not None and row.parent_item_index < 0:
+        raise ValueError(f"row {position}: negative item index {row.parent_item_index}")
+
+
+def _render_row(row: ElementRow, row_count: int) -> str:
+    """The row up to private_creator; the caller appends the per-file rest of the line."""
+    return "\t".join((
+        f"{{{row.index}}}",
+        NULL if row.parent_sequence_index is None else f"{{{row.parent_sequence_index}}}",
+        NULL if row.parent_item_index is None else f"{{{row_count + row.parent_item_index}}}",
+        _data_element_field(row.dictionary_tag),
+        _text(row.keyword),
+        _text(row.tag),
+        _text(row.group),
+        _text(row.vr),
+        _text(row.vm),
+        _text(row.value_json),
+        "t" if row.is_sequence else "f",
+        _number(row.sequence_length),
+        "t" if row.is_private else "f",
+        _text(storable_text(row.private_creator, TEXT_COLUMN_LENGTH)),
+    ))
+
+
+def _text(value: str | None) -> str:
+    if value is None:
+        return NULL
+    # Most values need no escaping; checking first is cheaper than translating every one.
+    return value.translate(_TEMPLATE_ESCAPES) if _NEEDS_ESCAPING.search(value) else value
+
+
+def _number(value: int | None) -> str:
+    return NULL if value is None else str(int(value))
+
+
+@lru_cache(maxsize=16384)
+def _data_element_field(dictionary_tag: str) -> str:
+    """``{d[<tag>]}``, after proving that str.format looks up exactly ``dictionary_tag`` with it.
+
+    A field name cannot hold every string (not "]", and an all-digit index becomes an int);
+    the reader's tags, "(0008,0016)" and "(60xx,3000)", are fine, and a surprise fails here,
+    in the worker, instead of filling in another tag's id.
+    """
+    field = f"{{d[{dictionary_tag}]}}"
+    try:
+        looked_up = field.format(d=_KeyEcho())
+    except (ValueError, IndexError, KeyError):
+        looked_up = None
+    if looked_up != repr(dictionary_tag):
+        raise ValueError(f"dictionary tag {dictionary_tag!r} cannot be a str.format field name")
+    return field
+
+
+class _KeyEcho(dict):
+    def __missing__(self, key: object) -> str:
+        return repr(key)
+
+
+# The two caches below return the object made for an earlier, equal value. Pickle writes an
+# object it has seen before in the same dump as a back-reference, and the pool pickles a whole
+# chunk of results at once: files with the same tags (a series, a modality) then cost the
+# main process one back-reference for their candidates instead of ~200 tuples to rebuild.
+@lru_cache(maxsize=65536)
+def _tag_candidate(dictionary_tag: str, name: str | None, keyword: str | None, vr: str,
+                   is_private: bool) -> TagCandidate:
+    return (dictionary_tag, storable_text(name, TEXT_COLUMN_LENGTH), storable_text(keyword, TEXT_COLUMN_LENGTH),
+            vr, is_private)
+
+
+@lru_cache(maxsize=1024)
+def _shared(candidates: tuple[TagCandidate, ...]) -> tuple[TagCandidate, ...]:
+    return candidates
