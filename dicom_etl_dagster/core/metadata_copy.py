@@ -121,18 +121,21 @@ def _render_row(row: ElementRow, row_count: int) -> str:
         f"{{{row.index}}}",
         NULL if row.parent_sequence_index is None else f"{{{row.parent_sequence_index}}}",
         NULL if row.parent_item_index is None else f"{{{row_count + row.parent_item_index}}}",
-        _data_element_field(row.dictionary_tag),
-        _text(row.keyword),
-        _text(row.tag),
-        _text(row.group),
-        _text(row.vr),
-        _text(row.vm),
+        _element_columns(row.dictionary_tag, row.keyword, row.tag, row.group, row.vr, row.vm),
         _text(row.value_json),
         "t" if row.is_sequence else "f",
         _number(row.sequence_length),
         "t" if row.is_private else "f",
         _text(storable_text(row.private_creator, TEXT_COLUMN_LENGTH)),
     ))
+
+
+@lru_cache(maxsize=65536)
+def _element_columns(dictionary_tag: str, keyword: str | None, tag: str, group: str, vr: str, vm: str) -> str:
+    """data_element_id's field to metadata_source_value_multiplicity: the same few hundred
+    combinations recur in every file, so each is rendered once per worker."""
+    return "\t".join((_data_element_field(dictionary_tag), _text(keyword), _text(tag), _text(group), _text(vr),
+                      _text(vm)))
 
 
 def _text(value: str | None) -> str:
@@ -146,7 +149,6 @@ def _number(value: int | None) -> str:
     return NULL if value is None else str(int(value))
 
 
-@lru_cache(maxsize=16384)
 def _data_element_field(dictionary_tag: str) -> str:
     """``{d[<tag>]}``, after proving that str.format looks up exactly ``dictionary_tag`` with it.
 
