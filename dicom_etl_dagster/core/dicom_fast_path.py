@@ -235,6 +235,8 @@ def _implicit_vr(tag: int) -> str:
 _PUBLIC_NAMES: dict[int, tuple] = {}
 _PRIVATE_TAG_TEXT: dict[int, str] = {}
 _NAME_CACHE_LIMIT = 100_000
+# ElementRow's own __new__ is a Python function; tuple.__new__ builds the same row in C.
+_new_row = tuple.__new__
 
 class _FastWalker:
     def __init__(self, fp: BinaryIO, file_size: int, instance_tags: frozenset[int]) -> None:
@@ -351,10 +353,10 @@ class _FastWalker:
                 rows.append(ElementRow(len(rows), parent_sequence, parent_item, *names[:5], vr, vm, value_json,
                                        False, None, True, names[5]))
             else:
-                tag_text, group_text, dictionary_tag, keyword, name = self._names(tag)
-                rows.append(ElementRow(len(rows), parent_sequence, parent_item, tag_text, group_text,
-                                       dictionary_tag, keyword, name, vr, vm, value_json, False, None, False,
-                                       None))
+                tag_text, group_text, dictionary_tag, keyword, name = _PUBLIC_NAMES.get(tag) or self._names(tag)
+                rows.append(_new_row(ElementRow, (len(rows), parent_sequence, parent_item, tag_text, group_text,
+                                                  dictionary_tag, keyword, name, vr, vm, value_json, False, None,
+                                                  False, None)))
                 if top and tag in self.instance_tags:
                     self.instance_values[tag] = value
                 if meta and tag == _TRANSFER_SYNTAX_TAG:
