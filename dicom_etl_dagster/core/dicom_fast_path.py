@@ -129,7 +129,8 @@ def _person_name(raw: bytes, encoding: str):
         decoded = raw.rstrip(b"\x00 ").decode(encoding)
     except UnicodeDecodeError:
         raise NeedsPydicom from None
-    names = decoded.split("\\")
+    # pydicom re-encodes each name, which drops empty trailing component groups ("A^B=").
+    names = [name.rstrip("=") for name in decoded.split("\\")]
     if len(names) == 1 and not names[0]:
         return "0", None, ""
     rendered = []

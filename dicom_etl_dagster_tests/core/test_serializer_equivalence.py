@@ -25,14 +25,16 @@ import pytest
 
 from dicom_etl_dagster.core.dicom_reader import DicomReadError, ElementRow, read_instance
 
-SAMPLES = Path(pydicom.__file__).parent / "data" / "test_files"
+DATA = Path(pydicom.__file__).parent / "data"
+SAMPLES = DATA / "test_files"
 PIXEL_DATA_KEYS = {"7FE00010", "7FE00008", "7FE00009"}  # never stored
 HUGE = sys.maxsize  # bulk data threshold: inline every binary value
 
 
 def _accepted_files() -> list[Path]:
     accepted = []
-    for path in sorted(p for p in SAMPLES.rglob("*") if p.is_file()):
+    # test_files and charset_files (text in 20 character sets, ISO 2022 included)
+    for path in sorted(p for folder in (SAMPLES, DATA / "charset_files") for p in folder.rglob("*") if p.is_file()):
         try:
             read_instance(path)
         except DicomReadError:
@@ -120,7 +122,7 @@ def test_the_bundled_files_cover_the_interesting_cases() -> None:
     assert len(ACCEPTED) > 100
 
 
-@pytest.mark.parametrize("path", ACCEPTED, ids=lambda p: str(p.relative_to(SAMPLES)))
+@pytest.mark.parametrize("path", ACCEPTED, ids=lambda p: str(p.relative_to(DATA)))
 def test_value_json_is_pydicoms_json_model(path: Path) -> None:
     rows = read_instance(path).elements
     meta, dataset = rows_as_document(rows)
