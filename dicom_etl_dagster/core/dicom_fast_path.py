@@ -99,7 +99,8 @@ def _ae(raw: bytes, encoding: str):
 
 
 def _ui(raw: bytes, encoding: str):
-    return _strings(raw.decode("latin_1").rstrip("\x00 ").split("\\"))
+    # pydicom's UID class strips whitespace from each value
+    return _strings([uid.strip() for uid in raw.decode("latin_1").rstrip("\x00 ").split("\\")])
 
 
 def _text(raw: bytes, encoding: str):  # SH LO UC
@@ -155,7 +156,7 @@ def _decimal_string(raw: bytes, encoding: str):
 
 
 def _integer_string(raw: bytes, encoding: str):
-    items = raw.decode("latin_1").strip().rstrip(" \x00").split("\\")
+    items = raw.decode("latin_1").rstrip(" \x00").split("\\")  # unlike DS, not stripped first
     if len(items) == 1 and not items[0]:
         return "0", None, ""
     if not all(_INTEGER(item) for item in items):

@@ -10,11 +10,14 @@ take the files it is meant for (so a fast path that always declines fails here).
 from __future__ import annotations
 
 import struct
+import tempfile
 import warnings
 from pathlib import Path
 
 import pydicom
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
@@ -274,3 +277,33 @@ def test_other_character_sets_are_declined_and_read_by_pydicom(tmp_path, charset
     path = _save(ds, tmp_path / "charset.dcm", ExplicitVRLittleEndian)
     assert not takes_fast_path(path)
     assert_same_outcome(path)
+
+
+# --------------------------------------------------------------------------
+# Any value of any handled VR: both paths agree (or the fast path declines)
+# --------------------------------------------------------------------------
+VR_EXAMPLE_KEYWORDS = {
+    "AE": "RetrieveAETitle", "AS": "PatientAge", "CS": "ImageType", "DA": "ContentDate", "DS": "SliceThickness",
+    "DT": "AcquisitionDateTime", "IS": "SeriesNumber", "LO": "SeriesDescription", "LT": "ImageComments",
+    "PN": "ReferringPhysicianName", "SH": "StationName", "ST": "InstitutionAddress", "TM": "StudyTime",
+    "UI": "FrameOfReferenceUID", "UT": "TextValue", "US": "Rows", "SS": "TagAngleSecondAxis",
+    "UL": "NumberOfWaveformSamples", "SL": "ReferencePixelX0", "FL": "RecommendedDisplayFrameRateInFloat",
+    "FD": "PhysicalDeltaX", "AT": "FrameIncrementPointer", "OB": "EncapsulatedDocument",
+}
+# Bytes that matter to DICOM value parsing, mixed with arbitrary bytes.
+VALUES = st.one_of(
+    st.binary(max_size=48),
+    st.text(alphabet="0123456789.+-eE \\=^\x00aZ{}\"\t\xe9\u00c3", max_size=24).map(
+        lambda text: text.encode("utf-8")),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(vr=st.sampled_from(sorted(VR_EXAMPLE_KEYWORDS)), value=VALUES, explicit=st.booleans(),
+       charset=st.sampled_from([b"", b"ISO_IR 100", b"ISO_IR 192"]))
+def test_any_value_reads_the_same_on_both_paths(vr, value, explicit, charset):
+    elements = [(int(Tag(VR_EXAMPLE_KEYWORDS[vr])), vr, value)]
+    if charset:
+        elements.append((0x00080005, "CS", charset))
+    with tempfile.TemporaryDirectory() as folder:
+        assert_same_outcome(_raw_file(Path(folder) / "value.dcm", elements, explicit))
