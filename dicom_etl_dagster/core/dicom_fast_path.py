@@ -61,8 +61,6 @@ _IMPLICIT_HEADER = struct.Struct("<HHL")
 _UINT32 = struct.Struct("<L")
 _NUMBER_FORMATS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "SV": "q", "UV": "Q"}
 _LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
-_SHORT_LENGTH_VRS = frozenset({"AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "PN",
-                               "SH", "SL", "SS", "ST", "TM", "UI", "UL", "US"})
 
 # JSON string escaping is needed only for these characters (json.dumps, ensure_ascii=False).
 _NEEDS_JSON_ESCAPE = re.compile(r'[\x00-\x1f"\\]').search
@@ -241,6 +239,8 @@ _NAME_CACHE_LIMIT = 100_000
 _new_row = tuple.__new__
 
 class _FastWalker:
+    """One file's walk: rows in file order, sequence rows before their items' rows, as dicom_reader."""
+
     def __init__(self, fp: BinaryIO, file_size: int, instance_tags: frozenset[int]) -> None:
         self.fp = fp
         self.file_size = file_size
@@ -276,6 +276,7 @@ class _FastWalker:
         return names
 
     def meta_and_dataset(self) -> None:
+        """The file meta group (always explicit VR), then the dataset in its transfer syntax."""
         buf = self.buf
         if len(buf) < 132 or buf[128:132] != b"DICM":
             raise NeedsPydicom
