@@ -11,6 +11,28 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+PYDICOM_DATA = Path(pydicom.__file__).parent / "data"
+PYDICOM_TEST_FILES = PYDICOM_DATA / "test_files"
+#: Every file pydicom ships, broken ones included: test_files and charset_files (text in
+#: 20 character sets, ISO 2022 included).
+SAMPLE_FILES = sorted(p for folder in (PYDICOM_TEST_FILES, PYDICOM_DATA / "charset_files")
+                      for p in folder.rglob("*") if p.is_file())
+
+
+def accepted_sample_files() -> list[Path]:
+    """The sample files that read_instance accepts (the others fail with a reason)."""
+    from dicom_etl_dagster.core.dicom_reader import DicomReadError, read_instance
+
+    accepted = []
+    for path in SAMPLE_FILES:
+        try:
+            read_instance(path)
+        except DicomReadError:
+            continue
+        accepted.append(path)
+    return accepted
+
+
 #: PixelData, FloatPixelData, DoubleFloatPixelData: the only elements the ETL leaves out.
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 

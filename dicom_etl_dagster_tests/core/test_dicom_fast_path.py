@@ -33,12 +33,10 @@ from pydicom.uid import (
 from dicom_etl_dagster.core import dicom_reader
 from dicom_etl_dagster.core.dicom_fast_path import NeedsPydicom, read_fast
 from dicom_etl_dagster.core.dicom_reader import _INSTANCE_TAGS, DicomReadError, read_instance
+from dicom_etl_dagster_tests.dicom_samples import PYDICOM_DATA, SAMPLE_FILES
 from dicom_etl_dagster_tests.helpers import load_script
 from dicom_etl_dagster_tests.reliability.hostile import hostile_corpus
 
-SAMPLES = Path(pydicom.__file__).parent / "data"
-SAMPLE_FILES = sorted(p for folder in ("test_files", "charset_files")
-                      for p in (SAMPLES / folder).rglob("*") if p.is_file())
 
 
 def outcome(path: Path, fast_path: bool):
@@ -66,7 +64,7 @@ def assert_same_outcome(path: Path) -> None:
     assert fast == slow, path
 
 
-@pytest.mark.parametrize("path", SAMPLE_FILES, ids=lambda p: str(p.relative_to(SAMPLES)))
+@pytest.mark.parametrize("path", SAMPLE_FILES, ids=lambda p: str(p.relative_to(PYDICOM_DATA)))
 def test_every_pydicom_sample_reads_the_same_on_both_paths(path):
     assert_same_outcome(path)
 

@@ -18,20 +18,19 @@ import warnings
 from pathlib import Path
 
 import psycopg
-import pydicom
 import pytest
 from psycopg import sql
 
 from dicom_etl_dagster.core.ddl import ensure_tables
-from dicom_etl_dagster.core.dicom_reader import DicomInstance, DicomReadError, ElementRow, read_instance
+from dicom_etl_dagster.core.dicom_reader import DicomInstance, ElementRow, read_instance
 from dicom_etl_dagster.core.identifiers import Schemas
 from dicom_etl_dagster.core.ingest import ingest_folder, prepare_run
 from dicom_etl_dagster.core.metadata_copy import COLUMNS, DataElementIds, fill, render_metadata
 from dicom_etl_dagster.core.writer import PersonMapping
 from dicom_etl_dagster_tests.conftest import fresh_database
-from dicom_etl_dagster_tests.dicom_samples import clone_instance
+from dicom_etl_dagster_tests.dicom_samples import PYDICOM_DATA, PYDICOM_TEST_FILES, accepted_sample_files, clone_instance
 
-SAMPLES = Path(pydicom.__file__).parent / "data" / "test_files"
+SAMPLES = PYDICOM_TEST_FILES
 SCHEMAS = Schemas()
 TABLE = sql.Identifier(SCHEMAS.medical_imaging, "dicom_file_metadata")
 
@@ -51,18 +50,7 @@ IMAGE_OCCURRENCE_ID = 42
 NOW = dt.datetime(2024, 2, 29, 23, 59, 58, 123456)
 
 
-def _accepted_files() -> list[Path]:
-    accepted = []
-    for path in sorted(p for p in SAMPLES.rglob("*") if p.is_file()):
-        try:
-            read_instance(path)
-        except DicomReadError:
-            continue
-        accepted.append(path)
-    return accepted
-
-
-ACCEPTED = _accepted_files()
+ACCEPTED = accepted_sample_files()
 
 
 # --------------------------------------------------------------------------
@@ -149,7 +137,7 @@ def test_the_bundled_files_cover_the_interesting_cases() -> None:
     assert len(ACCEPTED) > 100
 
 
-@pytest.mark.parametrize("path", ACCEPTED, ids=lambda p: str(p.relative_to(SAMPLES)))
+@pytest.mark.parametrize("path", ACCEPTED, ids=lambda p: str(p.relative_to(PYDICOM_DATA)))
 def test_rows_of_a_sample_file_are_the_old_tuple_rows(conn, path: Path) -> None:
     instance = read_instance(path)
     data_elements = some_data_element_ids(instance)

@@ -23,27 +23,15 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_etl_dagster.core.dicom_reader import DicomReadError, ElementRow, read_instance
+from dicom_etl_dagster.core.dicom_reader import ElementRow, read_instance
+from dicom_etl_dagster_tests.dicom_samples import PYDICOM_DATA, PYDICOM_TEST_FILES, accepted_sample_files
 
-DATA = Path(pydicom.__file__).parent / "data"
-SAMPLES = DATA / "test_files"
+SAMPLES = PYDICOM_TEST_FILES
 PIXEL_DATA_KEYS = {"7FE00010", "7FE00008", "7FE00009"}  # never stored
 HUGE = sys.maxsize  # bulk data threshold: inline every binary value
 
 
-def _accepted_files() -> list[Path]:
-    accepted = []
-    # test_files and charset_files (text in 20 character sets, ISO 2022 included)
-    for path in sorted(p for folder in (SAMPLES, DATA / "charset_files") for p in folder.rglob("*") if p.is_file()):
-        try:
-            read_instance(path)
-        except DicomReadError:
-            continue
-        accepted.append(path)
-    return accepted
-
-
-ACCEPTED = _accepted_files()
+ACCEPTED = accepted_sample_files()
 
 
 def pydicom_json(path: Path) -> tuple[dict, dict]:
@@ -122,7 +110,7 @@ def test_the_bundled_files_cover_the_interesting_cases() -> None:
     assert len(ACCEPTED) > 100
 
 
-@pytest.mark.parametrize("path", ACCEPTED, ids=lambda p: str(p.relative_to(DATA)))
+@pytest.mark.parametrize("path", ACCEPTED, ids=lambda p: str(p.relative_to(PYDICOM_DATA)))
 def test_value_json_is_pydicoms_json_model(path: Path) -> None:
     rows = read_instance(path).elements
     meta, dataset = rows_as_document(rows)
