@@ -3,6 +3,9 @@
 This module is deliberately pure: no Dagster, no database.  It runs inside
 worker processes over millions of files, so it
 
+* first offers the file to ``dicom_fast_path``, which reads the common encodings
+  straight from the bytes; what follows describes the pydicom path, which
+  reads everything else and is the reference the fast path must match;
 * opens each file exactly once and parses it in one pass with pydicom, using
   ``defer_size`` so that large values (above all pixel data) are skipped
   rather than loaded; pixel data is never read into Python objects, let alone
