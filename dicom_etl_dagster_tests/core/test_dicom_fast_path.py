@@ -33,7 +33,7 @@ from pydicom.uid import (
 from dicom_etl_dagster.core import dicom_reader
 from dicom_etl_dagster.core.dicom_fast_path import NeedsPydicom, read_fast
 from dicom_etl_dagster.core.dicom_reader import _INSTANCE_TAGS, DicomReadError, read_instance
-from dicom_etl_dagster_tests.dicom_samples import PYDICOM_DATA, SAMPLE_FILES
+from dicom_etl_dagster_tests.dicom_samples import PYDICOM_DATA, PYDICOM_TEST_FILES, SAMPLE_FILES
 from dicom_etl_dagster_tests.helpers import load_script
 from dicom_etl_dagster_tests.reliability.hostile import hostile_corpus
 
@@ -305,3 +305,23 @@ def test_any_value_reads_the_same_on_both_paths(vr, value, explicit, charset):
         elements.append((0x00080005, "CS", charset))
     with tempfile.TemporaryDirectory() as folder:
         assert_same_outcome(_raw_file(Path(folder) / "value.dcm", elements, explicit))
+
+
+# --------------------------------------------------------------------------
+# Corrupted real headers: both paths agree (or the fast path declines)
+# --------------------------------------------------------------------------
+MUTATION_SOURCES = ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "rtdose.dcm", "test-SR.dcm", "liver_1frame.dcm",
+                    "JPEG-lossy.dcm")
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.sampled_from(MUTATION_SOURCES), where=st.floats(0, 1), patch=st.binary(min_size=1, max_size=6))
+def test_overwritten_header_bytes_read_the_same_on_both_paths(name, where, patch):
+    data = bytearray((PYDICOM_TEST_FILES / name).read_bytes())
+    header_end = min(len(data), 6000)  # lengths, VRs, tags and values; not the pixel data
+    at = 132 + int(where * (header_end - 132 - len(patch)))
+    data[at:at + len(patch)] = patch
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / name
+        path.write_bytes(bytes(data))
+        assert_same_outcome(path)
