@@ -18,16 +18,15 @@ from __future__ import annotations
 import json
 import sys
 import warnings
-from unittest import mock
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
 import pytest
 
-from dicom_etl_dagster.core import dicom_reader
-from dicom_etl_dagster.core.dicom_reader import DicomReadError, ElementRow, read_instance
-from dicom_etl_dagster_tests.dicom_samples import PYDICOM_DATA, PYDICOM_TEST_FILES, SAMPLE_FILES, accepted_sample_files
+from dicom_etl_dagster.core.dicom_reader import ElementRow, read_instance
+from dicom_etl_dagster_tests.dicom_samples import (PYDICOM_DATA, PYDICOM_TEST_FILES, accepted_sample_files,
+                                                   read_rows, sample_files_read_by)
 
 SAMPLES = PYDICOM_TEST_FILES
 PIXEL_DATA_KEYS = {"7FE00010", "7FE00008", "7FE00009"}  # never stored
@@ -113,25 +112,7 @@ def test_the_bundled_files_cover_the_interesting_cases() -> None:
     assert len(ACCEPTED) > 100
 
 
-def _rows(path: Path) -> list[ElementRow]:
-    """Every row read_instance makes of the file, also when it then refuses the instance
-    (no UIDs or no date: most charset_files) for a reason that is not about the elements."""
-    with mock.patch.object(dicom_reader, "_instance_from", lambda rows, values: rows):
-        return read_instance(path)
-
-
-def _files_with_rows() -> list[Path]:
-    files = []
-    for path in SAMPLE_FILES:
-        try:
-            _rows(path)
-        except DicomReadError:
-            continue
-        files.append(path)
-    return files
-
-
-FILES_WITH_ROWS = _files_with_rows()
+FILES_WITH_ROWS = sample_files_read_by(read_rows)
 
 
 def test_rows_are_checked_for_more_than_the_accepted_files() -> None:
@@ -141,7 +122,7 @@ def test_rows_are_checked_for_more_than_the_accepted_files() -> None:
 
 @pytest.mark.parametrize("path", FILES_WITH_ROWS, ids=lambda p: str(p.relative_to(PYDICOM_DATA)))
 def test_value_json_is_pydicoms_json_model(path: Path) -> None:
-    rows = _rows(path)
+    rows = read_rows(path)
     meta, dataset = rows_as_document(rows)
     expected_meta, expected_dataset = pydicom_json(path)
     assert_same(expected_meta, meta, "meta")
