@@ -12,7 +12,7 @@ from typing import Optional
 
 import dagster as dg
 
-from .core.identifiers import Schemas, validate_identifier
+from dicom_etl_dagster.core.db.identifiers import Schemas, validate_identifier
 
 FILES_DIR_ENV = "DICOM_ETL_FILES_DIR"
 MISSING_PERSON_CHOICES = ("skip", "use_id_zero")

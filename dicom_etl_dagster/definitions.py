@@ -6,14 +6,14 @@ import os
 
 import dagster as dg
 
-from .assets.imaging import IMAGING_ASSETS
-from .assets.upload import UPLOAD_ASSETS
-from .assets.vocabulary import VOCABULARY_ASSETS
-from .executor import default_executor
-from .jobs import JOBS
-from .resources.database import DATABASE_URL_ENV, PostgresResource
-from .resources.dicom_server import DicomServerResource
-from .sensors import new_dicom_files
+from dicom_etl_dagster.assets.imaging import IMAGING_ASSETS
+from dicom_etl_dagster.assets.upload import UPLOAD_ASSETS
+from dicom_etl_dagster.assets.vocabulary import VOCABULARY_ASSETS
+from dicom_etl_dagster.executor import default_executor
+from dicom_etl_dagster.jobs import JOBS
+from dicom_etl_dagster.resources.database import DATABASE_URL_ENV, PostgresResource
+from dicom_etl_dagster.resources.dicom_server import DicomServerResource
+from dicom_etl_dagster.sensors import new_dicom_files
 
 
 def default_database() -> PostgresResource:

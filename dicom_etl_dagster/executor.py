@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from .core.cpu import available_cpus
+from dicom_etl_dagster.core.cpu import available_cpus
 
 
 def default_executor() -> dg.ExecutorDefinition:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dagster as dg
 
-from .assets.imaging import IMAGING_ASSETS
-from .assets.upload import UPLOAD_ASSETS
-from .assets.vocabulary import VOCABULARY_ASSETS
-from .config import options_mapping
+from dicom_etl_dagster.assets.imaging import IMAGING_ASSETS
+from dicom_etl_dagster.assets.upload import UPLOAD_ASSETS
+from dicom_etl_dagster.assets.vocabulary import VOCABULARY_ASSETS
+from dicom_etl_dagster.config import options_mapping
 
 
 def _op_names(assets: list[dg.AssetsDefinition]) -> list[str]:

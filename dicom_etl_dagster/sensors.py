@@ -8,9 +8,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from .config import FILES_DIR_ENV
-from .core.new_files import plan_batches
-from .jobs import ingest_metadata
+from dicom_etl_dagster.config import FILES_DIR_ENV
+from dicom_etl_dagster.core.ingest.new_files import plan_batches
+from dicom_etl_dagster.jobs import ingest_metadata
 
 SETTLE_SECONDS_ENV = "DICOM_ETL_SENSOR_SETTLE_SECONDS"
 MAX_FILES_PER_RUN_ENV = "DICOM_ETL_SENSOR_MAX_FILES_PER_RUN"

@@ -12,8 +12,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from dicom_etl_dagster.core import dicom_reader
-from dicom_etl_dagster.core.dicom_reader import DicomReadError, ElementRow, read_instance
+from dicom_etl_dagster.core.dicom import reader as dicom_reader
+from dicom_etl_dagster.core.dicom.reader import DicomReadError, ElementRow, read_instance
 
 PYDICOM_DATA = Path(pydicom.__file__).parent / "data"
 PYDICOM_TEST_FILES = PYDICOM_DATA / "test_files"

@@ -29,8 +29,8 @@ import pytest
 
 from dicom_etl_dagster.core import cpu
 from dicom_etl_dagster.core.cpu import available_cpus
-from dicom_etl_dagster.core.ddl import ensure_tables
-from dicom_etl_dagster.core.identifiers import Schemas
+from dicom_etl_dagster.core.db.ddl import ensure_tables
+from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.executor import default_executor
 from dicom_etl_dagster_tests.conftest import REPO_ROOT, _with_database, scalar
 from dicom_etl_dagster_tests.dicom_samples import expected_metadata_rows
@@ -284,9 +284,9 @@ _INGEST_PROCESS = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
     import psycopg
-    from dicom_etl_dagster.core.identifiers import Schemas
-    from dicom_etl_dagster.core.ingest import ingest_folder, prepare_run
-    from dicom_etl_dagster.core.writer import PersonMapping
+    from dicom_etl_dagster.core.db.identifiers import Schemas
+    from dicom_etl_dagster.core.ingest.run import ingest_folder, prepare_run
+    from dicom_etl_dagster.core.ingest.writer import PersonMapping
 
     url, folder, run_id, go = sys.argv[1:5]
     with psycopg.connect(url, autocommit=True) as conn:

@@ -11,7 +11,7 @@ import dagster as dg
 import pytest
 import pydicom.data
 
-from dicom_etl_dagster.core.new_files import plan_batches
+from dicom_etl_dagster.core.ingest.new_files import plan_batches
 from dicom_etl_dagster.sensors import (
     MAX_FILES_PER_RUN_ENV, MAX_RUNS_PER_TICK_ENV, SETTLE_SECONDS_ENV, new_dicom_files,
 )
@@ -45,7 +45,7 @@ def _tick(cursor: str | None = None) -> dg.SensorResult:
 
 def _files_of(request: dg.RunRequest, folder: Path) -> set[str]:
     """Which files a run request stands for, re-selected the way the run itself does."""
-    from dicom_etl_dagster.core.file_scan import iter_files
+    from dicom_etl_dagster.core.ingest.file_scan import iter_files
 
     options = request.run_config["options"]
     after, until = options["changed_after_ns"], options["changed_until_ns"]

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from dicom_etl_dagster.assets.table_schemas import TABLE_SCHEMAS
-from dicom_etl_dagster.core.vocabulary_files import SOURCE_VERSION
+from dicom_etl_dagster.core.vocabulary.files import SOURCE_VERSION
 from dicom_etl_dagster_tests.conftest import fresh_database, scalar
 from dicom_etl_dagster_tests.helpers import ORIGINAL_OPTIONS, load_script
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from dicom_etl_dagster.core.dicom_reader import DicomReadError, read_instance
-from dicom_etl_dagster.core.identifiers import Schemas
+from dicom_etl_dagster.core.dicom.reader import DicomReadError, read_instance
+from dicom_etl_dagster.core.db.identifiers import Schemas
 
 
 @dataclass

@@ -62,15 +62,15 @@ if str(SCRIPTS_DIR) not in sys.path:
 import baseline_row_at_a_time as baseline  # noqa: E402
 import make_corpus  # noqa: E402
 
-from dicom_etl_dagster.core import ingest as ingest_module  # noqa: E402
-from dicom_etl_dagster.core import vocabulary_loader  # noqa: E402
+from dicom_etl_dagster.core.ingest import run as ingest_module  # noqa: E402
+from dicom_etl_dagster.core.vocabulary import loader as vocabulary_loader  # noqa: E402
 from dicom_etl_dagster.core.cpu import available_cpus  # noqa: E402
-from dicom_etl_dagster.core.ddl import ensure_tables  # noqa: E402
-from dicom_etl_dagster.core.file_scan import FileEntry, iter_files  # noqa: E402
-from dicom_etl_dagster.core.identifiers import Schemas  # noqa: E402
-from dicom_etl_dagster.core.ingest import ingest_folder, prepare_run  # noqa: E402
-from dicom_etl_dagster.core.parse_pool import parse_batches  # noqa: E402
-from dicom_etl_dagster.core.writer import PersonMapping  # noqa: E402
+from dicom_etl_dagster.core.db.ddl import ensure_tables  # noqa: E402
+from dicom_etl_dagster.core.ingest.file_scan import FileEntry, iter_files  # noqa: E402
+from dicom_etl_dagster.core.db.identifiers import Schemas  # noqa: E402
+from dicom_etl_dagster.core.ingest.run import ingest_folder, prepare_run  # noqa: E402
+from dicom_etl_dagster.core.ingest.parse_pool import parse_batches  # noqa: E402
+from dicom_etl_dagster.core.ingest.writer import PersonMapping  # noqa: E402
 
 SCHEMAS = Schemas(cdm="dicom_etl_bench_cdm", vocab="dicom_etl_bench_vocab", medical_imaging="dicom_etl_bench_mi")
 BASELINE_SCHEMA = "dicom_etl_bench_baseline"

@@ -8,11 +8,11 @@ from typing import Iterator
 import dagster as dg
 import psycopg
 
-from ..config import EtlOptions, run_schemas
-from ..core.ddl import ensure_tables
-from ..core.identifiers import InvalidIdentifierError, Schemas
-from ..core.vocabulary_files import VocabularyFileError
-from ..resources.database import DatabaseUnavailableError, PostgresResource, redact_url
+from dicom_etl_dagster.config import EtlOptions, run_schemas
+from dicom_etl_dagster.core.db.ddl import ensure_tables
+from dicom_etl_dagster.core.db.identifiers import InvalidIdentifierError, Schemas
+from dicom_etl_dagster.core.vocabulary.files import VocabularyFileError
+from dicom_etl_dagster.resources.database import DatabaseUnavailableError, PostgresResource, redact_url
 
 #: Errors whose message is the whole story: the run fails with that line, not a traceback.
 CLEAR_ERRORS = (VocabularyFileError, InvalidIdentifierError, DatabaseUnavailableError)

@@ -6,14 +6,14 @@ from collections import Counter
 import dagster as dg
 from psycopg import sql
 
-from ..config import EtlOptions
-from ..core.cpu import available_cpus
-from ..core.identifiers import Schemas
-from ..core.ingest import IngestSetupError, ingest_folder, prepare_run
-from ..core.writer import IngestReport, PersonMapping
-from ..resources.database import PostgresResource
-from .common import clear_failures, database_session, markdown_table
-from .table_schemas import column_schema
+from dicom_etl_dagster.config import EtlOptions
+from dicom_etl_dagster.core.cpu import available_cpus
+from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.ingest.run import IngestSetupError, ingest_folder, prepare_run
+from dicom_etl_dagster.core.ingest.writer import IngestReport, PersonMapping
+from dicom_etl_dagster.resources.database import PostgresResource
+from dicom_etl_dagster.assets.common import clear_failures, database_session, markdown_table
+from dicom_etl_dagster.assets.table_schemas import column_schema
 
 GROUP = "imaging"
 MAX_FAILURES_SHOWN = 20

@@ -11,7 +11,7 @@ import re
 
 import dagster as dg
 
-from ..core.ddl import SQL_DIR
+from dicom_etl_dagster.core.db.ddl import SQL_DIR
 
 _BLOCK_MARKER = re.compile(r"^-- table: (\w+)\s*$", re.MULTILINE)
 _CREATE_TABLE = re.compile(r"CREATE TABLE \{schema\}\.(\w+) \((.*?)\n\);", re.DOTALL)

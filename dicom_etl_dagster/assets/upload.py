@@ -13,12 +13,12 @@ from typing import Optional
 import dagster as dg
 from psycopg import sql
 
-from ..config import EtlOptions
-from ..core.uploader import UploadReport, upload_pending
-from ..resources.database import PostgresResource
-from ..resources.dicom_server import DicomServerConfigError, DicomServerResource
-from .common import database_session, markdown_table
-from .table_schemas import column_schema
+from dicom_etl_dagster.config import EtlOptions
+from dicom_etl_dagster.core.upload.uploader import UploadReport, upload_pending
+from dicom_etl_dagster.resources.database import PostgresResource
+from dicom_etl_dagster.resources.dicom_server import DicomServerConfigError, DicomServerResource
+from dicom_etl_dagster.assets.common import database_session, markdown_table
+from dicom_etl_dagster.assets.table_schemas import column_schema
 
 GROUP = "upload"
 INGEST_ASSET = dg.AssetKey("dicom_file_metadata")

@@ -4,11 +4,11 @@
 import dagster as dg
 from psycopg import sql
 
-from ..config import EtlOptions
-from ..core import vocabulary_loader as loader
-from ..resources.database import PostgresResource
-from .common import clear_failures, database_session
-from .table_schemas import column_schema
+from dicom_etl_dagster.config import EtlOptions
+from dicom_etl_dagster.core.vocabulary import loader
+from dicom_etl_dagster.resources.database import PostgresResource
+from dicom_etl_dagster.assets.common import clear_failures, database_session
+from dicom_etl_dagster.assets.table_schemas import column_schema
 
 GROUP = "vocabulary"
 

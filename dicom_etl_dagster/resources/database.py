@@ -10,7 +10,7 @@ from typing import Optional
 import dagster as dg
 import psycopg
 
-from ..core.identifiers import Schemas
+from dicom_etl_dagster.core.db.identifiers import Schemas
 
 DATABASE_URL_ENV = "DICOM_ETL_DATABASE_URL"
 EMBEDDED_DATA_DIR_ENV = "DICOM_ETL_EMBEDDED_PGDATA"

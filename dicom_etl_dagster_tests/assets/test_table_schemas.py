@@ -6,8 +6,8 @@ import dagster as dg
 import pytest
 
 from dicom_etl_dagster.assets.table_schemas import TABLE_SCHEMAS, parse_table
-from dicom_etl_dagster.core.ddl import ensure_tables
-from dicom_etl_dagster.core.identifiers import Schemas
+from dicom_etl_dagster.core.db.ddl import ensure_tables
+from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.definitions import defs
 
 TABLE_ASSETS = {"vocabulary", "concept_class", "concept", "concept_relationship", "dicom_data_element",

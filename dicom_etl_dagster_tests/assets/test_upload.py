@@ -16,8 +16,8 @@ import dagster as dg
 import psycopg
 import pytest
 
-from dicom_etl_dagster.core.identifiers import Schemas
-from dicom_etl_dagster.core.uploader import StoredInstance, upload_pending
+from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.upload.uploader import StoredInstance, upload_pending
 from dicom_etl_dagster.definitions import build_definitions
 from dicom_etl_dagster.resources import dicom_server as dicom_server_module
 from dicom_etl_dagster.resources.database import PostgresResource

@@ -7,7 +7,7 @@ import datetime as dt
 
 import pytest
 
-from dicom_etl_dagster.core.vocabulary_files import SOURCE_VERSION
+from dicom_etl_dagster.core.vocabulary.files import SOURCE_VERSION
 from dicom_etl_dagster_tests.conftest import scalar
 from dicom_etl_dagster_tests.helpers import options, run_job
 

@@ -31,12 +31,12 @@ import psutil
 import psycopg
 import pytest
 
-from dicom_etl_dagster.core.ddl import ensure_tables
-from dicom_etl_dagster.core.identifiers import Schemas
-from dicom_etl_dagster.core.ingest import ingest_folder, prepare_run
-from dicom_etl_dagster.core.writer import PersonMapping
+from dicom_etl_dagster.core.db.ddl import ensure_tables
+from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.ingest.run import ingest_folder, prepare_run
+from dicom_etl_dagster.core.ingest.writer import PersonMapping
 from dicom_etl_dagster_tests.conftest import _with_database, fresh_database, scalar
-from dicom_etl_dagster_tests.core.test_writer import _assert_ids_consistent, _content
+from dicom_etl_dagster_tests.written_rows import assert_ids_consistent, table_content
 from dicom_etl_dagster_tests.dicom_samples import expected_metadata_rows
 from dicom_etl_dagster_tests.helpers import options, run_job
 from dicom_etl_dagster_tests.reliability import hostile
@@ -102,9 +102,9 @@ VICTIM_SCRIPT = textwrap.dedent(f"""
     import sys
     from pathlib import Path
     import psycopg
-    from dicom_etl_dagster.core.identifiers import Schemas
-    from dicom_etl_dagster.core.ingest import ingest_folder, prepare_run
-    from dicom_etl_dagster.core.writer import PersonMapping
+    from dicom_etl_dagster.core.db.identifiers import Schemas
+    from dicom_etl_dagster.core.ingest.run import ingest_folder, prepare_run
+    from dicom_etl_dagster.core.ingest.writer import PersonMapping
 
     if __name__ == "__main__":
         url, root, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -193,9 +193,9 @@ def test_sigkill_mid_ingest_then_rerun_equals_one_clean_run(moment, database_url
 
     with psycopg.connect(database_url, autocommit=True) as after, \
             psycopg.connect(second_database_url, autocommit=True) as clean:
-        _assert_ids_consistent(after, SCHEMAS)
-        _assert_ids_consistent(clean, SCHEMAS)
-        got, want = _content(after, SCHEMAS), _content(clean, SCHEMAS)
+        assert_ids_consistent(after, SCHEMAS)
+        assert_ids_consistent(clean, SCHEMAS)
+        got, want = table_content(after, SCHEMAS), table_content(clean, SCHEMAS)
         for table in want:
             assert got[table] == want[table], f"{table} differs from one clean run"
         sops = [r[0] for r in after.execute(f"SELECT sop_instance_uid FROM {MI}.dicom_ingest_log"
@@ -299,7 +299,7 @@ def test_postgres_restart_mid_run_fails_then_rerun_completes(restart_run):
             expected_metadata_rows(p) for p in files)
         assert scalar(conn, f"SELECT count(*) FROM {MI}.image_occurrence") == FILES // BATCH
         assert scalar(conn, "SELECT count(*) FROM cdmdefault.procedure_occurrence") == FILES // (BATCH * 3)
-        _assert_ids_consistent(conn, SCHEMAS)
+        assert_ids_consistent(conn, SCHEMAS)
 
 
 def test_postgres_restart_failure_message_is_clear(restart_run):

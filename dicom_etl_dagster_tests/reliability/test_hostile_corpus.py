@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dicom_etl_dagster.core.dicom_reader import DicomReadError, read_instance
+from dicom_etl_dagster.core.dicom.reader import DicomReadError, read_instance
 
 from dicom_etl_dagster_tests.conftest import scalar
 from dicom_etl_dagster_tests.dicom_samples import expected_metadata_rows

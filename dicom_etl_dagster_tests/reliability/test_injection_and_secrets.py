@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import dagster as dg
 import pytest
 
-from dicom_etl_dagster.core.identifiers import InvalidIdentifierError, Schemas, validate_identifier
+from dicom_etl_dagster.core.db.identifiers import InvalidIdentifierError, Schemas, validate_identifier
 from dicom_etl_dagster.definitions import build_definitions
 from dicom_etl_dagster.resources.database import PostgresResource
 from dicom_etl_dagster.resources.dicom_server import DicomServerResource

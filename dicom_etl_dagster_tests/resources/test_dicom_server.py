@@ -11,7 +11,7 @@ import dagster as dg
 import pytest
 import requests
 
-from dicom_etl_dagster.core.uploader import FileRejectedError, ServerUnavailableError
+from dicom_etl_dagster.core.upload.uploader import FileRejectedError, ServerUnavailableError
 from dicom_etl_dagster.resources.dicom_server import (
     SERVER_KIND_ENV, SERVER_PASSWORD_ENV, SERVER_URL_ENV, SERVER_USER_ENV, DICOMWEB_URL_ENV,
     DicomServerConfigError, DicomServerResource, split_credentials,

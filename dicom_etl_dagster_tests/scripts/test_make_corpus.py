@@ -10,8 +10,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_etl_dagster.core.dicom_reader import read_instance
-from dicom_etl_dagster.core.file_scan import iter_files
+from dicom_etl_dagster.core.dicom.reader import read_instance
+from dicom_etl_dagster.core.ingest.file_scan import iter_files
 from dicom_etl_dagster_tests.helpers import load_script
 
 

@@ -21,12 +21,12 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from dicom_etl_dagster.core.ddl import ensure_tables
-from dicom_etl_dagster.core.dicom_reader import DicomInstance, ElementRow, read_instance
-from dicom_etl_dagster.core.identifiers import Schemas
-from dicom_etl_dagster.core.ingest import ingest_folder, prepare_run
-from dicom_etl_dagster.core.metadata_copy import COLUMNS, DataElementIds, fill, render_metadata
-from dicom_etl_dagster.core.writer import PersonMapping
+from dicom_etl_dagster.core.db.ddl import ensure_tables
+from dicom_etl_dagster.core.dicom.reader import DicomInstance, ElementRow, read_instance
+from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.ingest.run import ingest_folder, prepare_run
+from dicom_etl_dagster.core.ingest.metadata_copy import COLUMNS, DataElementIds, fill, render_metadata
+from dicom_etl_dagster.core.ingest.writer import PersonMapping
 from dicom_etl_dagster_tests.conftest import fresh_database
 from dicom_etl_dagster_tests.dicom_samples import PYDICOM_DATA, PYDICOM_TEST_FILES, accepted_sample_files, clone_instance
 

@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 from pydicom.charset import python_encoding
 from pydicom.datadict import DicomDictionary, RepeatersDictionary, mask_match
 
-from .dicom_elements import PIXEL_DATA_TAGS, ElementRow, fmt_tag, private_name, public_info
+from dicom_etl_dagster.core.dicom.elements import PIXEL_DATA_TAGS, ElementRow, fmt_tag, private_name, public_info
 
 __all__ = ["NeedsPydicom", "read_fast"]
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from .identifiers import Schemas
+from dicom_etl_dagster.core.db.identifiers import Schemas
 
-SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
+SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 _BLOCK_MARKER = re.compile(r"^-- table: (\w+)\s*$", re.MULTILINE)
 
 #: (sequence, table, id column): ids come from these sequences, never from max()+1.

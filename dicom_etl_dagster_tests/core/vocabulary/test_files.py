@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from dicom_etl_dagster.core import vocabulary_files as files
+from dicom_etl_dagster.core.vocabulary import files
 
 
 @pytest.fixture

@@ -19,12 +19,13 @@ import pytest
 from psycopg import sql
 from pydicom.uid import generate_uid
 
-from dicom_etl_dagster.core.ddl import ensure_tables
-from dicom_etl_dagster.core.identifiers import Schemas
-from dicom_etl_dagster.core.ingest import ingest_folder, prepare_run
-from dicom_etl_dagster.core.writer import PersonMapping
+from dicom_etl_dagster.core.db.ddl import ensure_tables
+from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.ingest.run import ingest_folder, prepare_run
+from dicom_etl_dagster.core.ingest.writer import PersonMapping
 from dicom_etl_dagster_tests.conftest import scalar
 from dicom_etl_dagster_tests.dicom_samples import expected_metadata_rows
+from dicom_etl_dagster_tests.written_rows import assert_ids_consistent, table_content
 
 TEST_FILES_DIR = Path(pydicom.__file__).parent / "data" / "test_files"
 CT_SMALL = TEST_FILES_DIR / "CT_small.dcm"
@@ -104,69 +105,6 @@ def _counts(conn, schemas: Schemas) -> dict[str, int]:
                                                   "dicom_ingest_log", "dicom_data_element")}
 
 
-def _content(conn, schemas: Schemas) -> dict[str, collections.Counter]:
-    """Every row of the written tables without the ids, which legitimately differ between runs."""
-    mi, cdm = schemas.medical_imaging, schemas.cdm
-    q = {
-        "ledger": sql.SQL("SELECT file_path, status, error_message, sop_instance_uid, file_size, file_mtime_ns,"
-                          " (SELECT image_series_uid FROM {io} i WHERE i.image_occurrence_id = l.image_occurrence_id)"
-                          " FROM {log} l"),
-        "image_occurrence": sql.SQL("SELECT i.image_series_uid, i.image_study_uid, i.person_id, i.image_occurrence_date,"
-                                    " i.modality_concept_id, i.anatomic_site_concept_id, i.local_path,"
-                                    " p.procedure_source_value FROM {io} i"
-                                    " JOIN {po} p USING (procedure_occurrence_id)"),
-        "procedure_occurrence": sql.SQL("SELECT person_id, procedure_date, procedure_source_value,"
-                                        " procedure_type_concept_id, procedure_concept_id FROM {po}"),
-        # The EAV rows with their tree shape expressed through the parent's tag instead of ids.
-        "metadata": sql.SQL(
-            "SELECT m.sop_instance_id, m.metadata_source_tag, m.metadata_source_keyword,"
-            " m.metadata_source_value_representation, m.metadata_source_value_multiplicity, m.metadata_source_value,"
-            " m.is_sequence, m.sequence_length, m.is_private, m.private_creator, m.instance_number,"
-            " d.data_element_tag, s.metadata_source_tag, i.image_series_uid"
-            " FROM {md} m LEFT JOIN {de} d ON d.data_element_id = m.data_element_id"
-            " LEFT JOIN {md} s ON s.metadata_id = m.parent_sequence_id"
-            " JOIN {io} i ON i.image_occurrence_id = m.image_occurrence_id"),
-        "data_element": sql.SQL("SELECT data_element_tag, data_element_name, data_element_keyword,"
-                                " value_representation, is_private FROM {de}"),
-    }
-    names = dict(io=sql.Identifier(mi, "image_occurrence"), po=sql.Identifier(cdm, "procedure_occurrence"),
-                 log=sql.Identifier(mi, "dicom_ingest_log"), md=sql.Identifier(mi, "dicom_file_metadata"),
-                 de=sql.Identifier(mi, "dicom_data_element"))
-    return {k: collections.Counter(conn.execute(v.format(**names)).fetchall()) for k, v in q.items()}
-
-
-def _assert_ids_consistent(conn, schemas: Schemas) -> None:
-    mi, cdm = schemas.medical_imaging, schemas.cdm
-    names = dict(io=sql.Identifier(mi, "image_occurrence"), po=sql.Identifier(cdm, "procedure_occurrence"),
-                 log=sql.Identifier(mi, "dicom_ingest_log"), md=sql.Identifier(mi, "dicom_file_metadata"),
-                 de=sql.Identifier(mi, "dicom_data_element"))
-    checks = {
-        "duplicate metadata_id": "SELECT count(*) - count(DISTINCT metadata_id) FROM {md}",
-        "duplicate ingest_log_id": "SELECT count(*) - count(DISTINCT ingest_log_id) FROM {log}",
-        "duplicate image_occurrence_id": "SELECT count(*) - count(DISTINCT image_occurrence_id) FROM {io}",
-        "duplicate procedure_occurrence_id": "SELECT count(*) - count(DISTINCT procedure_occurrence_id) FROM {po}",
-        "duplicate data_element_id": "SELECT count(*) - count(DISTINCT data_element_id) FROM {de}",
-        "duplicate data_element_tag": "SELECT count(*) - count(DISTINCT data_element_tag) FROM {de}",
-        "dataset id shared by two instances": "SELECT count(*) FROM (SELECT parent_dataset_id FROM {md}"
-        " WHERE parent_dataset_id IS NOT NULL GROUP BY 1 HAVING count(DISTINCT sop_instance_id) > 1) d",
-        "dataset id under two sequences": "SELECT count(*) FROM (SELECT parent_dataset_id FROM {md}"
-        " WHERE parent_dataset_id IS NOT NULL GROUP BY 1 HAVING count(DISTINCT parent_sequence_id) > 1) d",
-        "dangling parent_sequence_id": "SELECT count(*) FROM {md} m WHERE parent_sequence_id IS NOT NULL AND NOT"
-        " EXISTS (SELECT 1 FROM {md} s WHERE s.metadata_id = m.parent_sequence_id AND s.is_sequence"
-        " AND s.sop_instance_id = m.sop_instance_id)",
-        "dangling data_element_id": "SELECT count(*) FROM {md} m WHERE NOT EXISTS"
-        " (SELECT 1 FROM {de} d WHERE d.data_element_id = m.data_element_id)",
-        "dangling image_occurrence_id": "SELECT count(*) FROM {md} m WHERE NOT EXISTS"
-        " (SELECT 1 FROM {io} i WHERE i.image_occurrence_id = m.image_occurrence_id)",
-        "dangling procedure_occurrence_id": "SELECT count(*) FROM {io} i WHERE NOT EXISTS"
-        " (SELECT 1 FROM {po} p WHERE p.procedure_occurrence_id = i.procedure_occurrence_id)",
-        "SOP ingested twice": "SELECT count(*) FROM (SELECT sop_instance_uid FROM {log} WHERE status = 'ingested'"
-        " GROUP BY 1 HAVING count(*) > 1) d",
-    }
-    problems = {name: n for name, q in checks.items() if (n := scalar(conn, sql.SQL(q).format(**names)))}
-    assert not problems, problems
-
-
 # The stage of write_batch at which the second batch fails, and the constraint that makes it fail.
 FAILURES = {
     "procedure_occurrence": ("cdm", "procedure_occurrence", "procedure_source_value IS DISTINCT FROM 'study T2'"),
@@ -220,7 +158,7 @@ def test_failing_batch_leaves_whole_batches_and_rerun_completes(db, tmp_path, st
                   [[folder.sop[n] for n in folder.batch2]]) == 0
     assert scalar(db, f"SELECT count(*) FROM {mi}.dicom_data_element WHERE data_element_tag = %s",
                   [NEW_PRIVATE_TAG_TEXT]) == 0
-    _assert_ids_consistent(db, MAIN)
+    assert_ids_consistent(db, MAIN)
 
     # Fix the cause, run again: the same rows as one clean run (done here in other schemas).
     db.execute(fix)
@@ -230,14 +168,14 @@ def test_failing_batch_leaves_whole_batches_and_rerun_completes(db, tmp_path, st
     assert clean_report.status_counts["ingested"] == 6
 
     assert _counts(db, MAIN) == _counts(db, CLEAN)
-    main, clean = _content(db, MAIN), _content(db, CLEAN)
+    main, clean = table_content(db, MAIN), table_content(db, CLEAN)
     for part in main:
         assert main[part] == clean[part], f"{part} differs from a clean run"
     assert len(main["ledger"]) == 6 and len(main["image_occurrence"]) == 3 and len(main["procedure_occurrence"]) == 2
     assert scalar(db, f"SELECT count(*) FROM {mi}.dicom_data_element WHERE data_element_tag = %s",
                   [NEW_PRIVATE_TAG_TEXT]) == 1
-    _assert_ids_consistent(db, MAIN)
-    _assert_ids_consistent(db, CLEAN)
+    assert_ids_consistent(db, MAIN)
+    assert_ids_consistent(db, CLEAN)
     # Ids of the re-run come after every id ever handed out, never reused.
     first_batch_max = scalar(db, f"SELECT max(metadata_id) FROM {mi}.dicom_file_metadata WHERE sop_instance_id"
                                  " = ANY(%s)", [[folder.sop[n] for n in folder.batch1]])
@@ -250,11 +188,11 @@ def test_rerun_after_success_writes_nothing(db, tmp_path):
     _setup(db, MAIN)
     first = _run(db, MAIN, folder.root)
     assert first.status_counts["ingested"] == 6
-    before = _content(db, MAIN)
+    before = table_content(db, MAIN)
     ids = db.execute("SELECT max(metadata_id), count(*) FROM cdmmedicalimaging.dicom_file_metadata").fetchone()
     second = _run(db, MAIN, folder.root)
     assert second.files_already_done == 6 and sum(second.status_counts.values()) == 0
-    assert _content(db, MAIN) == before
+    assert table_content(db, MAIN) == before
     assert db.execute("SELECT max(metadata_id), count(*) FROM cdmmedicalimaging.dicom_file_metadata").fetchone() == ids
 
 
@@ -288,9 +226,9 @@ def test_overlapping_runs_write_what_one_run_writes(database_url, db, tmp_path):
     assert clean.status_counts["duplicate"] > 100
 
     assert _counts(db, MAIN) == _counts(db, CLEAN)
-    main, clean_rows = _content(db, MAIN), _content(db, CLEAN)
+    main, clean_rows = table_content(db, MAIN), table_content(db, CLEAN)
     for part in main:
         assert main[part] == clean_rows[part], f"{part} differs from a single run"
-    _assert_ids_consistent(db, MAIN)
+    assert_ids_consistent(db, MAIN)
     # Both runs really took part.
     assert scalar(db, "SELECT count(DISTINCT run_id) FROM cdmmedicalimaging.dicom_ingest_log") == 2

@@ -45,11 +45,11 @@ from pydicom.fileutil import read_undefined_length_value
 from pydicom.multival import MultiValue
 from pydicom.tag import SequenceDelimiterTag
 
-from .dicom_elements import PIXEL_DATA_TAGS, ElementRow
-from .dicom_fast_path import NeedsPydicom, read_fast
-from .dicom_elements import fmt_tag as _fmt_tag
-from .dicom_elements import private_name as _private_name
-from .dicom_elements import public_info as _public_info
+from dicom_etl_dagster.core.dicom.elements import PIXEL_DATA_TAGS, ElementRow
+from dicom_etl_dagster.core.dicom.fast_path import NeedsPydicom, read_fast
+from dicom_etl_dagster.core.dicom.elements import fmt_tag as _fmt_tag
+from dicom_etl_dagster.core.dicom.elements import private_name as _private_name
+from dicom_etl_dagster.core.dicom.elements import public_info as _public_info
 
 __all__ = [
     "PIXEL_DATA_TAGS",

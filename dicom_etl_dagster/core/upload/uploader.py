@@ -10,7 +10,7 @@ it did not. Re-running uploads exactly what is missing; a unique index on
 (server_url, sop_instance_id) keeps overlapping runs from recording an instance twice.
 
 The client (``UploadClient``) is any object with the attributes and ``upload`` method
-below; ``dicom_etl_dagster.resources.dicom_server`` has the Orthanc and DICOMweb ones.
+below; ``core.upload.clients`` has the Orthanc and DICOMweb ones.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Optional, Protocol
 import psycopg
 from psycopg import sql
 
-from .identifiers import Schemas
+from dicom_etl_dagster.core.db.identifiers import Schemas
 
 #: Ledger rows fetched per query while walking the pending files.
 PAGE_SIZE = 1000

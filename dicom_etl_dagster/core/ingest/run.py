@@ -11,12 +11,12 @@ from typing import Callable, Iterator
 import psycopg
 from psycopg import sql
 
-from .concepts import ConceptResolver
-from .file_scan import FileEntry, iter_files
-from .identifiers import Schemas
-from .metadata_copy import DataElementIds
-from .parse_pool import parse_batches
-from .writer import IngestReport, PersonMapping, RunState, write_batch
+from dicom_etl_dagster.core.ingest.concepts import ConceptResolver
+from dicom_etl_dagster.core.ingest.file_scan import FileEntry, iter_files
+from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.ingest.metadata_copy import DataElementIds
+from dicom_etl_dagster.core.ingest.parse_pool import parse_batches
+from dicom_etl_dagster.core.ingest.writer import IngestReport, PersonMapping, RunState, write_batch
 
 
 class IngestSetupError(Exception):

@@ -30,8 +30,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_etl_dagster.core.dicom_fast_path import NeedsPydicom, read_fast
-from dicom_etl_dagster.core.dicom_reader import _INSTANCE_TAGS, DicomReadError, read_instance
+from dicom_etl_dagster.core.dicom.fast_path import NeedsPydicom, read_fast
+from dicom_etl_dagster.core.dicom.reader import _INSTANCE_TAGS, DicomReadError, read_instance
 from dicom_etl_dagster_tests.dicom_samples import PYDICOM_DATA, PYDICOM_TEST_FILES, SAMPLE_FILES, read_rows
 from dicom_etl_dagster_tests.helpers import load_script
 from dicom_etl_dagster_tests.reliability.hostile import hostile_corpus

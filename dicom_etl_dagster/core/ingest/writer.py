@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from .concepts import ConceptResolver
-from .ddl import sequence_name
-from .dicom_reader import DicomInstance
-from .identifiers import Schemas
-from .metadata_copy import COLUMNS as METADATA_COLUMNS
-from .metadata_copy import DataElementIds, RenderedMetadata, fill, storable_text
-from .parse_pool import ParseOutcome
+from dicom_etl_dagster.core.ingest.concepts import ConceptResolver
+from dicom_etl_dagster.core.db.ddl import sequence_name
+from dicom_etl_dagster.core.dicom.reader import DicomInstance
+from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.ingest.metadata_copy import COLUMNS as METADATA_COLUMNS
+from dicom_etl_dagster.core.ingest.metadata_copy import DataElementIds, RenderedMetadata, fill, storable_text
+from dicom_etl_dagster.core.ingest.parse_pool import ParseOutcome
 
 EHR_TYPE_CONCEPT_ID = 32817
 PROCEDURE_SOURCE_VALUE_LENGTH = 50

@@ -18,9 +18,9 @@ from typing import Callable
 import psycopg
 from psycopg import sql
 
-from . import vocabulary_files as files
-from .ddl import sequence_name
-from .identifiers import Schemas
+from dicom_etl_dagster.core.vocabulary import files
+from dicom_etl_dagster.core.db.ddl import sequence_name
+from dicom_etl_dagster.core.db.identifiers import Schemas
 
 VALID_START = dt.date(1993, 1, 1)
 VALID_END = dt.date(2099, 12, 31)

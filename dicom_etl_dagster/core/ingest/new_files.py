@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .file_scan import iter_files
+from dicom_etl_dagster.core.ingest.file_scan import iter_files
 
 
 @dataclass(frozen=True)

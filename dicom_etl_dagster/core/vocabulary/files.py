@@ -23,7 +23,7 @@ VOCAB_DIR_ENV = "DICOM_ETL_VOCAB_DIR"
 #: Base URL of a mirror holding the upstream layout at the pinned commit (firewalled sites).
 VOCAB_MIRROR_ENV = "DICOM_ETL_VOCAB_MIRROR_URL"
 UPSTREAM_BASE_URL = f"https://raw.githubusercontent.com/{UPSTREAM_REPOSITORY}/{UPSTREAM_COMMIT}/"
-DEFAULT_VOCAB_DIR = Path(__file__).resolve().parents[2] / "external"
+DEFAULT_VOCAB_DIR = Path(__file__).resolve().parents[3] / "external"
 
 
 @dataclass(frozen=True)

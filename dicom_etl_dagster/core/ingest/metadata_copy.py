@@ -27,7 +27,7 @@ import re
 from functools import lru_cache
 from typing import NamedTuple
 
-from .dicom_reader import DicomInstance, ElementRow
+from dicom_etl_dagster.core.dicom.reader import DicomInstance, ElementRow
 
 #: The COPY column list matching the template's column order.
 COLUMNS = (

@@ -24,7 +24,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_etl_dagster.core.dicom_reader import ElementRow, read_instance
+from dicom_etl_dagster.core.dicom.reader import ElementRow, read_instance
 from dicom_etl_dagster_tests.dicom_samples import (PYDICOM_DATA, PYDICOM_TEST_FILES, accepted_sample_files,
                                                    read_rows, sample_files_read_by)
 

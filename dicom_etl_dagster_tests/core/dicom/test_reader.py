@@ -1,4 +1,4 @@
-"""Tests for dicom_etl_dagster.core.dicom_reader on real DICOM data.
+"""Tests for dicom_etl_dagster.core.dicom.reader on real DICOM data.
 
 Every regular file bundled with pydicom is read; the expected rows are
 computed independently with plain pydicom (a full ``dcmread(force=True)`` and
@@ -30,7 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
-from dicom_etl_dagster.core.dicom_reader import (
+from dicom_etl_dagster.core.dicom.reader import (
     PIXEL_DATA_TAGS,
     DicomInstance,
     DicomReadError,

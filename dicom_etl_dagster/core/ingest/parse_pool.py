@@ -16,9 +16,9 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from typing import Iterable, Iterator, NamedTuple
 
-from .dicom_reader import DicomInstance, DicomReadError, read_instance
-from .file_scan import FileEntry
-from .metadata_copy import RenderedMetadata, render_metadata
+from dicom_etl_dagster.core.dicom.reader import DicomInstance, DicomReadError, read_instance
+from dicom_etl_dagster.core.ingest.file_scan import FileEntry
+from dicom_etl_dagster.core.ingest.metadata_copy import RenderedMetadata, render_metadata
 
 
 class ParseOutcome(NamedTuple):
@@ -46,7 +46,7 @@ def parse_batches(batches: Iterable[list[FileEntry]], workers: int) -> Iterator[
         return
     # forkserver: workers start from a clean interpreter, not a fork of a threaded Dagster step.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["dicom_etl_dagster.core.parse_pool"])
+    context.set_forkserver_preload(["dicom_etl_dagster.core.ingest.parse_pool"])
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         in_flight: deque = deque()
         for batch in batches:

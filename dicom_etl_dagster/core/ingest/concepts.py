@@ -14,7 +14,7 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
-from .identifiers import Schemas
+from dicom_etl_dagster.core.db.identifiers import Schemas
 
 _MODALITY_SQL = """
 SELECT upper(d.concept_code), min(s.concept_id), count(DISTINCT s.concept_id)
