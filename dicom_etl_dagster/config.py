@@ -5,10 +5,8 @@ each asset also accepts the same options directly (UI launches of single assets)
 field has a default, so a run launched with no config at all runs on the embedded defaults.
 """
 
-
 import os
 from pathlib import Path
-from typing import Optional
 
 import dagster as dg
 
@@ -29,30 +27,34 @@ class PersonToPatientMapping(dg.Config):
     def validated(self) -> "PersonToPatientMapping":
         validate_identifier(self.schema_name, "person_to_patient_mapping.schema_name")
         validate_identifier(self.table_name, "person_to_patient_mapping.table_name")
-        validate_identifier(self.person_id_column_name, "person_to_patient_mapping.person_id_column_name")
-        validate_identifier(self.patient_id_column_name, "person_to_patient_mapping.patient_id_column_name")
+        validate_identifier(
+            self.person_id_column_name, "person_to_patient_mapping.person_id_column_name"
+        )
+        validate_identifier(
+            self.patient_id_column_name, "person_to_patient_mapping.patient_id_column_name"
+        )
         return self
 
 
 class EtlOptions(dg.Config):
     """The original DICOM ETL plugin's options (same names, same meaning)."""
 
-    flow_action_type: Optional[str] = None
-    database_code: Optional[str] = None
-    medical_imaging_schema_name: Optional[str] = None
-    cdm_schema_name: Optional[str] = None
-    vocab_schema_name: Optional[str] = None
-    dicom_files_abs_path: Optional[str] = None
+    flow_action_type: str | None = None
+    database_code: str | None = None
+    medical_imaging_schema_name: str | None = None
+    cdm_schema_name: str | None = None
+    vocab_schema_name: str | None = None
+    dicom_files_abs_path: str | None = None
     to_truncate: bool = False
     upload_files: bool = False
     missing_person_id_options: str = "use_id_zero"
     person_to_patient_mapping: PersonToPatientMapping = PersonToPatientMapping()
     # Extensions beyond the original document (optional, so the original stays valid):
     ingest_batch_size: int = 500  # files per database transaction
-    parse_workers: Optional[int] = None  # default: the CPUs this container may use
+    parse_workers: int | None = None  # default: the CPUs this container may use
     # Set by the new-file sensor: only files whose inode change time (ns) is in (after, until].
-    changed_after_ns: Optional[int] = None
-    changed_until_ns: Optional[int] = None
+    changed_after_ns: int | None = None
+    changed_until_ns: int | None = None
 
     def missing_person_policy(self) -> str:
         policy = (self.missing_person_id_options or "").strip().lower()
@@ -78,7 +80,8 @@ class EtlOptions(dg.Config):
 def run_schemas(options: EtlOptions, database) -> Schemas:
     """Schema names for this run: the options document's, else the database resource's."""
     return database.schemas(
-        cdm=options.cdm_schema_name, vocab=options.vocab_schema_name,
+        cdm=options.cdm_schema_name,
+        vocab=options.vocab_schema_name,
         medical_imaging=options.medical_imaging_schema_name,
     )
 

@@ -24,7 +24,9 @@ def default_database() -> PostgresResource:
     return PostgresResource()
 
 
-def build_definitions(database: PostgresResource, dicom_server: DicomServerResource | None = None) -> dg.Definitions:
+def build_definitions(
+    database: PostgresResource, dicom_server: DicomServerResource | None = None
+) -> dg.Definitions:
     # The DICOM server comes from the DICOM_ETL_DICOM_SERVER_* variables, each through
     # dg.EnvVar (so the password never appears in run config or the UI).
     return dg.Definitions(
@@ -32,7 +34,10 @@ def build_definitions(database: PostgresResource, dicom_server: DicomServerResou
         jobs=JOBS,
         sensors=[new_dicom_files],
         executor=default_executor(),
-        resources={"database": database, "dicom_server": dicom_server or DicomServerResource.from_environment()},
+        resources={
+            "database": database,
+            "dicom_server": dicom_server or DicomServerResource.from_environment(),
+        },
     )
 
 

@@ -28,7 +28,7 @@ ingest_metadata = dg.define_asset_job(
     selection=dg.AssetSelection.assets(*IMAGING_ASSETS, *UPLOAD_ASSETS),
     config=options_mapping(_op_names([*IMAGING_ASSETS, *UPLOAD_ASSETS])),
     description="Ingest a folder of DICOM files into procedure_occurrence, image_occurrence and dicom_file_metadata; "
-                "with upload_files: true, upload them to the DICOM server (file_upload_metadata).",
+    "with upload_files: true, upload them to the DICOM server (file_upload_metadata).",
 )
 
 JOBS = [load_vocab, ingest_metadata]

@@ -46,13 +46,17 @@ def _base_options() -> dict:
     name="new_dicom_files",
     job=ingest_metadata,
     minimum_interval_seconds=60,
-    default_status=dg.DefaultSensorStatus.RUNNING if watched_roots() else dg.DefaultSensorStatus.STOPPED,
+    default_status=dg.DefaultSensorStatus.RUNNING
+    if watched_roots()
+    else dg.DefaultSensorStatus.STOPPED,
     description=f"Watches {FILES_DIR_ENV} and requests one ingest_metadata run per batch of new or changed files.",
 )
 def new_dicom_files(context: dg.SensorEvaluationContext):
     roots = watched_roots()
     if not roots:
-        return dg.SkipReason(f"no folder to watch: set {FILES_DIR_ENV} (several folders separated by ':')")
+        return dg.SkipReason(
+            f"no folder to watch: set {FILES_DIR_ENV} (several folders separated by ':')"
+        )
     cursor = json.loads(context.cursor) if context.cursor else {}
     now_ns = time.time_ns()
     settle_ns = _setting(SETTLE_SECONDS_ENV) * 1_000_000_000
@@ -61,22 +65,39 @@ def new_dicom_files(context: dg.SensorEvaluationContext):
     for root in roots:
         key = _root_key(root)
         started = time.perf_counter()
-        plan = plan_batches(root, int(cursor.get(key, 0)), now_ns, settle_ns,
-                            _setting(MAX_FILES_PER_RUN_ENV), runs_left)
+        plan = plan_batches(
+            root,
+            int(cursor.get(key, 0)),
+            now_ns,
+            settle_ns,
+            _setting(MAX_FILES_PER_RUN_ENV),
+            runs_left,
+        )
         runs_left -= len(plan.batches)
         cursor[key] = plan.watermark_ns
-        notes.append(f"{root}: {plan.files_scanned} files scanned in {time.perf_counter() - started:.2f}s, "
-                     f"{sum(b.files for b in plan.batches)} in {len(plan.batches)} new run(s), "
-                     f"{plan.files_unsettled} still changing, {plan.files_deferred} left for the next tick")
+        notes.append(
+            f"{root}: {plan.files_scanned} files scanned in {time.perf_counter() - started:.2f}s, "
+            f"{sum(b.files for b in plan.batches)} in {len(plan.batches)} new run(s), "
+            f"{plan.files_unsettled} still changing, {plan.files_deferred} left for the next tick"
+        )
         for batch in plan.batches:
-            options = {**_base_options(), "dicom_files_abs_path": root,
-                       "changed_after_ns": batch.after_ns, "changed_until_ns": batch.until_ns}
-            requests.append(dg.RunRequest(
-                run_key=f"{key}:{batch.after_ns}-{batch.until_ns}",
-                run_config={"options": options},
-                tags={"dicom_etl/folder": root, "dicom_etl/batch": f"{batch.after_ns}-{batch.until_ns}",
-                      "dicom_etl/files": str(batch.files)},
-            ))
+            options = {
+                **_base_options(),
+                "dicom_files_abs_path": root,
+                "changed_after_ns": batch.after_ns,
+                "changed_until_ns": batch.until_ns,
+            }
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"{key}:{batch.after_ns}-{batch.until_ns}",
+                    run_config={"options": options},
+                    tags={
+                        "dicom_etl/folder": root,
+                        "dicom_etl/batch": f"{batch.after_ns}-{batch.until_ns}",
+                        "dicom_etl/files": str(batch.files),
+                    },
+                )
+            )
     context.log.info("; ".join(notes))
     return dg.SensorResult(
         run_requests=requests,

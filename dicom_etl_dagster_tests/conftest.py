@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -28,7 +28,9 @@ def _vocab_dir() -> Path:
 def vocab_dir() -> Path:
     folder = _vocab_dir()
     if not (folder / "omop_table_staging_v5.csv").is_file():
-        pytest.fail(f"DICOM2OMOP files not found in {folder}: set DICOM_ETL_VOCAB_DIR (CI uses ../shared/dicom2omop)")
+        pytest.fail(
+            f"DICOM2OMOP files not found in {folder}: set DICOM_ETL_VOCAB_DIR (CI uses ../shared/dicom2omop)"
+        )
     return folder
 
 
@@ -49,7 +51,9 @@ def postgres_server():
 
     # Not under pytest's basetemp: another pytest session starting meanwhile prunes old
     # basetemp folders, which would pull the data folder from under a running server.
-    server = pgserver.get_server(Path(tempfile.mkdtemp(prefix="dicom_etl_test_pg_")), cleanup_mode="delete")
+    server = pgserver.get_server(
+        Path(tempfile.mkdtemp(prefix="dicom_etl_test_pg_")), cleanup_mode="delete"
+    )
     yield server
     server.cleanup()
 

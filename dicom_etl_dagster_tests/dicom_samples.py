@@ -19,8 +19,12 @@ PYDICOM_DATA = Path(pydicom.__file__).parent / "data"
 PYDICOM_TEST_FILES = PYDICOM_DATA / "test_files"
 #: Every file pydicom ships, broken ones included: test_files and charset_files (text in
 #: 20 character sets, ISO 2022 included).
-SAMPLE_FILES = sorted(p for folder in (PYDICOM_TEST_FILES, PYDICOM_DATA / "charset_files")
-                      for p in folder.rglob("*") if p.is_file())
+SAMPLE_FILES = sorted(
+    p
+    for folder in (PYDICOM_TEST_FILES, PYDICOM_DATA / "charset_files")
+    for p in folder.rglob("*")
+    if p.is_file()
+)
 
 
 def read_rows(path: str | os.PathLike, fast_path: bool = True) -> list[ElementRow]:
@@ -78,7 +82,9 @@ def expected_metadata_rows(path: str | os.PathLike) -> int:
         return count_elements(ds.file_meta or Dataset()) + count_elements(ds)
 
 
-def clone_instance(source: str | os.PathLike, target: Path, *, new_uids: bool = True, **attributes) -> Dataset:
+def clone_instance(
+    source: str | os.PathLike, target: Path, *, new_uids: bool = True, **attributes
+) -> Dataset:
     """``source`` saved to ``target`` with new Study/Series/SOP UIDs (unless ``new_uids`` is
     False) and ``attributes`` set (``None`` deletes one). Returns the dataset written."""
     ds = quiet_dcmread(source)
@@ -94,7 +100,11 @@ def clone_instance(source: str | os.PathLike, target: Path, *, new_uids: bool = 
                     delattr(ds, keyword)
             else:
                 setattr(ds, keyword, value)
-        if ds.file_meta is not None and "MediaStorageSOPInstanceUID" in ds.file_meta and "SOPInstanceUID" in ds:
+        if (
+            ds.file_meta is not None
+            and "MediaStorageSOPInstanceUID" in ds.file_meta
+            and "SOPInstanceUID" in ds
+        ):
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         target.parent.mkdir(parents=True, exist_ok=True)
         ds.save_as(target, enforce_file_format=False)

@@ -40,8 +40,9 @@ def options(**overrides) -> dict:
     return document
 
 
-def run_job(job_name: str, database_url: str, run_config: dict | None = None,
-            raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
+def run_job(
+    job_name: str, database_url: str, run_config: dict | None = None, raise_on_error: bool = True
+) -> dg.ExecuteInProcessResult:
     defs = build_definitions(PostgresResource(database_url=database_url))
     job = defs.resolve_job_def(job_name)
     return job.execute_in_process(run_config=run_config or {}, raise_on_error=raise_on_error)
@@ -61,8 +62,10 @@ def load_script(name: str):
 def ledger(conn, schema: str = "cdmmedicalimaging") -> dict[str, tuple]:
     """dicom_ingest_log as {path: (status, error_message, sop_instance_uid, image_occurrence_id)};
     fails if a path has more than one row."""
-    rows = conn.execute(f"SELECT file_path, status, error_message, sop_instance_uid, image_occurrence_id"
-                        f" FROM {schema}.dicom_ingest_log").fetchall()
+    rows = conn.execute(
+        f"SELECT file_path, status, error_message, sop_instance_uid, image_occurrence_id"
+        f" FROM {schema}.dicom_ingest_log"
+    ).fetchall()
     paths = [r[0] for r in rows]
     assert len(paths) == len(set(paths)), "a path has more than one ledger row"
     return {r[0]: r[1:] for r in rows}

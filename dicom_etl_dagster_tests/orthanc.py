@@ -16,7 +16,6 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import requests
@@ -31,12 +30,18 @@ _PLUGIN_PATTERNS = (
 )
 
 
-def orthanc_binary() -> Optional[str]:
+def orthanc_binary() -> str | None:
     return shutil.which("Orthanc") or next(
-        (p for p in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/Orthanc") if os.access(p, os.X_OK)), None)
+        (
+            p
+            for p in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/Orthanc")
+            if os.access(p, os.X_OK)
+        ),
+        None,
+    )
 
 
-def dicomweb_plugin() -> Optional[str]:
+def dicomweb_plugin() -> str | None:
     for pattern in _PLUGIN_PATTERNS:
         found = sorted(glob.glob(pattern))
         if found:
@@ -67,7 +72,9 @@ def free_port() -> int:
 class OrthancServer:
     """One Orthanc process; ``stop()`` / ``start()`` keep the same ports and storage."""
 
-    def __init__(self, folder: Path, users: Optional[dict[str, str]] = None, dicomweb: bool = True) -> None:
+    def __init__(
+        self, folder: Path, users: dict[str, str] | None = None, dicomweb: bool = True
+    ) -> None:
         self.binary, self.plugin = require_orthanc()
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -75,7 +82,7 @@ class OrthancServer:
         self.dicomweb = dicomweb
         self.http_port = free_port()
         self.dicom_port = free_port()
-        self.process: Optional[subprocess.Popen] = None
+        self.process: subprocess.Popen | None = None
         self.log_path = folder / "orthanc.log"
 
     @property
@@ -87,7 +94,7 @@ class OrthancServer:
         return f"{self.url}/dicom-web"
 
     @property
-    def auth(self) -> Optional[tuple[str, str]]:
+    def auth(self) -> tuple[str, str] | None:
         return next(iter(self.users.items())) if self.users else None
 
     def _config(self) -> dict:
@@ -109,17 +116,20 @@ class OrthancServer:
             config["RegisteredUsers"] = dict(self.users)
         return config
 
-    def start(self, timeout: float = 30.0) -> "OrthancServer":
+    def start(self, timeout: float = 30.0) -> OrthancServer:
         config_path = self.folder / "orthanc.json"
         config_path.write_text(json.dumps(self._config(), indent=2))
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([self.binary, str(config_path)], stdout=log, stderr=subprocess.STDOUT,
-                                        cwd=self.folder)
+        log = open(self.log_path, "ab")  # noqa: SIM115 (Orthanc writes to it until stopped)
+        self.process = subprocess.Popen(
+            [self.binary, str(config_path)], stdout=log, stderr=subprocess.STDOUT, cwd=self.folder
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with code {self.process.returncode}: {self.log_tail()}")
+                raise RuntimeError(
+                    f"Orthanc exited with code {self.process.returncode}: {self.log_tail()}"
+                )
             try:
                 if requests.get(f"{self.url}/system", auth=self.auth, timeout=2).status_code == 200:
                     return self
@@ -127,7 +137,9 @@ class OrthancServer:
                 pass
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"Orthanc did not answer on {self.url} within {timeout:g} s: {self.log_tail()}")
+        raise RuntimeError(
+            f"Orthanc did not answer on {self.url} within {timeout:g} s: {self.log_tail()}"
+        )
 
     def stop(self, graceful: bool = True) -> None:
         """SIGTERM and wait (as an admin stopping the service), or SIGKILL for a quick teardown."""
@@ -148,8 +160,13 @@ class OrthancServer:
 
     # -- Orthanc's own API, to check what it holds ------------------------------------------
     def get(self, path: str, **params):
-        response = requests.get(f"{self.url}{path}", params=params or None, auth=self.auth, timeout=30,
-                                headers={"Accept": "application/json"})
+        response = requests.get(
+            f"{self.url}{path}",
+            params=params or None,
+            auth=self.auth,
+            timeout=30,
+            headers={"Accept": "application/json"},
+        )
         response.raise_for_status()
         return response.json()
 
@@ -161,8 +178,13 @@ class OrthancServer:
         return [instance["MainDicomTags"]["SOPInstanceUID"] for instance in self.instances()]
 
     def qido(self, url: str, **params) -> list[dict]:
-        response = requests.get(url, params=params or None, auth=self.auth, timeout=30,
-                                headers={"Accept": "application/dicom+json"})
+        response = requests.get(
+            url,
+            params=params or None,
+            auth=self.auth,
+            timeout=30,
+            headers={"Accept": "application/dicom+json"},
+        )
         response.raise_for_status()
         return response.json() if response.content else []
 

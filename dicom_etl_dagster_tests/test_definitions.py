@@ -14,21 +14,37 @@ def test_contract_jobs_and_assets_are_defined():
     graph = defs.resolve_asset_graph()
     groups = {key.to_user_string(): graph.get(key).group_name for key in graph.get_all_asset_keys()}
     assert {k for k, g in groups.items() if g == "vocabulary"} == {
-        "vocabulary", "concept_class", "concept", "concept_relationship", "dicom_data_element"}
-    assert {"procedure_occurrence", "image_occurrence", "dicom_file_metadata", "dicom_ingest_log"} <= {
-        k for k, g in groups.items() if g == "imaging"}
+        "vocabulary",
+        "concept_class",
+        "concept",
+        "concept_relationship",
+        "dicom_data_element",
+    }
+    assert {
+        "procedure_occurrence",
+        "image_occurrence",
+        "dicom_file_metadata",
+        "dicom_ingest_log",
+    } <= {k for k, g in groups.items() if g == "imaging"}
     # Lineage reads like the data flow: vocabulary -> imaging.
     assert dg.AssetKey("concept") in graph.get(dg.AssetKey("image_occurrence")).parent_keys
-    assert dg.AssetKey("dicom_data_element") in graph.get(dg.AssetKey("dicom_file_metadata")).parent_keys
+    assert (
+        dg.AssetKey("dicom_data_element")
+        in graph.get(dg.AssetKey("dicom_file_metadata")).parent_keys
+    )
 
 
 def test_unknown_option_is_refused_with_its_name():
     job = defs.resolve_job_def("load_vocab")
-    with pytest.raises(dg.DagsterInvalidConfigError, match='unexpected config entry "PersonPatientMapping"'):
+    with pytest.raises(
+        dg.DagsterInvalidConfigError, match='unexpected config entry "PersonPatientMapping"'
+    ):
         job.execute_in_process(run_config={"options": {"PersonPatientMapping": {}}})
 
 
-@pytest.mark.parametrize("value, policy", [("SKIP", "skip"), ("Use_Id_Zero", "use_id_zero"), ("skip", "skip")])
+@pytest.mark.parametrize(
+    "value, policy", [("SKIP", "skip"), ("Use_Id_Zero", "use_id_zero"), ("skip", "skip")]
+)
 def test_missing_person_option_accepts_any_case(value, policy):
     from dicom_etl_dagster.config import EtlOptions
 

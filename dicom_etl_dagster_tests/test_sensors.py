@@ -8,18 +8,28 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import pytest
 import pydicom.data
+import pytest
 
 from dicom_etl_dagster.core.ingest.new_files import plan_batches
 from dicom_etl_dagster.sensors import (
-    MAX_FILES_PER_RUN_ENV, MAX_RUNS_PER_TICK_ENV, SETTLE_SECONDS_ENV, new_dicom_files,
+    MAX_FILES_PER_RUN_ENV,
+    MAX_RUNS_PER_TICK_ENV,
+    SETTLE_SECONDS_ENV,
+    new_dicom_files,
 )
 from dicom_etl_dagster_tests.conftest import scalar
 from dicom_etl_dagster_tests.helpers import run_job
 
-SAMPLES = ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "JPEG2000.dcm", "liver_1frame.dcm", "SC_rgb_rle.dcm",
-           "rtdose.dcm"]
+SAMPLES = [
+    "CT_small.dcm",
+    "MR_small.dcm",
+    "rtplan.dcm",
+    "JPEG2000.dcm",
+    "liver_1frame.dcm",
+    "SC_rgb_rle.dcm",
+    "rtdose.dcm",
+]
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 
 
@@ -74,7 +84,9 @@ def test_ticks_first_no_change_and_new_files(watched):
     new = _tick(unchanged.cursor)
     assert len(new.run_requests) == 1
     assert _files_of(new.run_requests[0], watched) == {
-        str((watched / "later" / "again.dcm").resolve()), str((watched / "later" / "again2").resolve())}
+        str((watched / "later" / "again.dcm").resolve()),
+        str((watched / "later" / "again2").resolve()),
+    }
 
 
 def test_file_still_being_written_waits_until_it_settles(watched, monkeypatch):
@@ -84,10 +96,14 @@ def test_file_still_being_written_waits_until_it_settles(watched, monkeypatch):
     with (watched / "growing.dcm").open("wb") as handle:  # half-written: changed just now
         handle.write(Path(_sample("MR_small.dcm")).read_bytes()[:1000])
     first = _tick()
-    assert [_files_of(r, watched) for r in first.run_requests] == [{str((watched / "done.dcm").resolve())}]
+    assert [_files_of(r, watched) for r in first.run_requests] == [
+        {str((watched / "done.dcm").resolve())}
+    ]
     time.sleep(2.1)
     second = _tick(first.cursor)
-    assert [_files_of(r, watched) for r in second.run_requests] == [{str((watched / "growing.dcm").resolve())}]
+    assert [_files_of(r, watched) for r in second.run_requests] == [
+        {str((watched / "growing.dcm").resolve())}
+    ]
 
 
 def test_runs_per_tick_are_capped_and_the_rest_comes_next_tick(watched, monkeypatch):
@@ -118,7 +134,9 @@ def test_sensor_run_request_ingests_exactly_its_batch(watched, database_url, db)
     first = _tick()
     request = first.run_requests[0]  # the first 3 files
     assert run_job("ingest_metadata", database_url, request.run_config).success
-    logged = {row[0] for row in db.execute("SELECT file_path FROM cdmmedicalimaging.dicom_ingest_log")}
+    logged = {
+        row[0] for row in db.execute("SELECT file_path FROM cdmmedicalimaging.dicom_ingest_log")
+    }
     assert logged == _files_of(request, watched)
     assert scalar(db, "SELECT count(*) FROM cdmmedicalimaging.dicom_ingest_log") == 3
 
@@ -146,8 +164,10 @@ def test_cursor_stays_small_and_a_tick_over_100k_files_is_reported(tmp_path, mon
     third = _tick(second.cursor)
     assert not third.run_requests and len(third.cursor) < 100
     with capsys.disabled():
-        print(f"\nsensor tick over 100,000 files: {first_tick:.2f}s (first), {second_tick:.2f}s (second); "
-              f"cursor {len(third.cursor)} bytes")
+        print(
+            f"\nsensor tick over 100,000 files: {first_tick:.2f}s (first), {second_tick:.2f}s (second); "
+            f"cursor {len(third.cursor)} bytes"
+        )
 
 
 def test_plan_keeps_equal_change_times_in_one_batch(tmp_path):

@@ -23,19 +23,22 @@ from dicom_etl_dagster.core.vocabulary.files import SOURCE_VERSION
 from dicom_etl_dagster_tests.conftest import fresh_database, scalar
 from dicom_etl_dagster_tests.helpers import ORIGINAL_OPTIONS, load_script
 
-
-
-
 screenshots = load_script("screenshots")
 
 # The dagster-graphql client calls gql in a way gql deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Using variable_values:DeprecationWarning")
 
 ASSET_GROUPS = {
-    "vocabulary": "vocabulary", "concept_class": "vocabulary", "concept": "vocabulary",
-    "concept_relationship": "vocabulary", "dicom_data_element": "vocabulary",
-    "procedure_occurrence": "imaging", "image_occurrence": "imaging", "dicom_file_metadata": "imaging",
-    "dicom_ingest_log": "imaging", "file_upload_metadata": "upload",
+    "vocabulary": "vocabulary",
+    "concept_class": "vocabulary",
+    "concept": "vocabulary",
+    "concept_relationship": "vocabulary",
+    "dicom_data_element": "vocabulary",
+    "procedure_occurrence": "imaging",
+    "image_occurrence": "imaging",
+    "dicom_file_metadata": "imaging",
+    "dicom_ingest_log": "imaging",
+    "file_upload_metadata": "upload",
 }
 SAMPLES = ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm")
 
@@ -80,8 +83,11 @@ def dicom_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def webserver(module_database, vocab_dir, tmp_path_factory):
     home = tmp_path_factory.mktemp("dagster_home")
-    env = {"DICOM_ETL_DATABASE_URL": module_database, "DICOM_ETL_VOCAB_DIR": str(vocab_dir),
-           "DICOM_ETL_EMBEDDED_PGDATA": str(home / "embedded-pgdata-unused")}
+    env = {
+        "DICOM_ETL_DATABASE_URL": module_database,
+        "DICOM_ETL_VOCAB_DIR": str(vocab_dir),
+        "DICOM_ETL_EMBEDDED_PGDATA": str(home / "embedded-pgdata-unused"),
+    }
     server = screenshots.Webserver(home, env)
     try:
         server.start(timeout=180)
@@ -98,7 +104,9 @@ def launched(webserver, dicom_folder) -> dict[str, tuple[str, str]]:
     runs = {}
     for job in ("load_vocab", "ingest_metadata"):
         runs[job] = webserver.run_job(job, document, timeout=600)
-        assert runs[job][1] == "SUCCESS", f"{job} run {runs[job][0]}: {runs[job][1]}\n{webserver.log_tail()}"
+        assert runs[job][1] == "SUCCESS", (
+            f"{job} run {runs[job][0]}: {runs[job][1]}\n{webserver.log_tail()}"
+        )
     return runs
 
 
@@ -109,24 +117,35 @@ def test_code_location_lists_assets_jobs_and_sensor(webserver):
     repositories = webserver.graphql(REPOSITORIES_QUERY)["repositoriesOrError"]
     assert repositories["__typename"] == "RepositoryConnection"
     [repository] = repositories["nodes"]
-    assert {"load_vocab", "ingest_metadata"} <= {p["name"] for p in repository["pipelines"] if p["isJob"]}
+    assert {"load_vocab", "ingest_metadata"} <= {
+        p["name"] for p in repository["pipelines"] if p["isJob"]
+    }
     assert [s["name"] for s in repository["sensors"]] == ["new_dicom_files"]
     # No folder configured for the webserver: the sensor starts stopped.
     assert repository["sensors"][0]["sensorState"]["status"] == "STOPPED"
 
-    nodes = {"/".join(n["assetKey"]["path"]): n for n in webserver.graphql(ASSET_NODES_QUERY)["assetNodes"]}
+    nodes = {
+        "/".join(n["assetKey"]["path"]): n
+        for n in webserver.graphql(ASSET_NODES_QUERY)["assetNodes"]
+    }
     assert {key: node["groupName"] for key, node in nodes.items()} == ASSET_GROUPS
     columns = {}
     for key, node in nodes.items():
         assert node["description"], key
         expected_job = "load_vocab" if ASSET_GROUPS[key] == "vocabulary" else "ingest_metadata"
         assert expected_job in node["jobNames"], key
-        [schema] = [e["schema"] for e in node["metadataEntries"] if e["__typename"] == "TableSchemaMetadataEntry"]
+        [schema] = [
+            e["schema"]
+            for e in node["metadataEntries"]
+            if e["__typename"] == "TableSchemaMetadataEntry"
+        ]
         columns[key] = {c["name"]: c for c in schema["columns"]}
         assert list(columns[key]) == [c.name for c in TABLE_SCHEMAS[key].columns], key
     wadors = columns["image_occurrence"]["wadors_uri"]
     assert "DICOMweb" in wadors["description"] and wadors["constraints"]["nullable"]
-    assert columns["image_occurrence"]["image_occurrence_id"]["constraints"]["other"] == ["primary key"]
+    assert columns["image_occurrence"]["image_occurrence_id"]["constraints"]["other"] == [
+        "primary key"
+    ]
 
 
 def _latest_materialization(webserver, asset: str) -> tuple[str, dict]:
@@ -140,18 +159,38 @@ def _latest_materialization(webserver, asset: str) -> tuple[str, dict]:
     return materialization["runId"], entries
 
 
-def test_ingest_metadata_launched_through_graphql(webserver, launched, module_database, dicom_folder):
+def test_ingest_metadata_launched_through_graphql(
+    webserver, launched, module_database, dicom_folder
+):
     with psycopg.connect(module_database) as conn:
-        assert scalar(conn, "SELECT count(*) FROM cdmvocab.concept WHERE vocabulary_id = 'DICOM'") == 8811
+        assert (
+            scalar(conn, "SELECT count(*) FROM cdmvocab.concept WHERE vocabulary_id = 'DICOM'")
+            == 8811
+        )
         assert scalar(conn, "SELECT count(*) FROM cdmmedicalimaging.dicom_data_element") >= 5190
-        statuses = dict(conn.execute(
-            "SELECT status, count(*) FROM cdmmedicalimaging.dicom_ingest_log GROUP BY 1").fetchall())
+        statuses = dict(
+            conn.execute(
+                "SELECT status, count(*) FROM cdmmedicalimaging.dicom_ingest_log GROUP BY 1"
+            ).fetchall()
+        )
         assert statuses == {"ingested": 3, "failed": 1}
         assert scalar(conn, "SELECT count(*) FROM cdmmedicalimaging.image_occurrence") == 3
         assert scalar(conn, "SELECT count(*) FROM cdmdefault.procedure_occurrence") == 3
-        assert scalar(conn, "SELECT count(DISTINCT sop_instance_id) FROM cdmmedicalimaging.dicom_file_metadata") == 3
-        assert scalar(conn, "SELECT count(DISTINCT run_id) FROM cdmmedicalimaging.dicom_ingest_log") == 1
-        assert scalar(conn, "SELECT min(run_id) FROM cdmmedicalimaging.dicom_ingest_log") == launched["ingest_metadata"][0]
+        assert (
+            scalar(
+                conn,
+                "SELECT count(DISTINCT sop_instance_id) FROM cdmmedicalimaging.dicom_file_metadata",
+            )
+            == 3
+        )
+        assert (
+            scalar(conn, "SELECT count(DISTINCT run_id) FROM cdmmedicalimaging.dicom_ingest_log")
+            == 1
+        )
+        assert (
+            scalar(conn, "SELECT min(run_id) FROM cdmmedicalimaging.dicom_ingest_log")
+            == launched["ingest_metadata"][0]
+        )
 
     # What the UI shows for those runs: numbers, tables and links a person can read.
     ingest_run = launched["ingest_metadata"][0]
@@ -162,7 +201,11 @@ def test_ingest_metadata_launched_through_graphql(webserver, launched, module_da
     assert SOURCE_VERSION in image["dicom_vocabulary_version"]
     modalities = image["new_series_by_modality"]
     assert modalities.splitlines()[0].startswith("| Modality | BodyPartExamined |")
-    assert {line.split("|")[1].strip() for line in modalities.splitlines()[2:]} == {"CT", "MR", "RTPLAN"}
+    assert {line.split("|")[1].strip() for line in modalities.splitlines()[2:]} == {
+        "CT",
+        "MR",
+        "RTPLAN",
+    }
 
     _, files = _latest_materialization(webserver, "dicom_file_metadata")
     assert (files["files_seen"], files["files_ingested"], files["files_failed"]) == (4, 3, 1)
@@ -198,7 +241,9 @@ def test_asset_graph_page_renders_the_projects_assets(chromium, webserver, launc
     names = tuple(f">{name}<" for name in ASSET_GROUPS)  # each asset node's title element
     dom = screenshots.dump_dom(url, must_contain=names, window=screenshots.GRAPH_WINDOW)
     missing = [name for name in names if name not in dom]
-    assert not missing, f"asset nodes missing from the rendered graph: {missing}\n{_text(dom)[:3000]}"
+    assert not missing, (
+        f"asset nodes missing from the rendered graph: {missing}\n{_text(dom)[:3000]}"
+    )
     text = _text(dom)
     assert "Global asset lineage" in text
     for group in ("vocabulary", "imaging", "upload"):
@@ -206,11 +251,15 @@ def test_asset_graph_page_renders_the_projects_assets(chromium, webserver, launc
     assert "Never materialized" in text  # file_upload_metadata: uploads are off in this run
     assert "Materialized" in text
 
-    png = screenshots.screenshot(url, tmp_path / "asset_graph.png", window=screenshots.GRAPH_WINDOW, scale=0.5)
+    png = screenshots.screenshot(
+        url, tmp_path / "asset_graph.png", window=screenshots.GRAPH_WINDOW, scale=0.5
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_materialization_page_shows_counts_modalities_and_links(chromium, webserver, launched, dicom_folder):
+def test_materialization_page_shows_counts_modalities_and_links(
+    chromium, webserver, launched, dicom_folder
+):
     webserver.dismiss_community_dialog()
     url = screenshots.materialization_url(webserver.url, "image_occurrence")
     expected = ("new_series_by_modality", "dicom_vocabulary_version", str(dicom_folder))
@@ -221,10 +270,16 @@ def test_materialization_page_shows_counts_modalities_and_links(chromium, webser
     assert launched["ingest_metadata"][0][:8] in text  # "Materialized in run <id>"
     assert SOURCE_VERSION in text
     # The markdown table is rendered as a table, one row per series.
-    table = re.search(r"<table\b.*?</table>", dom[dom.index("new_series_by_modality"):], flags=re.S)
+    table = re.search(
+        r"<table\b.*?</table>", dom[dom.index("new_series_by_modality") :], flags=re.S
+    )
     assert table, "the modality table is not rendered as a table"
     for modality in ("CT", "MR", "RTPLAN", "anatomic_site_concept_id"):
         assert modality in _text(table.group(0))
 
-    overview = _text(screenshots.dump_dom(f"{webserver.url}/assets/image_occurrence", must_contain=("wadors_uri",)))
+    overview = _text(
+        screenshots.dump_dom(
+            f"{webserver.url}/assets/image_occurrence", must_contain=("wadors_uri",)
+        )
+    )
     assert "Columns" in overview and "wadors_uri" in overview and "image_series_uid" in overview

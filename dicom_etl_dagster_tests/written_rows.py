@@ -18,15 +18,21 @@ def table_content(conn, schemas: Schemas) -> dict[str, collections.Counter]:
     """Every row of the written tables without the ids, which legitimately differ between runs."""
     mi, cdm = schemas.medical_imaging, schemas.cdm
     q = {
-        "ledger": sql.SQL("SELECT file_path, status, error_message, sop_instance_uid, file_size, file_mtime_ns,"
-                          " (SELECT image_series_uid FROM {io} i WHERE i.image_occurrence_id = l.image_occurrence_id)"
-                          " FROM {log} l"),
-        "image_occurrence": sql.SQL("SELECT i.image_series_uid, i.image_study_uid, i.person_id, i.image_occurrence_date,"
-                                    " i.modality_concept_id, i.anatomic_site_concept_id, i.local_path,"
-                                    " p.procedure_source_value FROM {io} i"
-                                    " JOIN {po} p USING (procedure_occurrence_id)"),
-        "procedure_occurrence": sql.SQL("SELECT person_id, procedure_date, procedure_source_value,"
-                                        " procedure_type_concept_id, procedure_concept_id FROM {po}"),
+        "ledger": sql.SQL(
+            "SELECT file_path, status, error_message, sop_instance_uid, file_size, file_mtime_ns,"
+            " (SELECT image_series_uid FROM {io} i WHERE i.image_occurrence_id = l.image_occurrence_id)"
+            " FROM {log} l"
+        ),
+        "image_occurrence": sql.SQL(
+            "SELECT i.image_series_uid, i.image_study_uid, i.person_id, i.image_occurrence_date,"
+            " i.modality_concept_id, i.anatomic_site_concept_id, i.local_path,"
+            " p.procedure_source_value FROM {io} i"
+            " JOIN {po} p USING (procedure_occurrence_id)"
+        ),
+        "procedure_occurrence": sql.SQL(
+            "SELECT person_id, procedure_date, procedure_source_value,"
+            " procedure_type_concept_id, procedure_concept_id FROM {po}"
+        ),
         # The EAV rows with their tree shape expressed through the parent's tag instead of ids.
         "metadata": sql.SQL(
             "SELECT m.sop_instance_id, m.metadata_source_tag, m.metadata_source_keyword,"
@@ -35,21 +41,34 @@ def table_content(conn, schemas: Schemas) -> dict[str, collections.Counter]:
             " d.data_element_tag, s.metadata_source_tag, i.image_series_uid"
             " FROM {md} m LEFT JOIN {de} d ON d.data_element_id = m.data_element_id"
             " LEFT JOIN {md} s ON s.metadata_id = m.parent_sequence_id"
-            " JOIN {io} i ON i.image_occurrence_id = m.image_occurrence_id"),
-        "data_element": sql.SQL("SELECT data_element_tag, data_element_name, data_element_keyword,"
-                                " value_representation, is_private FROM {de}"),
+            " JOIN {io} i ON i.image_occurrence_id = m.image_occurrence_id"
+        ),
+        "data_element": sql.SQL(
+            "SELECT data_element_tag, data_element_name, data_element_keyword,"
+            " value_representation, is_private FROM {de}"
+        ),
     }
-    names = dict(io=sql.Identifier(mi, "image_occurrence"), po=sql.Identifier(cdm, "procedure_occurrence"),
-                 log=sql.Identifier(mi, "dicom_ingest_log"), md=sql.Identifier(mi, "dicom_file_metadata"),
-                 de=sql.Identifier(mi, "dicom_data_element"))
-    return {k: collections.Counter(conn.execute(v.format(**names)).fetchall()) for k, v in q.items()}
+    names = dict(
+        io=sql.Identifier(mi, "image_occurrence"),
+        po=sql.Identifier(cdm, "procedure_occurrence"),
+        log=sql.Identifier(mi, "dicom_ingest_log"),
+        md=sql.Identifier(mi, "dicom_file_metadata"),
+        de=sql.Identifier(mi, "dicom_data_element"),
+    )
+    return {
+        k: collections.Counter(conn.execute(v.format(**names)).fetchall()) for k, v in q.items()
+    }
 
 
 def assert_ids_consistent(conn, schemas: Schemas) -> None:
     mi, cdm = schemas.medical_imaging, schemas.cdm
-    names = dict(io=sql.Identifier(mi, "image_occurrence"), po=sql.Identifier(cdm, "procedure_occurrence"),
-                 log=sql.Identifier(mi, "dicom_ingest_log"), md=sql.Identifier(mi, "dicom_file_metadata"),
-                 de=sql.Identifier(mi, "dicom_data_element"))
+    names = dict(
+        io=sql.Identifier(mi, "image_occurrence"),
+        po=sql.Identifier(cdm, "procedure_occurrence"),
+        log=sql.Identifier(mi, "dicom_ingest_log"),
+        md=sql.Identifier(mi, "dicom_file_metadata"),
+        de=sql.Identifier(mi, "dicom_data_element"),
+    )
     checks = {
         "duplicate metadata_id": "SELECT count(*) - count(DISTINCT metadata_id) FROM {md}",
         "duplicate ingest_log_id": "SELECT count(*) - count(DISTINCT ingest_log_id) FROM {log}",
@@ -73,5 +92,7 @@ def assert_ids_consistent(conn, schemas: Schemas) -> None:
         "SOP ingested twice": "SELECT count(*) FROM (SELECT sop_instance_uid FROM {log} WHERE status = 'ingested'"
         " GROUP BY 1 HAVING count(*) > 1) d",
     }
-    problems = {name: n for name, q in checks.items() if (n := scalar(conn, sql.SQL(q).format(**names)))}
+    problems = {
+        name: n for name, q in checks.items() if (n := scalar(conn, sql.SQL(q).format(**names)))
+    }
     assert not problems, problems

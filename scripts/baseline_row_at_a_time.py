@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from dicom_etl_dagster.core.dicom.reader import DicomReadError, read_instance
 from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.dicom.reader import DicomReadError, read_instance
 
 
 @dataclass
@@ -41,8 +41,14 @@ class BaselineResult:
     files_failed: int = 0
     elements: int = 0
     statements: int = 0
-    rows: dict = field(default_factory=lambda: {"procedure_occurrence": 0, "image_occurrence": 0,
-                                                "dicom_file_metadata": 0, "dicom_data_element": 0})
+    rows: dict = field(
+        default_factory=lambda: {
+            "procedure_occurrence": 0,
+            "image_occurrence": 0,
+            "dicom_file_metadata": 0,
+            "dicom_data_element": 0,
+        }
+    )
     seconds_parse: float = 0.0
     seconds_database: float = 0.0
 
@@ -65,14 +71,27 @@ def create_schema(conn: psycopg.Connection, schema: str, source: Schemas) -> Non
         ("dicom_file_metadata", source.medical_imaging, "metadata_id"),
     )
     for table, from_schema, key in tables:
-        conn.execute(sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS)").format(
-            sql.Identifier(schema, table), sql.Identifier(from_schema, table)))
-        conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
-            sql.Identifier(schema, table), sql.Identifier(key)))
-    conn.execute(sql.SQL("CREATE UNIQUE INDEX ON {} (data_element_tag)").format(
-        sql.Identifier(schema, "dicom_data_element")))
-    conn.execute(sql.SQL("INSERT INTO {} SELECT * FROM {} WHERE NOT coalesce(is_private, false)").format(
-        sql.Identifier(schema, "dicom_data_element"), sql.Identifier(source.medical_imaging, "dicom_data_element")))
+        conn.execute(
+            sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS)").format(
+                sql.Identifier(schema, table), sql.Identifier(from_schema, table)
+            )
+        )
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
+                sql.Identifier(schema, table), sql.Identifier(key)
+            )
+        )
+    conn.execute(
+        sql.SQL("CREATE UNIQUE INDEX ON {} (data_element_tag)").format(
+            sql.Identifier(schema, "dicom_data_element")
+        )
+    )
+    conn.execute(
+        sql.SQL("INSERT INTO {} SELECT * FROM {} WHERE NOT coalesce(is_private, false)").format(
+            sql.Identifier(schema, "dicom_data_element"),
+            sql.Identifier(source.medical_imaging, "dicom_data_element"),
+        )
+    )
     conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(schema, "dicom_data_element")))
 
 
@@ -84,48 +103,65 @@ class _Statements:
         if mapping:
             m_schema, m_table, person_col, patient_col = mapping
             self.person = sql.SQL("SELECT {} FROM {} WHERE upper({}) = upper(%s)").format(
-                sql.Identifier(person_col), sql.Identifier(m_schema, m_table), sql.Identifier(patient_col))
-        self.next_procedure = sql.SQL("SELECT coalesce(max(procedure_occurrence_id), 0) + 1 FROM {}").format(
-            t("procedure_occurrence"))
+                sql.Identifier(person_col),
+                sql.Identifier(m_schema, m_table),
+                sql.Identifier(patient_col),
+            )
+        self.next_procedure = sql.SQL(
+            "SELECT coalesce(max(procedure_occurrence_id), 0) + 1 FROM {}"
+        ).format(t("procedure_occurrence"))
         self.insert_procedure = sql.SQL(
             "INSERT INTO {} (procedure_occurrence_id, person_id, procedure_concept_id, procedure_date,"
-            " procedure_type_concept_id, procedure_source_value) VALUES (%s, %s, 0, %s, 32817, %s)").format(
-            t("procedure_occurrence"))
+            " procedure_type_concept_id, procedure_source_value) VALUES (%s, %s, 0, %s, 32817, %s)"
+        ).format(t("procedure_occurrence"))
         self.modality_name = sql.SQL(
             "SELECT DISTINCT concept_name FROM {} WHERE upper(concept_code) = upper(%s)"
-            " AND vocabulary_id = 'DICOM'").format(concept)
+            " AND vocabulary_id = 'DICOM'"
+        ).format(concept)
         self.modality_id = sql.SQL(
             "SELECT concept_id FROM {} WHERE upper(concept_name) = upper(%s) AND domain_id = 'Procedure'"
-            " AND standard_concept = 'S' AND vocabulary_id = 'SNOMED'").format(concept)
+            " AND standard_concept = 'S' AND vocabulary_id = 'SNOMED'"
+        ).format(concept)
         self.site_id = sql.SQL(
             "SELECT concept_id FROM {} WHERE upper(concept_name) = upper(%s) AND domain_id = 'Spec Anatomic Site'"
-            " AND standard_concept = 'S' AND vocabulary_id = 'SNOMED'").format(concept)
-        self.next_image = sql.SQL("SELECT coalesce(max(image_occurrence_id), 0) + 1 FROM {}").format(
-            t("image_occurrence"))
+            " AND standard_concept = 'S' AND vocabulary_id = 'SNOMED'"
+        ).format(concept)
+        self.next_image = sql.SQL(
+            "SELECT coalesce(max(image_occurrence_id), 0) + 1 FROM {}"
+        ).format(t("image_occurrence"))
         self.insert_image = sql.SQL(
             "INSERT INTO {} (image_occurrence_id, person_id, procedure_occurrence_id, anatomic_site_concept_id,"
             " image_occurrence_date, image_study_uid, image_series_uid, modality_concept_id)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)").format(t("image_occurrence"))
-        self.data_element_id = sql.SQL("SELECT data_element_id FROM {} WHERE data_element_tag = %s").format(
-            t("dicom_data_element"))
-        self.next_data_element = sql.SQL("SELECT coalesce(max(data_element_id), 0) + 1 FROM {}").format(
-            t("dicom_data_element"))
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+        ).format(t("image_occurrence"))
+        self.data_element_id = sql.SQL(
+            "SELECT data_element_id FROM {} WHERE data_element_tag = %s"
+        ).format(t("dicom_data_element"))
+        self.next_data_element = sql.SQL(
+            "SELECT coalesce(max(data_element_id), 0) + 1 FROM {}"
+        ).format(t("dicom_data_element"))
         self.insert_data_element = sql.SQL(
             "INSERT INTO {} (data_element_id, data_element_tag, data_element_name, data_element_keyword,"
             " value_representation, is_private, etl_created_datetime, etl_modified_datetime)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)").format(t("dicom_data_element"))
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+        ).format(t("dicom_data_element"))
         self.insert_metadata = sql.SQL(
             "INSERT INTO {} (metadata_id, data_element_id, metadata_source_keyword, metadata_source_tag,"
             " metadata_source_group_number, metadata_source_value_representation,"
             " metadata_source_value_multiplicity, metadata_source_value, is_sequence, sequence_length,"
             " parent_sequence_id, parent_dataset_id, is_private, private_creator, sop_instance_id,"
             " instance_number, image_occurrence_id, etl_created_datetime, etl_modified_datetime)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)").format(
-            t("dicom_file_metadata"))
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        ).format(t("dicom_file_metadata"))
 
 
-def run(conn: psycopg.Connection, schema: str, vocab_schema: str, paths: list[str],
-        mapping: tuple[str, str, str, str] | None = None) -> BaselineResult:
+def run(
+    conn: psycopg.Connection,
+    schema: str,
+    vocab_schema: str,
+    paths: list[str],
+    mapping: tuple[str, str, str, str] | None = None,
+) -> BaselineResult:
     """Ingest ``paths`` row by row into ``schema`` (made by create_schema); conn must be autocommit."""
     assert conn.autocommit, "the original committed every statement: use an autocommit connection"
     s = _Statements(schema, vocab_schema, mapping)
@@ -158,8 +194,15 @@ def run(conn: psycopg.Connection, schema: str, vocab_schema: str, paths: list[st
         if s.person is not None and inst.patient_id:
             person_id = one(s.person, [inst.patient_id]) or 0
         procedure_id = one(s.next_procedure)
-        execute(s.insert_procedure, [procedure_id, person_id, inst.procedure_date,
-                                     (inst.study_description or "")[:50] or None])
+        execute(
+            s.insert_procedure,
+            [
+                procedure_id,
+                person_id,
+                inst.procedure_date,
+                (inst.study_description or "")[:50] or None,
+            ],
+        )
         result.rows["procedure_occurrence"] += 1
         modality_id = 0
         if inst.modality:
@@ -170,8 +213,19 @@ def run(conn: psycopg.Connection, schema: str, vocab_schema: str, paths: list[st
         if inst.body_part_examined:
             site_id = one(s.site_id, ["Entire " + inst.body_part_examined.strip()]) or 0
         image_id = one(s.next_image)
-        execute(s.insert_image, [image_id, person_id, procedure_id, site_id, inst.image_date,
-                                 inst.study_instance_uid, inst.series_instance_uid, modality_id])
+        execute(
+            s.insert_image,
+            [
+                image_id,
+                person_id,
+                procedure_id,
+                site_id,
+                inst.image_date,
+                inst.study_instance_uid,
+                inst.series_instance_uid,
+                modality_id,
+            ],
+        )
         result.rows["image_occurrence"] += 1
 
         now = dt.datetime.now()
@@ -180,20 +234,49 @@ def run(conn: psycopg.Connection, schema: str, vocab_schema: str, paths: list[st
             data_element_id = one(s.data_element_id, [e.dictionary_tag])
             if data_element_id is None:
                 data_element_id = one(s.next_data_element)
-                execute(s.insert_data_element, [data_element_id, e.dictionary_tag, e.name, e.keyword, e.vr,
-                                                e.is_private, now, now])
+                execute(
+                    s.insert_data_element,
+                    [
+                        data_element_id,
+                        e.dictionary_tag,
+                        e.name,
+                        e.keyword,
+                        e.vr,
+                        e.is_private,
+                        now,
+                        now,
+                    ],
+                )
                 result.rows["dicom_data_element"] += 1
             if e.parent_item_index is not None and e.parent_item_index not in dataset_ids:
                 dataset_ids[e.parent_item_index] = next_dataset_id
                 next_dataset_id += 1
-            execute(s.insert_metadata, [
-                next_metadata_id + e.index, data_element_id, e.keyword, e.tag, e.group, e.vr, e.vm,
-                e.value_json,
-                e.is_sequence, e.sequence_length,
-                None if e.parent_sequence_index is None else next_metadata_id + e.parent_sequence_index,
-                dataset_ids.get(e.parent_item_index), e.is_private,
-                e.private_creator.replace("\x00", "")[:255] if e.private_creator else None,
-                inst.sop_instance_uid, inst.instance_number, image_id, now, now])
+            execute(
+                s.insert_metadata,
+                [
+                    next_metadata_id + e.index,
+                    data_element_id,
+                    e.keyword,
+                    e.tag,
+                    e.group,
+                    e.vr,
+                    e.vm,
+                    e.value_json,
+                    e.is_sequence,
+                    e.sequence_length,
+                    None
+                    if e.parent_sequence_index is None
+                    else next_metadata_id + e.parent_sequence_index,
+                    dataset_ids.get(e.parent_item_index),
+                    e.is_private,
+                    e.private_creator.replace("\x00", "")[:255] if e.private_creator else None,
+                    inst.sop_instance_uid,
+                    inst.instance_number,
+                    image_id,
+                    now,
+                    now,
+                ],
+            )
             result.rows["dicom_file_metadata"] += 1
         next_metadata_id += len(inst.elements)
         result.elements += len(inst.elements)

@@ -45,10 +45,10 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import psutil
 import psycopg
@@ -62,19 +62,23 @@ if str(SCRIPTS_DIR) not in sys.path:
 import baseline_row_at_a_time as baseline  # noqa: E402
 import make_corpus  # noqa: E402
 
-from dicom_etl_dagster.core.ingest import run as ingest_module  # noqa: E402
-from dicom_etl_dagster.core.vocabulary import loader as vocabulary_loader  # noqa: E402
 from dicom_etl_dagster.core.cpu import available_cpus  # noqa: E402
 from dicom_etl_dagster.core.db.ddl import ensure_tables  # noqa: E402
-from dicom_etl_dagster.core.ingest.file_scan import FileEntry, iter_files  # noqa: E402
 from dicom_etl_dagster.core.db.identifiers import Schemas  # noqa: E402
-from dicom_etl_dagster.core.ingest.run import ingest_folder, prepare_run  # noqa: E402
+from dicom_etl_dagster.core.ingest import run as ingest_module  # noqa: E402
+from dicom_etl_dagster.core.ingest.file_scan import FileEntry, iter_files  # noqa: E402
 from dicom_etl_dagster.core.ingest.parse_pool import parse_batches  # noqa: E402
+from dicom_etl_dagster.core.ingest.run import ingest_folder, prepare_run  # noqa: E402
 from dicom_etl_dagster.core.ingest.writer import PersonMapping  # noqa: E402
+from dicom_etl_dagster.core.vocabulary import loader as vocabulary_loader  # noqa: E402
 
-SCHEMAS = Schemas(cdm="dicom_etl_bench_cdm", vocab="dicom_etl_bench_vocab", medical_imaging="dicom_etl_bench_mi")
+SCHEMAS = Schemas(
+    cdm="dicom_etl_bench_cdm", vocab="dicom_etl_bench_vocab", medical_imaging="dicom_etl_bench_mi"
+)
 BASELINE_SCHEMA = "dicom_etl_bench_baseline"
-MAPPING = PersonMapping(SCHEMAS.medical_imaging, "mappingtable", "source_person_id", "source_patient_id")
+MAPPING = PersonMapping(
+    SCHEMAS.medical_imaging, "mappingtable", "source_person_id", "source_patient_id"
+)
 GIB = 1024**3
 MIB = 1024**2
 
@@ -102,10 +106,14 @@ class ProcessGroup:
     ``pss_every`` samples.
     """
 
-    def __init__(self, name: str, root_pid: Callable[[], int | None], use_pss: bool = False) -> None:
+    def __init__(
+        self, name: str, root_pid: Callable[[], int | None], use_pss: bool = False
+    ) -> None:
         self.name = name
         self.root_pid = root_pid
-        self.use_pss = use_pss  # PostgreSQL backends share shared_buffers: RSS would count it N times
+        self.use_pss = (
+            use_pss  # PostgreSQL backends share shared_buffers: RSS would count it N times
+        )
         self.pss_every = 5
         self.peak_bytes = 0
         self.cpu_start: dict[int, float] = {}
@@ -132,14 +140,20 @@ class ProcessGroup:
             if first:
                 self._listed_at = -1.0  # a fresh list for the phase's start
             self._samples += 1
-            want_memory = memory and (not self.use_pss or first or self._samples % self.pss_every == 0)
+            want_memory = memory and (
+                not self.use_pss or first or self._samples % self.pss_every == 0
+            )
             total = 0
             for proc in self.processes():
                 try:
                     with proc.oneshot():
                         cpu = proc.cpu_times()
                         if want_memory:
-                            total += proc.memory_full_info().pss if self.use_pss else proc.memory_info().rss
+                            total += (
+                                proc.memory_full_info().pss
+                                if self.use_pss
+                                else proc.memory_info().rss
+                            )
                 except psutil.Error:
                     continue
                 seconds = cpu.user + cpu.system
@@ -170,7 +184,7 @@ class Watch:
             for group in self.groups:
                 group.sample()
 
-    def __enter__(self) -> "Watch":
+    def __enter__(self) -> Watch:
         for group in self.groups:
             group.sample(first=True)
         self._self_cpu = _own_cpu_seconds()
@@ -218,13 +232,21 @@ def wait_for_quiet_machine(limit_seconds: float, busy_share: float = 0.15) -> st
     waited = False
     while True:
         mine = psutil.Process()
-        before_ours = sum(p.cpu_times().user + p.cpu_times().system
-                          for p in [mine, *mine.children(recursive=True)] if p.is_running())
+        before_ours = sum(
+            p.cpu_times().user + p.cpu_times().system
+            for p in [mine, *mine.children(recursive=True)]
+            if p.is_running()
+        )
         before = _machine_busy_seconds()
         time.sleep(2.0)
-        after_ours = sum(p.cpu_times().user + p.cpu_times().system
-                         for p in [mine, *mine.children(recursive=True)] if p.is_running())
-        share = max(0.0, (_machine_busy_seconds() - before) - (after_ours - before_ours)) / (2.0 * (os.cpu_count() or 1))
+        after_ours = sum(
+            p.cpu_times().user + p.cpu_times().system
+            for p in [mine, *mine.children(recursive=True)]
+            if p.is_running()
+        )
+        share = max(0.0, (_machine_busy_seconds() - before) - (after_ours - before_ours)) / (
+            2.0 * (os.cpu_count() or 1)
+        )
         if share < busy_share:
             if waited:
                 log("  the machine is quiet now")
@@ -232,14 +254,16 @@ def wait_for_quiet_machine(limit_seconds: float, busy_share: float = 0.15) -> st
         if time.monotonic() > deadline:
             return f"other processes used {share:.0%} of the CPUs when this phase started"
         if not waited:
-            log(f"  other processes use {share:.0%} of the CPUs: waiting up to {limit_seconds:.0f} s for quiet")
+            log(
+                f"  other processes use {share:.0%} of the CPUs: waiting up to {limit_seconds:.0f} s for quiet"
+            )
             waited = True
 
 
 BUSY_SHARE = 0.05  # a phase during which other processes used more of the CPUs is flagged
 
 
-def busy_share(result: "PhaseResult", cpus: int) -> float:
+def busy_share(result: PhaseResult, cpus: int) -> float:
     other = result.cpu.get("other processes", 0.0)
     return other / (result.seconds * cpus) if result.seconds > 0 else 0.0
 
@@ -305,8 +329,11 @@ def run_parse_only(root: Path, workers: int, batch_size: int) -> PhaseResult:
                     failures[outcome.error] = failures.get(outcome.error, 0) + 1
         result.seconds = time.perf_counter() - started
     result.peak_rss = watch.peak("etl")
-    result.cpu = {"main": watch.main_cpu_seconds, "workers": watch.cpu("etl") - watch.main_cpu_seconds,
-                  "other processes": watch.other_cpu_seconds}
+    result.cpu = {
+        "main": watch.main_cpu_seconds,
+        "workers": watch.cpu("etl") - watch.main_cpu_seconds,
+        "other processes": watch.other_cpu_seconds,
+    }
     if failures:
         result.note = f"{sum(failures.values())} files not readable"
         result.extra["failures"] = failures
@@ -348,7 +375,9 @@ def default_vocab_dir() -> Path | None:
     if configured:
         return Path(configured)
     shared = REPO_ROOT.parent / "shared" / "dicom2omop"
-    return shared if shared.is_dir() else None  # None: the product's default (external/, downloaded)
+    return (
+        shared if shared.is_dir() else None
+    )  # None: the product's default (external/, downloaded)
 
 
 def prepare_database(db: Database, vocab_dir: Path | None, patients: int) -> dict:
@@ -364,11 +393,16 @@ def prepare_database(db: Database, vocab_dir: Path | None, patients: int) -> dic
         vocabulary_loader.load_data_elements(conn, SCHEMAS, truncate=False, folder=vocab_dir)
         timings["tables and vocabulary"] = time.perf_counter() - started
         if patients:
-            conn.execute(sql.SQL("CREATE TABLE {} ({} integer NOT NULL, {} varchar(50) NOT NULL)").format(
-                sql.Identifier(MAPPING.schema, MAPPING.table), sql.Identifier(MAPPING.person_column),
-                sql.Identifier(MAPPING.patient_column)))
-            with conn.cursor().copy(sql.SQL("COPY {} FROM STDIN").format(
-                    sql.Identifier(MAPPING.schema, MAPPING.table))) as copy:
+            conn.execute(
+                sql.SQL("CREATE TABLE {} ({} integer NOT NULL, {} varchar(50) NOT NULL)").format(
+                    sql.Identifier(MAPPING.schema, MAPPING.table),
+                    sql.Identifier(MAPPING.person_column),
+                    sql.Identifier(MAPPING.patient_column),
+                )
+            )
+            with conn.cursor().copy(
+                sql.SQL("COPY {} FROM STDIN").format(sql.Identifier(MAPPING.schema, MAPPING.table))
+            ) as copy:
                 for number in range(1, patients + 1):
                     copy.write_row((number, make_corpus.patient_id(number)))
         started = time.perf_counter()
@@ -388,13 +422,23 @@ class BatchMark:
     elements_done: int  # cumulative dicom_file_metadata rows
     write_seconds: float  # time inside write_batch for this batch
     main_cpu: float  # cumulative CPU seconds of this process
-    backend_cpu: float  # cumulative CPU seconds of the connection's PostgreSQL backend (0 if remote)
-    own_cpu: float  # cumulative CPU seconds of this process, its workers and every PostgreSQL process
+    backend_cpu: (
+        float  # cumulative CPU seconds of the connection's PostgreSQL backend (0 if remote)
+    )
+    own_cpu: (
+        float  # cumulative CPU seconds of this process, its workers and every PostgreSQL process
+    )
     machine_busy: float  # cumulative busy CPU seconds of the whole machine
 
 
-def run_etl(db: Database, root: Path, workers: int, batch_size: int, total_files: int,
-            label: str = "ETL (prepare_run + ingest_folder)") -> PhaseResult:
+def run_etl(
+    db: Database,
+    root: Path,
+    workers: int,
+    batch_size: int,
+    total_files: int,
+    label: str = "ETL (prepare_run + ingest_folder)",
+) -> PhaseResult:
     result = PhaseResult(label)
     marks: list[BatchMark] = []
     write_seconds: list[float] = []
@@ -413,9 +457,18 @@ def run_etl(db: Database, root: Path, workers: int, batch_size: int, total_files
         done = sum(report.status_counts.values()) + report.files_already_done
         for group in groups:
             group.sample(memory=False)
-        marks.append(BatchMark(time.perf_counter(), done, report.rows["dicom_file_metadata"],
-                               write_seconds[-1] if write_seconds else 0.0, _own_cpu_seconds(), backend_cpu(),
-                               sum(g.cpu_seconds for g in groups), _machine_busy_seconds()))
+        marks.append(
+            BatchMark(
+                time.perf_counter(),
+                done,
+                report.rows["dicom_file_metadata"],
+                write_seconds[-1] if write_seconds else 0.0,
+                _own_cpu_seconds(),
+                backend_cpu(),
+                sum(g.cpu_seconds for g in groups),
+                _machine_busy_seconds(),
+            )
+        )
         if total_files and done / total_files >= next_report[0]:
             elapsed = marks[-1].at - started
             log(f"  {label}: {done:,}/{total_files:,} files, {done / elapsed:,.0f} files/s")
@@ -442,16 +495,25 @@ def run_etl(db: Database, root: Path, workers: int, batch_size: int, total_files
         try:
             with Watch(groups) as watch:
                 started = time.perf_counter()
-                state = prepare_run(conn, SCHEMAS, f"benchmark-{uuid.uuid4()}", "use_id_zero", MAPPING,
-                                    lambda message: log(f"  warning: {message}"))
-                report, seconds = ingest_folder(conn, state, root, batch_size, workers, progress=progress)
+                state = prepare_run(
+                    conn,
+                    SCHEMAS,
+                    f"benchmark-{uuid.uuid4()}",
+                    "use_id_zero",
+                    MAPPING,
+                    lambda message: log(f"  warning: {message}"),
+                )
+                report, seconds = ingest_folder(
+                    conn, state, root, batch_size, workers, progress=progress
+                )
                 result.seconds = time.perf_counter() - started
         finally:
             ingest_module.write_batch = original_write_batch
         wal_after, checkpoints_after = wal_and_checkpoints(conn)
         if wal_before and wal_after:
-            result.extra["wal_bytes"] = conn.execute("SELECT pg_wal_lsn_diff(%s::pg_lsn, %s::pg_lsn)::bigint",
-                                                     [wal_after, wal_before]).fetchone()[0]
+            result.extra["wal_bytes"] = conn.execute(
+                "SELECT pg_wal_lsn_diff(%s::pg_lsn, %s::pg_lsn)::bigint", [wal_after, wal_before]
+            ).fetchone()[0]
         if checkpoints_before is not None and checkpoints_after is not None:
             result.extra["checkpoints"] = checkpoints_after - checkpoints_before
     counts = report.status_counts
@@ -460,15 +522,24 @@ def run_etl(db: Database, root: Path, workers: int, batch_size: int, total_files
     result.elements = report.rows["dicom_file_metadata"]
     result.rows = sum(v for k, v in report.rows.items() if not k.endswith("_replaced"))
     result.peak_rss = watch.peak("etl")
-    result.cpu = {"main": watch.main_cpu_seconds, "workers": max(0.0, watch.cpu("etl") - watch.main_cpu_seconds)}
+    result.cpu = {
+        "main": watch.main_cpu_seconds,
+        "workers": max(0.0, watch.cpu("etl") - watch.main_cpu_seconds),
+    }
     if db.group():
         result.cpu["postgres"] = watch.cpu("postgres")
         result.extra["postgres_peak_pss"] = watch.peak("postgres")
     result.cpu["other processes"] = watch.other_cpu_seconds
     result.extra.update(
-        status=dict(counts), already_done=report.files_already_done, rows_by_table=dict(report.rows),
-        stage_seconds=dict(seconds), batches=len(marks), started=started, marks=marks,
-        write_seconds_total=sum(write_seconds))
+        status=dict(counts),
+        already_done=report.files_already_done,
+        rows_by_table=dict(report.rows),
+        stage_seconds=dict(seconds),
+        batches=len(marks),
+        started=started,
+        marks=marks,
+        write_seconds_total=sum(write_seconds),
+    )
     if counts["failed"]:
         result.note = f"{counts['failed']} failed"
     return result
@@ -487,7 +558,9 @@ def flatness(result: PhaseResult, total_files: int) -> dict | None:
     start = marks[0]
     first_end = next((m for m in marks[1:] if m.files_done - start.files_done >= tenth), marks[-1])
     first_batches = [m for m in marks[1:] if m.at <= first_end.at]
-    last_start = next((m for m in reversed(marks[:-1]) if marks[-1].files_done - m.files_done >= tenth), marks[0])
+    last_start = next(
+        (m for m in reversed(marks[:-1]) if marks[-1].files_done - m.files_done >= tenth), marks[0]
+    )
     last_batches = [m for m in marks if m.at > last_start.at]
     first_seconds = first_end.at - start.at
     last_seconds = marks[-1].at - last_start.at
@@ -504,10 +577,13 @@ def flatness(result: PhaseResult, total_files: int) -> dict | None:
         rows = max(1, b.elements_done - a.elements_done)
         seconds = max(1e-9, b.at - a.at)
         cpus = available_cpus()
-        return {"main_us_per_row": 1e6 * (b.main_cpu - a.main_cpu) / rows,
-                "backend_us_per_row": 1e6 * (b.backend_cpu - a.backend_cpu) / rows,
-                "own_us_per_row": 1e6 * (b.own_cpu - a.own_cpu) / rows,
-                "other_share": max(0.0, (b.machine_busy - a.machine_busy) - (b.own_cpu - a.own_cpu)) / (seconds * cpus)}
+        return {
+            "main_us_per_row": 1e6 * (b.main_cpu - a.main_cpu) / rows,
+            "backend_us_per_row": 1e6 * (b.backend_cpu - a.backend_cpu) / rows,
+            "own_us_per_row": 1e6 * (b.own_cpu - a.own_cpu) / rows,
+            "other_share": max(0.0, (b.machine_busy - a.machine_busy) - (b.own_cpu - a.own_cpu))
+            / (seconds * cpus),
+        }
 
     first_costs = costs(start, first_end)
     last_costs = costs(last_start, marks[-1])
@@ -516,11 +592,18 @@ def flatness(result: PhaseResult, total_files: int) -> dict | None:
     step = max(1, math.ceil(len(marks) / 10))
     for i in range(1, len(marks), step):
         a, b = marks[i - 1], marks[min(len(marks) - 1, i + step - 1)]
-        windows.append({"files": (a.files_done, b.files_done), "files_per_second": (b.files_done - a.files_done) / (b.at - a.at),
-                        "elements_per_second": (b.elements_done - a.elements_done) / (b.at - a.at), **costs(a, b)})
+        windows.append(
+            {
+                "files": (a.files_done, b.files_done),
+                "files_per_second": (b.files_done - a.files_done) / (b.at - a.at),
+                "elements_per_second": (b.elements_done - a.elements_done) / (b.at - a.at),
+                **costs(a, b),
+            }
+        )
     return {
         "windows": windows,
-        "first_costs": first_costs, "last_costs": last_costs,
+        "first_costs": first_costs,
+        "last_costs": last_costs,
         "batches": len(marks),
         "first_files": first_end.files_done - start.files_done,
         "first_rate": first_rate,
@@ -546,8 +629,10 @@ def wal_and_checkpoints(conn: psycopg.Connection) -> tuple[str | None, int | Non
     except psycopg.Error:
         lsn = None
     checkpoints = None
-    for query in ("SELECT num_timed + num_requested FROM pg_stat_checkpointer",  # PostgreSQL 17+
-                  "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"):
+    for query in (
+        "SELECT num_timed + num_requested FROM pg_stat_checkpointer",  # PostgreSQL 17+
+        "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter",
+    ):
         try:
             checkpoints = conn.execute(query).fetchone()[0]
             break
@@ -557,13 +642,22 @@ def wal_and_checkpoints(conn: psycopg.Connection) -> tuple[str | None, int | Non
 
 
 def database_rows(db: Database) -> dict[str, int]:
-    tables = [(SCHEMAS.cdm, "procedure_occurrence"), (SCHEMAS.medical_imaging, "image_occurrence"),
-              (SCHEMAS.medical_imaging, "dicom_file_metadata"), (SCHEMAS.medical_imaging, "dicom_ingest_log")]
+    tables = [
+        (SCHEMAS.cdm, "procedure_occurrence"),
+        (SCHEMAS.medical_imaging, "image_occurrence"),
+        (SCHEMAS.medical_imaging, "dicom_file_metadata"),
+        (SCHEMAS.medical_imaging, "dicom_ingest_log"),
+    ]
     with db.connect() as conn:
-        counts = {t: conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(s, t))).fetchone()[0]
-                  for s, t in tables}
-        counts["database size (MB)"] = round(conn.execute(
-            "SELECT pg_database_size(current_database())").fetchone()[0] / MIB)
+        counts = {
+            t: conn.execute(
+                sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(s, t))
+            ).fetchone()[0]
+            for s, t in tables
+        }
+        counts["database size (MB)"] = round(
+            conn.execute("SELECT pg_database_size(current_database())").fetchone()[0] / MIB
+        )
     return counts
 
 
@@ -584,7 +678,11 @@ def recreate_baseline_schema(db: Database) -> None:
 def run_baseline(db: Database, paths: list[str], with_mapping: bool) -> PhaseResult:
     result = PhaseResult(f"row-at-a-time baseline ({len(paths):,} files)")
     groups = [etl_group()] + ([db.group()] if db.group() else [])
-    mapping = (MAPPING.schema, MAPPING.table, MAPPING.person_column, MAPPING.patient_column) if with_mapping else None
+    mapping = (
+        (MAPPING.schema, MAPPING.table, MAPPING.person_column, MAPPING.patient_column)
+        if with_mapping
+        else None
+    )
     with db.connect() as conn, Watch(groups) as watch:
         started = time.perf_counter()
         outcome = baseline.run(conn, BASELINE_SCHEMA, SCHEMAS.vocab, paths, mapping)
@@ -598,10 +696,15 @@ def run_baseline(db: Database, paths: list[str], with_mapping: bool) -> PhaseRes
     if db.group():
         result.cpu["postgres"] = watch.cpu("postgres")
     result.cpu["other processes"] = watch.other_cpu_seconds
-    result.extra.update(statements=outcome.statements, seconds_parse=outcome.seconds_parse,
-                        seconds_database=outcome.seconds_database)
-    result.note = (f"{outcome.statements:,} statements, {outcome.statements / outcome.seconds_database:,.0f}/s; "
-                   f"parse {outcome.seconds_parse:.1f} s, database {outcome.seconds_database:.1f} s")
+    result.extra.update(
+        statements=outcome.statements,
+        seconds_parse=outcome.seconds_parse,
+        seconds_database=outcome.seconds_database,
+    )
+    result.note = (
+        f"{outcome.statements:,} statements, {outcome.statements / outcome.seconds_database:,.0f}/s; "
+        f"parse {outcome.seconds_parse:.1f} s, database {outcome.seconds_database:.1f} s"
+    )
     return result
 
 
@@ -610,8 +713,13 @@ def run_baseline(db: Database, paths: list[str], with_mapping: bool) -> PhaseRes
 # ---------------------------------------------------------------------------------------------
 def orthanc_binary() -> str | None:
     return shutil.which("Orthanc") or next(
-        (p for p in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/Orthanc") if os.access(p, os.X_OK)),
-        None)
+        (
+            p
+            for p in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/Orthanc")
+            if os.access(p, os.X_OK)
+        ),
+        None,
+    )
 
 
 def free_port() -> int:
@@ -620,7 +728,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _http(port: int, method: str, path: str, body: bytes | None = None, timeout: float = 60) -> tuple[int, bytes]:
+def _http(
+    port: int, method: str, path: str, body: bytes | None = None, timeout: float = 60
+) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request(method, path, body=body)
@@ -633,22 +743,39 @@ def _http(port: int, method: str, path: str, body: bytes | None = None, timeout:
 def run_orthanc(paths: list[str], elements: int, clients: int, workdir: Path) -> PhaseResult:
     binary = orthanc_binary()
     result = PhaseResult(f"Orthanc REST (POST /instances, {clients} client threads)")
-    version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.split(
+        "\n"
+    )[0]
     folder = Path(tempfile.mkdtemp(prefix="orthanc_", dir=workdir))
     (folder / "storage").mkdir()
     port = free_port()
     config = {
-        "Name": "dicom_etl_benchmark", "StorageDirectory": str(folder / "storage"),
-        "IndexDirectory": str(folder / "storage"), "HttpPort": port, "DicomServerEnabled": False,
-        "DicomPort": free_port(), "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-        "Plugins": [], "StorageCompression": False, "HttpCompressionEnabled": False,
-        "OrthancExplorerEnabled": False, "WebDavEnabled": False, "SaveJobs": False,
-        "HttpThreadsCount": 50, "StableAge": 3600, "LuaScripts": [],
+        "Name": "dicom_etl_benchmark",
+        "StorageDirectory": str(folder / "storage"),
+        "IndexDirectory": str(folder / "storage"),
+        "HttpPort": port,
+        "DicomServerEnabled": False,
+        "DicomPort": free_port(),
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [],
+        "StorageCompression": False,
+        "HttpCompressionEnabled": False,
+        "OrthancExplorerEnabled": False,
+        "WebDavEnabled": False,
+        "SaveJobs": False,
+        "HttpThreadsCount": 50,
+        "StableAge": 3600,
+        "LuaScripts": [],
     }
     (folder / "orthanc.json").write_text(json.dumps(config))
     with open(folder / "orthanc.log", "wb") as orthanc_log:
-        process = subprocess.Popen([binary, str(folder / "orthanc.json")], stdout=orthanc_log,
-                                   stderr=subprocess.STDOUT, cwd=folder)
+        process = subprocess.Popen(
+            [binary, str(folder / "orthanc.json")],
+            stdout=orthanc_log,
+            stderr=subprocess.STDOUT,
+            cwd=folder,
+        )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -669,7 +796,9 @@ def run_orthanc(paths: list[str], elements: int, clients: int, workdir: Path) ->
                 local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
             with open(path, "rb") as handle:
                 body = handle.read()
-            local.conn.request("POST", "/instances", body=body, headers={"Content-Type": "application/dicom"})
+            local.conn.request(
+                "POST", "/instances", body=body, headers={"Content-Type": "application/dicom"}
+            )
             response = local.conn.getresponse()
             text = response.read()
             if response.status != 200:
@@ -696,12 +825,21 @@ def run_orthanc(paths: list[str], elements: int, clients: int, workdir: Path) ->
     result.elements = elements if ok == len(paths) else 0
     result.rows = stats.get("CountInstances")
     result.peak_rss = watch.peak("etl")
-    result.cpu = {"client": watch.main_cpu_seconds, "orthanc": watch.cpu("orthanc"),
-                  "other processes": watch.other_cpu_seconds}
-    result.extra.update(orthanc_peak_rss=watch.peak("orthanc"), version=version, statistics=stats,
-                        failures=failures[:5])
-    result.note = (f"{version}; Orthanc peak RSS {watch.peak('orthanc') / MIB:,.0f} MiB; "
-                   f"stores whole files + its main-tag index, not every element")
+    result.cpu = {
+        "client": watch.main_cpu_seconds,
+        "orthanc": watch.cpu("orthanc"),
+        "other processes": watch.other_cpu_seconds,
+    }
+    result.extra.update(
+        orthanc_peak_rss=watch.peak("orthanc"),
+        version=version,
+        statistics=stats,
+        failures=failures[:5],
+    )
+    result.note = (
+        f"{version}; Orthanc peak RSS {watch.peak('orthanc') / MIB:,.0f} MiB; "
+        f"stores whole files + its main-tag index, not every element"
+    )
     if failures:
         result.note += f"; {len(failures)} uploads failed: {failures[0]}"
     return result
@@ -723,63 +861,134 @@ def _cpu(cpu: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:,.1f}" for k, v in cpu.items()) or "–"
 
 
-def markdown(args, corpus: dict, phases: list[PhaseResult], etl: PhaseResult | None, parse: PhaseResult | None,
-             row: PhaseResult | None, orthanc: PhaseResult | None, orthanc_note: str, flat: dict | None,
-             rerun: PhaseResult | None, db_rows: dict | None, setup: dict, environment: dict) -> str:
+def markdown(
+    args,
+    corpus: dict,
+    phases: list[PhaseResult],
+    etl: PhaseResult | None,
+    parse: PhaseResult | None,
+    row: PhaseResult | None,
+    orthanc: PhaseResult | None,
+    orthanc_note: str,
+    flat: dict | None,
+    rerun: PhaseResult | None,
+    db_rows: dict | None,
+    setup: dict,
+    environment: dict,
+) -> str:
     out: list[str] = []
     out.append("## dicom_etl_dagster benchmark\n")
     out.append("Command: `" + shlex.join(args.command) + "`\n")
     out.append("Machine: " + "; ".join(f"{k} {v}" for k, v in environment.items()) + "\n")
     out.append(f"Corpus: {corpus['description']}\n")
-    out.append("| phase | files | seconds | files/s | elements/s | peak RSS main+workers (MiB) | CPU s | "
-               "own CPU s per 1k files | rows written | notes |")
+    out.append(
+        "| phase | files | seconds | files/s | elements/s | peak RSS main+workers (MiB) | CPU s | "
+        "own CPU s per 1k files | rows written | notes |"
+    )
     out.append("|---|---:|---:|---:|---:|---:|---|---:|---:|---|")
     cpus = environment.get("cpus (usable)") or 1
     for p in phases:
         if p.seconds > 1 and busy_share(p, cpus) > BUSY_SHARE:
-            p.note = "; ".join(filter(None, [p.note, f"**machine busy**: other processes used "
-                                                     f"{busy_share(p, cpus):.0%} of the CPUs"]))
-        out.append(f"| {p.name} | {p.files_ok:,}/{p.files:,} | {p.seconds:,.1f} | {p.files_per_second:,.1f} | "
-                   f"{p.elements_per_second:,.0f} | {_mib(p.peak_rss)} | {_cpu(p.cpu)} | {_per_1k(p)} | "
-                   f"{'–' if p.rows is None else f'{p.rows:,}'} | {p.note} |")
+            p.note = "; ".join(
+                filter(
+                    None,
+                    [
+                        p.note,
+                        f"**machine busy**: other processes used "
+                        f"{busy_share(p, cpus):.0%} of the CPUs",
+                    ],
+                )
+            )
+        out.append(
+            f"| {p.name} | {p.files_ok:,}/{p.files:,} | {p.seconds:,.1f} | {p.files_per_second:,.1f} | "
+            f"{p.elements_per_second:,.0f} | {_mib(p.peak_rss)} | {_cpu(p.cpu)} | {_per_1k(p)} | "
+            f"{'–' if p.rows is None else f'{p.rows:,}'} | {p.note} |"
+        )
     out.append("")
 
     out.append("| comparison | measured | target | |")
     out.append("|---|---:|---:|---|")
 
-    def line(name: str, value: float | None, target: float, unit: str = "x", lower_is_better: bool = False) -> None:
+    def line(
+        name: str,
+        value: float | None,
+        target: float,
+        unit: str = "x",
+        lower_is_better: bool = False,
+    ) -> None:
         if value is None:
-            out.append(f"| {name} | – | {'<' if lower_is_better else '>='} {target:g}{unit} | not measured |")
+            out.append(
+                f"| {name} | – | {'<' if lower_is_better else '>='} {target:g}{unit} | not measured |"
+            )
             return
         met = value < target if lower_is_better else value >= target
-        out.append(f"| {name} | {value:,.2f}{unit} | {'<' if lower_is_better else '>='} {target:g}{unit} | "
-                   f"{'met' if met else '**NOT met**'} |")
+        out.append(
+            f"| {name} | {value:,.2f}{unit} | {'<' if lower_is_better else '>='} {target:g}{unit} | "
+            f"{'met' if met else '**NOT met**'} |"
+        )
 
     if etl and parse:
-        line("ETL / parse-only (files/s)", etl.files_per_second / parse.files_per_second, TARGETS["etl_vs_parse"])
+        line(
+            "ETL / parse-only (files/s)",
+            etl.files_per_second / parse.files_per_second,
+            TARGETS["etl_vs_parse"],
+        )
     if etl:
-        line("ETL / Orthanc (files/s)",
-             etl.files_per_second / orthanc.files_per_second if orthanc and orthanc.files_per_second else None,
-             TARGETS["etl_vs_orthanc"])
-        line("ETL / row-at-a-time (elements/s)",
-             etl.elements_per_second / row.elements_per_second if row and row.elements_per_second else None,
-             TARGETS["etl_vs_row_at_a_time"])
+        line(
+            "ETL / Orthanc (files/s)",
+            etl.files_per_second / orthanc.files_per_second
+            if orthanc and orthanc.files_per_second
+            else None,
+            TARGETS["etl_vs_orthanc"],
+        )
+        line(
+            "ETL / row-at-a-time (elements/s)",
+            etl.elements_per_second / row.elements_per_second
+            if row and row.elements_per_second
+            else None,
+            TARGETS["etl_vs_row_at_a_time"],
+        )
         if row and row.files_per_second:
-            out.append(f"| ETL / row-at-a-time (files/s) | {etl.files_per_second / row.files_per_second:,.1f}x | | |")
-        line("ETL last 10% / first 10% (files/s)", flat["ratio"] if flat else None, TARGETS["last_vs_first_10pct"])
-        line("ETL last 10% / first 10% (elements/s)", flat["elements_ratio"] if flat else None,
-             TARGETS["last_vs_first_10pct"])
+            out.append(
+                f"| ETL / row-at-a-time (files/s) | {etl.files_per_second / row.files_per_second:,.1f}x | | |"
+            )
+        line(
+            "ETL last 10% / first 10% (files/s)",
+            flat["ratio"] if flat else None,
+            TARGETS["last_vs_first_10pct"],
+        )
+        line(
+            "ETL last 10% / first 10% (elements/s)",
+            flat["elements_ratio"] if flat else None,
+            TARGETS["last_vs_first_10pct"],
+        )
         if flat:  # what could slow down as tables grow is the write path, not parsing
-            first = flat["first_costs"]["main_us_per_row"] + flat["first_costs"]["backend_us_per_row"]
+            first = (
+                flat["first_costs"]["main_us_per_row"] + flat["first_costs"]["backend_us_per_row"]
+            )
             last = flat["last_costs"]["main_us_per_row"] + flat["last_costs"]["backend_us_per_row"]
-            line("ETL write-path CPU per row (main + its PostgreSQL backend), first 10% / last 10% "
-                 "(a busy machine does not disturb it)", first / last if last else None, TARGETS["last_vs_first_10pct"])
-        if flat and abs(flat["first_costs"]["other_share"] - flat["last_costs"]["other_share"]) > 0.1:
-            out.append(f"| (wall-clock first/last comparison disturbed: other processes took "
-                       f"{flat['first_costs']['other_share']:.0%} vs {flat['last_costs']['other_share']:.0%} of the CPUs; "
-                       "see the per-window table) | | | |")
-        line("ETL peak RSS, main + workers", etl.peak_rss / GIB if etl.peak_rss else None, 1.0, " GiB",
-             lower_is_better=True)
+            line(
+                "ETL write-path CPU per row (main + its PostgreSQL backend), first 10% / last 10% "
+                "(a busy machine does not disturb it)",
+                first / last if last else None,
+                TARGETS["last_vs_first_10pct"],
+            )
+        if (
+            flat
+            and abs(flat["first_costs"]["other_share"] - flat["last_costs"]["other_share"]) > 0.1
+        ):
+            out.append(
+                f"| (wall-clock first/last comparison disturbed: other processes took "
+                f"{flat['first_costs']['other_share']:.0%} vs {flat['last_costs']['other_share']:.0%} of the CPUs; "
+                "see the per-window table) | | | |"
+            )
+        line(
+            "ETL peak RSS, main + workers",
+            etl.peak_rss / GIB if etl.peak_rss else None,
+            1.0,
+            " GiB",
+            lower_is_better=True,
+        )
     out.append("")
     if orthanc_note:
         out.append(f"Orthanc: {orthanc_note}\n")
@@ -787,113 +996,207 @@ def markdown(args, corpus: dict, phases: list[PhaseResult], etl: PhaseResult | N
     if etl:
         extra = etl.extra
         out.append("ETL details:\n")
-        out.append(f"- files: {extra['status']} (already done: {extra['already_done']}); "
-                   f"{extra['batches']} batches of up to {args.batch_size}, {args.workers} parse workers")
-        out.append("- rows written: " + ", ".join(f"{k} {v:,}" for k, v in extra["rows_by_table"].items()))
+        out.append(
+            f"- files: {extra['status']} (already done: {extra['already_done']}); "
+            f"{extra['batches']} batches of up to {args.batch_size}, {args.workers} parse workers"
+        )
+        out.append(
+            "- rows written: " + ", ".join(f"{k} {v:,}" for k, v in extra["rows_by_table"].items())
+        )
         stages = extra["stage_seconds"]
-        out.append("- ingest_folder's own stage timer (s): " + ", ".join(f"{k} {v:,.1f}" for k, v in stages.items())
-                   + f"; time inside write_batch {extra['write_seconds_total']:,.1f} s")
+        out.append(
+            "- ingest_folder's own stage timer (s): "
+            + ", ".join(f"{k} {v:,.1f}" for k, v in stages.items())
+            + f"; time inside write_batch {extra['write_seconds_total']:,.1f} s"
+        )
         if "wal_bytes" in extra:
-            out.append(f"- WAL written {extra['wal_bytes'] / MIB:,.0f} MiB, checkpoints during the phase: "
-                       f"{extra.get('checkpoints', '?')}")
+            out.append(
+                f"- WAL written {extra['wal_bytes'] / MIB:,.0f} MiB, checkpoints during the phase: "
+                f"{extra.get('checkpoints', '?')}"
+            )
         if "postgres_peak_pss" in extra:
-            out.append(f"- PostgreSQL server peak PSS (all its processes) {extra['postgres_peak_pss'] / MIB:,.0f} MiB")
+            out.append(
+                f"- PostgreSQL server peak PSS (all its processes) {extra['postgres_peak_pss'] / MIB:,.0f} MiB"
+            )
         if db_rows:
-            out.append("- in the database afterwards: " + ", ".join(f"{k} {v:,}" for k, v in db_rows.items()))
+            out.append(
+                "- in the database afterwards: "
+                + ", ".join(f"{k} {v:,}" for k, v in db_rows.items())
+            )
         if parse and parse.elements != etl.elements:
-            out.append(f"- **element count differs**: parse-only {parse.elements:,}, ETL {etl.elements:,}")
+            out.append(
+                f"- **element count differs**: parse-only {parse.elements:,}, ETL {etl.elements:,}"
+            )
         if flat:
-            out.append(f"- first 10% (after the start-up batch, {flat['first_files']:,} files): "
-                       f"{flat['first_rate']:,.1f} files/s, {flat['first_elements_rate']:,.0f} elements/s, write_batch "
-                       f"{flat['first_write_seconds_per_batch']:.2f} s/batch; last 10% ({flat['last_files']:,} files): "
-                       f"{flat['last_rate']:,.1f} files/s, {flat['last_elements_rate']:,.0f} elements/s, write_batch "
-                       f"{flat['last_write_seconds_per_batch']:.2f} s/batch; start-up batch {flat['startup_seconds']:.1f} s; "
-                       f"seconds per batch min/median/max {flat['batch_seconds_min']:.2f}/"
-                       f"{flat['batch_seconds_median']:.2f}/{flat['batch_seconds_max']:.2f}")
+            out.append(
+                f"- first 10% (after the start-up batch, {flat['first_files']:,} files): "
+                f"{flat['first_rate']:,.1f} files/s, {flat['first_elements_rate']:,.0f} elements/s, write_batch "
+                f"{flat['first_write_seconds_per_batch']:.2f} s/batch; last 10% ({flat['last_files']:,} files): "
+                f"{flat['last_rate']:,.1f} files/s, {flat['last_elements_rate']:,.0f} elements/s, write_batch "
+                f"{flat['last_write_seconds_per_batch']:.2f} s/batch; start-up batch {flat['startup_seconds']:.1f} s; "
+                f"seconds per batch min/median/max {flat['batch_seconds_min']:.2f}/"
+                f"{flat['batch_seconds_median']:.2f}/{flat['batch_seconds_max']:.2f}"
+            )
             a, b = flat["first_costs"], flat["last_costs"]
-            out.append(f"- CPU µs per metadata row, first vs last 10% (a busy machine does not stretch these): "
-                       f"main process {a['main_us_per_row']:.2f} vs {b['main_us_per_row']:.2f}; its PostgreSQL "
-                       f"backend {a['backend_us_per_row']:.2f} vs {b['backend_us_per_row']:.2f}; everything of ours "
-                       f"(main, workers, all PostgreSQL processes) {a['own_us_per_row']:.2f} vs {b['own_us_per_row']:.2f}; "
-                       f"other processes took {a['other_share']:.0%} vs {b['other_share']:.0%} of the CPUs")
+            out.append(
+                f"- CPU µs per metadata row, first vs last 10% (a busy machine does not stretch these): "
+                f"main process {a['main_us_per_row']:.2f} vs {b['main_us_per_row']:.2f}; its PostgreSQL "
+                f"backend {a['backend_us_per_row']:.2f} vs {b['backend_us_per_row']:.2f}; everything of ours "
+                f"(main, workers, all PostgreSQL processes) {a['own_us_per_row']:.2f} vs {b['own_us_per_row']:.2f}; "
+                f"other processes took {a['other_share']:.0%} vs {b['other_share']:.0%} of the CPUs"
+            )
             out.append("")
-            out.append("| ETL window (files) | files/s | elements/s | own CPU µs/row | main µs/row | "
-                       "PostgreSQL backend µs/row | other processes' share of the CPUs |")
+            out.append(
+                "| ETL window (files) | files/s | elements/s | own CPU µs/row | main µs/row | "
+                "PostgreSQL backend µs/row | other processes' share of the CPUs |"
+            )
             out.append("|---|---:|---:|---:|---:|---:|---:|")
             for w in flat["windows"]:
-                out.append(f"| {w['files'][0]:,}–{w['files'][1]:,} | {w['files_per_second']:,.1f} | "
-                           f"{w['elements_per_second']:,.0f} | {w['own_us_per_row']:.2f} | {w['main_us_per_row']:.2f} | "
-                           f"{w['backend_us_per_row']:.2f} | {w['other_share']:.0%} |")
+                out.append(
+                    f"| {w['files'][0]:,}–{w['files'][1]:,} | {w['files_per_second']:,.1f} | "
+                    f"{w['elements_per_second']:,.0f} | {w['own_us_per_row']:.2f} | {w['main_us_per_row']:.2f} | "
+                    f"{w['backend_us_per_row']:.2f} | {w['other_share']:.0%} |"
+                )
             if flat["batches"] < 10:
-                out.append(f"  (only {flat['batches']} batches: too few for a meaningful first/last comparison)")
+                out.append(
+                    f"  (only {flat['batches']} batches: too few for a meaningful first/last comparison)"
+                )
         out.append("")
     if setup:
-        out.append("Setup (not timed above): " + ", ".join(f"{k} {v:.1f} s" for k, v in setup.items()) + "\n")
-    out.append("CPU s: CPU seconds per process group during the phase (main = this process; workers = the "
-               "parse pool and forkserver; postgres = every PostgreSQL process; other processes = whatever "
-               "else ran on the machine meanwhile, CPU the phase could not use; own CPU s per 1k files counts every group "
-               "but that one, a measure of cost that a busy machine disturbs less than files/s). Peak RSS is the largest "
-               "sum of RSS over this process and all its descendants, sampled every 0.2 s (PostgreSQL: PSS, every second). File reads hit "
-               "the page cache in every phase.")
+        out.append(
+            "Setup (not timed above): "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in setup.items())
+            + "\n"
+        )
+    out.append(
+        "CPU s: CPU seconds per process group during the phase (main = this process; workers = the "
+        "parse pool and forkserver; postgres = every PostgreSQL process; other processes = whatever "
+        "else ran on the machine meanwhile, CPU the phase could not use; own CPU s per 1k files counts every group "
+        "but that one, a measure of cost that a busy machine disturbs less than files/s). Peak RSS is the largest "
+        "sum of RSS over this process and all its descendants, sampled every 0.2 s (PostgreSQL: PSS, every second). File reads hit "
+        "the page cache in every phase."
+    )
     return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------------
 def resolve_corpus(args, workdir: Path) -> tuple[Path, dict]:
     """The folder to ingest and a description; generates the corpus when needed."""
-    if args.corpus is not None and args.corpus.is_dir() and make_corpus.read_manifest(args.corpus) is None:
-        if any(args.corpus.iterdir()):  # someone's own DICOM folder: use it as it is
-            return args.corpus, {"description": f"{args.corpus} (not generated)", "patients": 0}
-    out = args.corpus or Path(tempfile.gettempdir()) / "dicom_etl_bench" / f"corpus-n{args.files}-s{args.seed}"
+    if (
+        args.corpus is not None
+        and args.corpus.is_dir()
+        and make_corpus.read_manifest(args.corpus) is None
+        and any(args.corpus.iterdir())  # someone's own DICOM folder: use it as it is
+    ):
+        return args.corpus, {"description": f"{args.corpus} (not generated)", "patients": 0}
+    out = (
+        args.corpus
+        or Path(tempfile.gettempdir()) / "dicom_etl_bench" / f"corpus-n{args.files}-s{args.seed}"
+    )
     manifest = make_corpus.read_manifest(out)
     if manifest is None:
         log(f"generating {args.files:,} files into {out}")
         manifest = make_corpus.generate(out, make_corpus.CorpusSpec(args.files, args.seed))
     elif args.files_given and manifest["files"] != args.files:
-        raise SystemExit(f"{out} holds a corpus of {manifest['files']:,} files, not {args.files:,}: "
-                         "pass another --corpus folder")
-    description = (f"{out} (make_corpus seed {manifest['seed']}: {manifest['files']:,} files, "
-                   f"{manifest['bytes'] / 1e6:,.0f} MB, {manifest['series']:,} series, {manifest['studies']:,} studies, "
-                   f"{manifest['patients']:,} patients; by template "
-                   + ", ".join(f"{k} {v:,}" for k, v in manifest["files_by_template"].items()) + ")")
-    return out / manifest["dicom_folder"], {"description": description, "patients": manifest["patients"]}
+        raise SystemExit(
+            f"{out} holds a corpus of {manifest['files']:,} files, not {args.files:,}: "
+            "pass another --corpus folder"
+        )
+    description = (
+        f"{out} (make_corpus seed {manifest['seed']}: {manifest['files']:,} files, "
+        f"{manifest['bytes'] / 1e6:,.0f} MB, {manifest['series']:,} series, {manifest['studies']:,} studies, "
+        f"{manifest['patients']:,} patients; by template "
+        + ", ".join(f"{k} {v:,}" for k, v in manifest["files_by_template"].items())
+        + ")"
+    )
+    return out / manifest["dicom_folder"], {
+        "description": description,
+        "patients": manifest["patients"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--files", type=int, default=2000, help="corpus size to generate (default 2000)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    parser.add_argument(
+        "--files", type=int, default=2000, help="corpus size to generate (default 2000)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
-    parser.add_argument("--corpus", type=Path, help="corpus folder: reused if it holds one (a make_corpus "
-                        "output or any DICOM folder), generated there otherwise; default: a folder per "
-                        "size and seed under the temp directory, reused across runs")
-    parser.add_argument("--workers", type=int, default=available_cpus(),
-                        help="parse worker processes (default: the CPUs this container may use)")
-    parser.add_argument("--batch-size", type=int, default=500, help="files per batch/transaction (default 500)")
-    parser.add_argument("--baseline-files", type=int, default=200,
-                        help="files for the row-at-a-time baseline, spread over the corpus (0: skip)")
-    parser.add_argument("--skip-orthanc", action="store_true", help="do not run the Orthanc comparison")
-    parser.add_argument("--orthanc-clients", type=int, default=0,
-                        help="concurrent upload threads for Orthanc (default: 2 x workers)")
+    parser.add_argument(
+        "--corpus",
+        type=Path,
+        help="corpus folder: reused if it holds one (a make_corpus "
+        "output or any DICOM folder), generated there otherwise; default: a folder per "
+        "size and seed under the temp directory, reused across runs",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=available_cpus(),
+        help="parse worker processes (default: the CPUs this container may use)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=500, help="files per batch/transaction (default 500)"
+    )
+    parser.add_argument(
+        "--baseline-files",
+        type=int,
+        default=200,
+        help="files for the row-at-a-time baseline, spread over the corpus (0: skip)",
+    )
+    parser.add_argument(
+        "--skip-orthanc", action="store_true", help="do not run the Orthanc comparison"
+    )
+    parser.add_argument(
+        "--orthanc-clients",
+        type=int,
+        default=0,
+        help="concurrent upload threads for Orthanc (default: 2 x workers)",
+    )
     parser.add_argument("--skip-parse-only", action="store_true")
     parser.add_argument("--skip-etl", action="store_true")
-    parser.add_argument("--database-url", help="use this PostgreSQL (schemas dicom_etl_bench_* are dropped "
-                        "and re-created) instead of a throwaway pgserver")
-    parser.add_argument("--vocab-dir", type=Path, default=default_vocab_dir(),
-                        help="DICOM2OMOP CSV folder (default: $DICOM_ETL_VOCAB_DIR, else ../shared/dicom2omop)")
-    parser.add_argument("--wait-for-quiet", type=float, default=0, metavar="SECONDS",
-                        help="before each phase, wait up to SECONDS until other processes use under 15%% of "
-                        "the CPUs (for shared machines; default 0: do not wait)")
-    parser.add_argument("--repeat-if-busy", type=int, default=0, metavar="N",
-                        help="repeat a phase (up to N times) when other processes used over 5%% of the CPUs "
-                        "during it, and report the quietest run (default 0)")
+    parser.add_argument(
+        "--database-url",
+        help="use this PostgreSQL (schemas dicom_etl_bench_* are dropped "
+        "and re-created) instead of a throwaway pgserver",
+    )
+    parser.add_argument(
+        "--vocab-dir",
+        type=Path,
+        default=default_vocab_dir(),
+        help="DICOM2OMOP CSV folder (default: $DICOM_ETL_VOCAB_DIR, else ../shared/dicom2omop)",
+    )
+    parser.add_argument(
+        "--wait-for-quiet",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="before each phase, wait up to SECONDS until other processes use under 15%% of "
+        "the CPUs (for shared machines; default 0: do not wait)",
+    )
+    parser.add_argument(
+        "--repeat-if-busy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="repeat a phase (up to N times) when other processes used over 5%% of the CPUs "
+        "during it, and report the quietest run (default 0)",
+    )
     parser.add_argument("--output", type=Path, help="also write the markdown report here")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args(argv)
-    args.files_given = any(a == "--files" or a.startswith("--files=") for a in (argv or sys.argv[1:]))
+    args.files_given = any(
+        a == "--files" or a.startswith("--files=") for a in (argv or sys.argv[1:])
+    )
     args.orthanc_clients = args.orthanc_clients or 2 * args.workers
-    args.command = (list(getattr(sys, "orig_argv", [sys.executable, *sys.argv])) if argv is None
-                    else [sys.executable, str(Path(__file__)), *argv])
+    args.command = (
+        list(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+        if argv is None
+        else [sys.executable, str(Path(__file__)), *argv]
+    )
 
     workdir = Path(tempfile.mkdtemp(prefix="dicom_etl_bench_"))
     os.chmod(workdir, 0o755)  # pgserver runs PostgreSQL as its own user when we are root
@@ -904,9 +1207,12 @@ def main(argv: list[str] | None = None) -> int:
     orthanc_note = ""
     db: Database | None = None
     environment = {
-        "cpus (usable)": available_cpus(), "cpus (host)": os.cpu_count(),
-        "memory": f"{psutil.virtual_memory().total / GIB:.0f} GiB", "python": platform.python_version(),
-        "workers": args.workers, "batch size": args.batch_size,
+        "cpus (usable)": available_cpus(),
+        "cpus (host)": os.cpu_count(),
+        "memory": f"{psutil.virtual_memory().total / GIB:.0f} GiB",
+        "python": platform.python_version(),
+        "workers": args.workers,
+        "batch size": args.batch_size,
     }
     try:
         root, corpus = resolve_corpus(args, workdir)
@@ -917,19 +1223,27 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"no files under {root}")
         warm_up_workers(root, args.workers)
 
-        def measured(title: str, run: Callable[[], PhaseResult], reset: Callable[[], None] | None = None) -> PhaseResult:
+        def measured(
+            title: str, run: Callable[[], PhaseResult], reset: Callable[[], None] | None = None
+        ) -> PhaseResult:
             """Run a phase; on a busy machine, again (up to --repeat-if-busy times), keeping the quietest run."""
             best: PhaseResult | None = None
             for attempt in range(1 + args.repeat_if_busy):
-                log(title if attempt == 0 else f"{title}: again, the machine was busy (attempt {attempt + 1})")
+                log(
+                    title
+                    if attempt == 0
+                    else f"{title}: again, the machine was busy (attempt {attempt + 1})"
+                )
                 waited = wait_for_quiet_machine(args.wait_for_quiet)
                 if reset is not None and attempt > 0:
                     reset()
                 result = run()
                 result.note = "; ".join(filter(None, [result.note, waited]))
                 share = busy_share(result, environment["cpus (usable)"])
-                log(f"  {result.files_per_second:,.1f} files/s, {result.elements_per_second:,.0f} elements/s"
-                    + (f" (other processes used {share:.0%} of the CPUs)" if share > 0.01 else ""))
+                log(
+                    f"  {result.files_per_second:,.1f} files/s, {result.elements_per_second:,.0f} elements/s"
+                    + (f" (other processes used {share:.0%} of the CPUs)" if share > 0.01 else "")
+                )
                 if best is None or share < busy_share(best, environment["cpus (usable)"]):
                     best = result
                 if share <= BUSY_SHARE:
@@ -937,7 +1251,9 @@ def main(argv: list[str] | None = None) -> int:
             return best
 
         if not args.skip_parse_only:
-            parse = measured("phase 1: parse-only", lambda: run_parse_only(root, args.workers, args.batch_size))
+            parse = measured(
+                "phase 1: parse-only", lambda: run_parse_only(root, args.workers, args.batch_size)
+            )
             phases.append(parse)
 
         if not args.skip_etl or args.baseline_files:
@@ -947,22 +1263,33 @@ def main(argv: list[str] | None = None) -> int:
             setup = prepare_database(db, args.vocab_dir, corpus["patients"])
 
         if not args.skip_etl:
-            etl = measured("phase 2: ETL", lambda: run_etl(db, root, args.workers, args.batch_size, len(paths)),
-                           reset=lambda: prepare_database(db, args.vocab_dir, corpus["patients"]))
+            etl = measured(
+                "phase 2: ETL",
+                lambda: run_etl(db, root, args.workers, args.batch_size, len(paths)),
+                reset=lambda: prepare_database(db, args.vocab_dir, corpus["patients"]),
+            )
             phases.append(etl)
             flat = flatness(etl, len(paths))
             db_rows = database_rows(db)
             log("phase 2b: ETL again on the same folder (nothing to do)")
-            rerun = run_etl(db, root, args.workers, args.batch_size, len(paths),
-                            label="ETL re-run (every file already done)")
+            rerun = run_etl(
+                db,
+                root,
+                args.workers,
+                args.batch_size,
+                len(paths),
+                label="ETL re-run (every file already done)",
+            )
             rerun.elements = 0
             phases.append(rerun)
 
         if args.baseline_files:
             subset = spread_subset(paths, args.baseline_files)
-            row = measured(f"phase 3: row-at-a-time baseline on {len(subset):,} files",
-                           lambda: run_baseline(db, subset, with_mapping=bool(corpus["patients"])),
-                           reset=lambda: recreate_baseline_schema(db))
+            row = measured(
+                f"phase 3: row-at-a-time baseline on {len(subset):,} files",
+                lambda: run_baseline(db, subset, with_mapping=bool(corpus["patients"])),
+                reset=lambda: recreate_baseline_schema(db),
+            )
             phases.append(row)
 
         if args.skip_orthanc:
@@ -970,33 +1297,80 @@ def main(argv: list[str] | None = None) -> int:
         elif orthanc_binary() is None:
             orthanc_note = "skipped: no Orthanc binary on PATH (Debian: apt-get install orthanc)"
         else:
-            orthanc = measured(f"phase 4: Orthanc REST ingest of {len(paths):,} files",
-                               lambda: run_orthanc(paths, parse.elements if parse else 0, args.orthanc_clients,
-                                                   workdir))
+            orthanc = measured(
+                f"phase 4: Orthanc REST ingest of {len(paths):,} files",
+                lambda: run_orthanc(
+                    paths, parse.elements if parse else 0, args.orthanc_clients, workdir
+                ),
+            )
             phases.append(orthanc)
     finally:
         if db is not None:
             db.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    report = markdown(args, corpus, phases, etl, parse, row, orthanc, orthanc_note, flat, rerun, db_rows, setup,
-                      environment)
+    report = markdown(
+        args,
+        corpus,
+        phases,
+        etl,
+        parse,
+        row,
+        orthanc,
+        orthanc_note,
+        flat,
+        rerun,
+        db_rows,
+        setup,
+        environment,
+    )
     print(report)
     if args.output:
         args.output.write_text(report + "\n")
     if args.json:
+
         def plain(p: PhaseResult) -> dict:
             extra = {k: v for k, v in p.extra.items() if k not in ("marks", "started")}
             if "marks" in p.extra:  # per batch, relative to the phase start
                 extra["batches_detail"] = [
-                    {**m.__dict__, "at": round(m.at - p.extra["started"], 3)} for m in p.extra["marks"]]
-            return {**{k: getattr(p, k) for k in ("name", "files", "files_ok", "elements", "seconds", "peak_rss",
-                                                  "cpu", "rows", "note")},
-                    "files_per_second": p.files_per_second, "elements_per_second": p.elements_per_second,
-                    "extra": extra}
-        args.json.write_text(json.dumps({"command": args.command, "environment": environment,
-                                         "corpus": corpus, "phases": [plain(p) for p in phases], "flatness": flat,
-                                         "database_rows": db_rows, "setup_seconds": setup}, indent=2, default=str))
+                    {**m.__dict__, "at": round(m.at - p.extra["started"], 3)}
+                    for m in p.extra["marks"]
+                ]
+            return {
+                **{
+                    k: getattr(p, k)
+                    for k in (
+                        "name",
+                        "files",
+                        "files_ok",
+                        "elements",
+                        "seconds",
+                        "peak_rss",
+                        "cpu",
+                        "rows",
+                        "note",
+                    )
+                },
+                "files_per_second": p.files_per_second,
+                "elements_per_second": p.elements_per_second,
+                "extra": extra,
+            }
+
+        args.json.write_text(
+            json.dumps(
+                {
+                    "command": args.command,
+                    "environment": environment,
+                    "corpus": corpus,
+                    "phases": [plain(p) for p in phases],
+                    "flatness": flat,
+                    "database_rows": db_rows,
+                    "setup_seconds": setup,
+                },
+                indent=2,
+                default=str,
+            )
+        )
     return 0
 
 

@@ -65,7 +65,9 @@ class Template:
     weight: int  # relative share of series
     body_part: str | None = None  # BodyPartExamined to set (the samples mostly lack it)
     description: str | None = None  # StudyDescription to set when the sample has none
-    private_sequences: bool = False  # add nested private sequences (no bundled file that read_instance accepts has them)
+    private_sequences: bool = (
+        False  # add nested private sequences (no bundled file that read_instance accepts has them)
+    )
 
 
 TEMPLATES: tuple[Template, ...] = (
@@ -110,8 +112,13 @@ class CorpusSpec:
         return math.ceil(self.studies / self.studies_per_patient)
 
     def as_dict(self) -> dict:
-        return {"files": self.files, "seed": self.seed, "files_per_series": self.files_per_series,
-                "series_per_study": self.series_per_study, "studies_per_patient": self.studies_per_patient}
+        return {
+            "files": self.files,
+            "seed": self.seed,
+            "files_per_series": self.files_per_series,
+            "series_per_study": self.series_per_study,
+            "studies_per_patient": self.studies_per_patient,
+        }
 
 
 def uid_for(seed: int, kind: str, number: int) -> str:
@@ -181,7 +188,9 @@ class _CompiledTemplate:
                 starts.append(found)
                 found = data.find(encoded, found + 1)
             if len(starts) != expected:
-                raise RuntimeError(f"template {template.kind}: marker for {field} found {len(starts)} times")
+                raise RuntimeError(
+                    f"template {template.kind}: marker for {field} found {len(starts)} times"
+                )
             spans.extend((start, start + len(encoded), field) for start in starts)
         spans.sort()
         self.pieces: list[bytes] = []
@@ -253,7 +262,10 @@ def _series_templates(spec: CorpusSpec) -> list[Template]:
 
 def _study_dates(spec: CorpusSpec) -> list[date]:
     rng = random.Random(f"dates:{spec.seed}")
-    return [_FIRST_STUDY_DATE + timedelta(days=rng.randrange(_STUDY_DATE_SPAN_DAYS)) for _ in range(spec.studies)]
+    return [
+        _FIRST_STUDY_DATE + timedelta(days=rng.randrange(_STUDY_DATE_SPAN_DAYS))
+        for _ in range(spec.studies)
+    ]
 
 
 def generate(out: str | os.PathLike, spec: CorpusSpec, progress: bool = False) -> dict:
@@ -275,8 +287,12 @@ def generate(out: str | os.PathLike, spec: CorpusSpec, progress: bool = False) -
         study = series // spec.series_per_study
         patient = study // spec.studies_per_patient
         template = compiled[templates[series].kind]
-        folder = (dicom_root / patient_id(patient + 1) / f"study_{study % spec.studies_per_patient + 1:03d}"
-                  / f"series_{series % spec.series_per_study + 1:03d}_{template.template.kind}")
+        folder = (
+            dicom_root
+            / patient_id(patient + 1)
+            / f"study_{study % spec.studies_per_patient + 1:03d}"
+            / f"series_{series % spec.series_per_study + 1:03d}_{template.template.kind}"
+        )
         folder.mkdir(parents=True, exist_ok=True)
         study_date = dates[study].strftime("%Y%m%d")
         values = {
@@ -288,7 +304,7 @@ def generate(out: str | os.PathLike, spec: CorpusSpec, progress: bool = False) -
             "accession": f"ACC{study + 1:09d}",
             "study_id": f"S{study + 1:07d}",
             "series_number": f"{series % spec.series_per_study + 1:06d}",
-            **{keyword: study_date for keyword in _DATE_KEYWORDS},
+            **dict.fromkeys(_DATE_KEYWORDS, study_date),
         }
         in_series = min(spec.files_per_series, spec.files - written)
         for number in range(in_series):
@@ -327,24 +343,38 @@ def read_manifest(out: str | os.PathLike) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out", type=Path, help="output folder (new or empty)")
     parser.add_argument("--files", type=int, default=1000, help="number of files (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed: same seed, same bytes (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed: same seed, same bytes (default 0)"
+    )
     parser.add_argument("--files-per-series", type=int, default=CorpusSpec.files_per_series)
     parser.add_argument("--series-per-study", type=int, default=CorpusSpec.series_per_study)
     parser.add_argument("--studies-per-patient", type=int, default=CorpusSpec.studies_per_patient)
     args = parser.parse_args(argv)
-    spec = CorpusSpec(args.files, args.seed, args.files_per_series, args.series_per_study, args.studies_per_patient)
+    spec = CorpusSpec(
+        args.files,
+        args.seed,
+        args.files_per_series,
+        args.series_per_study,
+        args.studies_per_patient,
+    )
     try:
         manifest = generate(args.out, spec, progress=True)
     except FileExistsError as exc:
         parser.error(str(exc))
-    print(f"{manifest['files']:,} files ({manifest['bytes'] / 1e6:,.1f} MB) in {manifest['series']:,} series, "
-          f"{manifest['studies']:,} studies, {manifest['patients']:,} patients under {args.out / DICOM_SUBDIR} "
-          f"in {manifest['seconds']:.1f} s")
-    print("files by template: " + ", ".join(f"{k} {v:,}" for k, v in manifest["files_by_template"].items()))
+    print(
+        f"{manifest['files']:,} files ({manifest['bytes'] / 1e6:,.1f} MB) in {manifest['series']:,} series, "
+        f"{manifest['studies']:,} studies, {manifest['patients']:,} patients under {args.out / DICOM_SUBDIR} "
+        f"in {manifest['seconds']:.1f} s"
+    )
+    print(
+        "files by template: "
+        + ", ".join(f"{k} {v:,}" for k, v in manifest["files_by_template"].items())
+    )
     return 0
 
 

@@ -71,7 +71,9 @@ class Webserver:
         self.dagster_home = Path(dagster_home)
         self.dagster_home.mkdir(parents=True, exist_ok=True)
         (self.dagster_home / "dagster.yaml").write_text(INSTANCE_YAML)
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("DICOM_ETL_", "DAGSTER_"))}
+        self.env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("DICOM_ETL_", "DAGSTER_"))
+        }
         self.env.update({"DAGSTER_HOME": str(self.dagster_home), **env})
         self.log_path = Path(log_path or self.dagster_home / "webserver.log")
         self.port = free_port()
@@ -84,12 +86,25 @@ class Webserver:
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
 
-    def start(self, timeout: float = 180) -> "Webserver":
+    def start(self, timeout: float = 180) -> Webserver:
         for attempt in range(3):
             with open(self.log_path, "wb") as log:
                 self.process = subprocess.Popen(
-                    [WEBSERVER, "-w", "workspace.yaml", "--host", "127.0.0.1", "--port", str(self.port)],
-                    cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                    [
+                        WEBSERVER,
+                        "-w",
+                        "workspace.yaml",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(self.port),
+                    ],
+                    cwd=REPO_ROOT,
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             try:
                 self.wait_until_loaded(timeout)
                 return self
@@ -107,7 +122,9 @@ class Webserver:
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"dagster-webserver exited with {self.process.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"dagster-webserver exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
             try:
                 workspace = self.graphql(WORKSPACE_QUERY, timeout=10)["workspaceOrError"]
             except (requests.ConnectionError, requests.Timeout):
@@ -116,20 +133,31 @@ class Webserver:
                 if workspace["__typename"] != "Workspace":
                     raise RuntimeError(f"workspace failed to load: {workspace.get('message')}")
                 entries = workspace["locationEntries"]
-                errors = [e for e in entries if (e["locationOrLoadError"] or {}).get("__typename") == "PythonError"]
+                errors = [
+                    e
+                    for e in entries
+                    if (e["locationOrLoadError"] or {}).get("__typename") == "PythonError"
+                ]
                 if errors:
                     error = errors[0]["locationOrLoadError"]
-                    raise RuntimeError(f"code location {errors[0]['name']} failed to load: {error['message']}"
-                                       + "".join(error["stack"][-10:]))
+                    raise RuntimeError(
+                        f"code location {errors[0]['name']} failed to load: {error['message']}"
+                        + "".join(error["stack"][-10:])
+                    )
                 if entries and all(e["loadStatus"] == "LOADED" for e in entries):
                     return entries
             if time.monotonic() > deadline:
-                raise TimeoutError(f"code location not loaded after {timeout:.0f}s:\n{self.log_tail()}")
+                raise TimeoutError(
+                    f"code location not loaded after {timeout:.0f}s:\n{self.log_tail()}"
+                )
             time.sleep(0.5)
 
     def graphql(self, query: str, variables: dict | None = None, timeout: float = 60) -> dict:
-        response = requests.post(f"{self.url}/graphql", json={"query": query, "variables": variables or {}},
-                                 timeout=timeout)
+        response = requests.post(
+            f"{self.url}/graphql",
+            json={"query": query, "variables": variables or {}},
+            timeout=timeout,
+        )
         response.raise_for_status()
         body = response.json()
         if body.get("errors"):
@@ -151,7 +179,9 @@ class Webserver:
         deadline = time.monotonic() + timeout
         while (status := client.get_run_status(run_id)) not in finished:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"run {run_id} of {job} still {status.value} after {timeout:.0f}s")
+                raise TimeoutError(
+                    f"run {run_id} of {job} still {status.value} after {timeout:.0f}s"
+                )
             time.sleep(1)
         return run_id, status.value
 
@@ -174,7 +204,7 @@ class Webserver:
             except subprocess.TimeoutExpired:
                 continue
 
-    def __enter__(self) -> "Webserver":
+    def __enter__(self) -> Webserver:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -203,35 +233,64 @@ GRAPH_WINDOW = (2560, 1150)
 PAGE_WINDOW = (1600, 1000)
 
 
-def _chromium(args: list[str], budget_ms: int, window: tuple[int, int], timeout: float = 180,
-              extra: list[str] = ()) -> subprocess.CompletedProcess:
+def _chromium(
+    args: list[str],
+    budget_ms: int,
+    window: tuple[int, int],
+    timeout: float = 180,
+    extra: list[str] = (),
+) -> subprocess.CompletedProcess:
     profile = tempfile.mkdtemp(prefix="dicom_etl_chromium_")
     command = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}",
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
         # Virtual time runs the React app until it is idle (its GraphQL fetches included).
-        f"--virtual-time-budget={budget_ms}", f"--window-size={window[0]},{window[1]}", *extra, *args,
+        f"--virtual-time-budget={budget_ms}",
+        f"--window-size={window[0]},{window[1]}",
+        *extra,
+        *args,
     ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        raise TimeoutError(f"chromium did not finish in {timeout:.0f}s: {stderr.decode(errors='replace')[-2000:]}")
+        raise TimeoutError(
+            f"chromium did not finish in {timeout:.0f}s: {stderr.decode(errors='replace')[-2000:]}"
+        ) from None
     finally:
         try:  # helpers (crashpad) that outlive the browser
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         shutil.rmtree(profile, ignore_errors=True)
-    return subprocess.CompletedProcess(command, process.returncode, stdout.decode(errors="replace"),
-                                       stderr.decode(errors="replace"))
+    return subprocess.CompletedProcess(
+        command,
+        process.returncode,
+        stdout.decode(errors="replace"),
+        stderr.decode(errors="replace"),
+    )
 
 
-def dump_dom(url: str, must_contain: tuple[str, ...] = (), window: tuple[int, int] = PAGE_WINDOW,
-             attempts: int = 3) -> str:
+def dump_dom(
+    url: str,
+    must_contain: tuple[str, ...] = (),
+    window: tuple[int, int] = PAGE_WINDOW,
+    attempts: int = 3,
+) -> str:
     """The page's DOM after its JavaScript ran; tried again (with more time) until it holds ``must_contain``."""
     dom = ""
     for attempt in range(attempts):
@@ -242,13 +301,19 @@ def dump_dom(url: str, must_contain: tuple[str, ...] = (), window: tuple[int, in
     return dom
 
 
-def screenshot(url: str, out: Path, window: tuple[int, int] = PAGE_WINDOW, scale: float = 1.0) -> Path:
+def screenshot(
+    url: str, out: Path, window: tuple[int, int] = PAGE_WINDOW, scale: float = 1.0
+) -> Path:
     """A PNG of the page as a ``window``-sized browser shows it, ``scale`` times the pixels."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
-    completed = _chromium([f"--screenshot={out}", url], budget_ms=20000, window=window,
-                          extra=[f"--force-device-scale-factor={scale}"])
+    completed = _chromium(
+        [f"--screenshot={out}", url],
+        budget_ms=20000,
+        window=window,
+        extra=[f"--force-device-scale-factor={scale}"],
+    )
     if not out.is_file() or out.stat().st_size == 0:
         raise RuntimeError(f"chromium wrote no screenshot of {url}: {completed.stderr[-2000:]}")
     return out
@@ -273,21 +338,36 @@ def copy_samples(folder: Path, names: list[str] | None = None) -> Path:
 
 def original_options(dicom_folder: Path) -> dict:
     """The original plugin's options document, pointed at ``dicom_folder``."""
-    return {"options": {
-        "flow_action_type": "ingest_metadata", "database_code": "alpdev_pg",
-        "medical_imaging_schema_name": "cdmmedicalimaging", "cdm_schema_name": "cdmdefault",
-        "vocab_schema_name": "cdmvocab", "dicom_files_abs_path": str(dicom_folder),
-        "to_truncate": False, "upload_files": False, "missing_person_id_options": "use_id_zero",
-        "person_to_patient_mapping": {
-            "schema_name": "cdmmedicalimaging", "table_name": "mappingtable",
-            "person_id_column_name": "source_person_id", "patient_id_column_name": "source_patient_id"}}}
+    return {
+        "options": {
+            "flow_action_type": "ingest_metadata",
+            "database_code": "alpdev_pg",
+            "medical_imaging_schema_name": "cdmmedicalimaging",
+            "cdm_schema_name": "cdmdefault",
+            "vocab_schema_name": "cdmvocab",
+            "dicom_files_abs_path": str(dicom_folder),
+            "to_truncate": False,
+            "upload_files": False,
+            "missing_person_id_options": "use_id_zero",
+            "person_to_patient_mapping": {
+                "schema_name": "cdmmedicalimaging",
+                "table_name": "mappingtable",
+                "person_id_column_name": "source_person_id",
+                "patient_id_column_name": "source_patient_id",
+            },
+        }
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--database-url", help="an empty PostgreSQL database (default: embedded, temporary)")
+    parser.add_argument(
+        "--database-url", help="an empty PostgreSQL database (default: embedded, temporary)"
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "img")
-    parser.add_argument("--asset", default="image_occurrence", help="whose materialization page to capture")
+    parser.add_argument(
+        "--asset", default="image_occurrence", help="whose materialization page to capture"
+    )
     args = parser.parse_args(argv)
     if not Path(CHROMIUM).exists():
         parser.error(f"{CHROMIUM} not found: apt-get install chromium")
@@ -302,7 +382,10 @@ def main(argv: list[str] | None = None) -> int:
             server = pgserver.get_server(work / "pgdata", cleanup_mode="delete")
             database_url = server.get_uri()
         dicom = copy_samples(work / "dicom")
-        env = {"DICOM_ETL_DATABASE_URL": database_url, "DICOM_ETL_EMBEDDED_PGDATA": str(work / "unused-pgdata")}
+        env = {
+            "DICOM_ETL_DATABASE_URL": database_url,
+            "DICOM_ETL_EMBEDDED_PGDATA": str(work / "unused-pgdata"),
+        }
         if os.environ.get("DICOM_ETL_VOCAB_DIR"):
             env["DICOM_ETL_VOCAB_DIR"] = os.environ["DICOM_ETL_VOCAB_DIR"]
         with Webserver(work / "dagster_home", env) as web:
@@ -314,10 +397,17 @@ def main(argv: list[str] | None = None) -> int:
                 if status != "SUCCESS":
                     raise SystemExit(f"{job} did not succeed; see the run {run_id} in {web.url}")
             web.dismiss_community_dialog()
-            graph = screenshot(asset_graph_url(web.url), args.out / "asset_graph.png", window=GRAPH_WINDOW,
-                               scale=0.75)
-            page = screenshot(materialization_url(web.url, args.asset), args.out / "materialization.png",
-                              window=(1600, 1100))
+            graph = screenshot(
+                asset_graph_url(web.url),
+                args.out / "asset_graph.png",
+                window=GRAPH_WINDOW,
+                scale=0.75,
+            )
+            page = screenshot(
+                materialization_url(web.url, args.asset),
+                args.out / "materialization.png",
+                window=(1600, 1100),
+            )
             for png in (graph, page):
                 print(f"saved {png} ({png.stat().st_size // 1024} KB)")
     finally:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import dagster as dg
 import psycopg
@@ -12,7 +12,11 @@ from dicom_etl_dagster.config import EtlOptions, run_schemas
 from dicom_etl_dagster.core.db.ddl import ensure_tables
 from dicom_etl_dagster.core.db.identifiers import InvalidIdentifierError, Schemas
 from dicom_etl_dagster.core.vocabulary.files import VocabularyFileError
-from dicom_etl_dagster.resources.database import DatabaseUnavailableError, PostgresResource, redact_url
+from dicom_etl_dagster.resources.database import (
+    DatabaseUnavailableError,
+    PostgresResource,
+    redact_url,
+)
 
 #: Errors whose message is the whole story: the run fails with that line, not a traceback.
 CLEAR_ERRORS = (VocabularyFileError, InvalidIdentifierError, DatabaseUnavailableError)
@@ -54,4 +58,5 @@ def database_session(
                 raise dg.Failure(
                     description=f"lost the connection to PostgreSQL ({database.describe()}): {reason}. "
                     "Batches committed before are kept; re-run to finish the rest.",
-                    allow_retries=False) from None
+                    allow_retries=False,
+                ) from None

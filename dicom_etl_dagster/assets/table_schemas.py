@@ -19,7 +19,8 @@ _COLUMN = re.compile(r"^\s*(\w+)\s+(\w+(?:\(\d+(?:,\s*\d+)?\))?)\s+(NOT NULL|NUL
 _PRIMARY_KEY = re.compile(r"CONSTRAINT \w+ PRIMARY KEY \(([^)]*)\)")
 _CHECK = re.compile(r"CONSTRAINT (\w+) (CHECK \(.*\))\s*,?\s*$")
 _UNIQUE_INDEX = re.compile(
-    r"CREATE UNIQUE INDEX \w+ ON \{schema\}\.\w+ \(([^)]*)\)(\s+WHERE [^;]*)?;", re.DOTALL)
+    r"CREATE UNIQUE INDEX \w+ ON \{schema\}\.\w+ \(([^)]*)\)(\s+WHERE [^;]*)?;", re.DOTALL
+)
 
 #: Descriptions of the columns whose name does not say it all (the rest are standard OMOP).
 COLUMN_DESCRIPTIONS: dict[str, dict[str, str]] = {
@@ -29,7 +30,7 @@ COLUMN_DESCRIPTIONS: dict[str, dict[str, str]] = {
     },
     "concept_class": {
         "concept_class_concept_id": "The concept describing the class (2128000001 DICOM Attributes, "
-                                    "2128000002 DICOM Value Sets).",
+        "2128000002 DICOM Value Sets).",
     },
     "concept": {
         "standard_concept": "'S' standard, 'C' classification, NULL non-standard (all DICOM concepts are NULL).",
@@ -60,15 +61,15 @@ COLUMN_DESCRIPTIONS: dict[str, dict[str, str]] = {
         "image_occurrence_id": "From the ETL's sequence; one row per SeriesInstanceUID.",
         "procedure_occurrence_id": "The study's procedure_occurrence.",
         "anatomic_site_concept_id": "BodyPartExamined's standard 'Maps to' target, else the SNOMED "
-                                    "concept named `Entire <body part>`, else 0.",
+        "concept named `Entire <body part>`, else 0.",
         "wadors_uri": "{DICOMweb root}/studies/{study}/series/{series}, set once the series is uploaded "
-                      "to a DICOMweb-capable server.",
+        "to a DICOMweb-capable server.",
         "local_path": "Folder of the series' first file.",
         "image_occurrence_date": "First valid of SeriesDate, AcquisitionDate, ContentDate, StudyDate.",
         "image_study_uid": "StudyInstanceUID.",
         "image_series_uid": "SeriesInstanceUID (unique).",
         "modality_concept_id": "DICOM value concept of the Modality, else the SNOMED Procedure of the same "
-                               "name, else 0.",
+        "name, else 0.",
     },
     "dicom_file_metadata": {
         "metadata_id": "From the ETL's sequence; one row per data element of every dataset.",
@@ -76,7 +77,7 @@ COLUMN_DESCRIPTIONS: dict[str, dict[str, str]] = {
         "metadata_source_tag": "Tag as (gggg,eeee).",
         "metadata_source_group_number": "Tag group, e.g. 0008.",
         "metadata_source_value": "The DICOM JSON model (PS3.18 F.2) Value as JSON; binary VRs as the "
-                                 "base64 InlineBinary string. PixelData is never stored.",
+        "base64 InlineBinary string. PixelData is never stored.",
         "is_sequence": "True for an SQ element; its items' elements point back to this row.",
         "sequence_length": "Number of items of a sequence.",
         "parent_sequence_id": "metadata_id of the sequence row this element is nested in (NULL at top level).",
@@ -107,10 +108,15 @@ COLUMN_DESCRIPTIONS: dict[str, dict[str, str]] = {
 
 #: The table assets, with the DDL file each is created from.
 TABLE_FILES = {
-    "vocabulary": "vocabulary.sql", "concept_class": "vocabulary.sql", "concept": "vocabulary.sql",
-    "concept_relationship": "vocabulary.sql", "procedure_occurrence": "cdm.sql",
-    "dicom_data_element": "medical_imaging.sql", "image_occurrence": "medical_imaging.sql",
-    "dicom_file_metadata": "medical_imaging.sql", "dicom_ingest_log": "medical_imaging.sql",
+    "vocabulary": "vocabulary.sql",
+    "concept_class": "vocabulary.sql",
+    "concept": "vocabulary.sql",
+    "concept_relationship": "vocabulary.sql",
+    "procedure_occurrence": "cdm.sql",
+    "dicom_data_element": "medical_imaging.sql",
+    "image_occurrence": "medical_imaging.sql",
+    "dicom_file_metadata": "medical_imaging.sql",
+    "dicom_ingest_log": "medical_imaging.sql",
     "file_upload_metadata": "medical_imaging.sql",
 }
 
@@ -137,26 +143,42 @@ def parse_table(table: str, block: str) -> dg.TableSchema:
             checks.append(f"{check.group(1)}: {check.group(2)}")
         elif line.strip() and not line.strip().startswith("--"):
             raise ValueError(f"{table}: DDL line not understood: {line.strip()!r}")
-    unique_sets = [([c.strip() for c in m.group(1).split(",")], (m.group(2) or "").strip())
-                   for m in _UNIQUE_INDEX.finditer(block)]
+    unique_sets = [
+        ([c.strip() for c in m.group(1).split(",")], (m.group(2) or "").strip())
+        for m in _UNIQUE_INDEX.finditer(block)
+    ]
     descriptions = COLUMN_DESCRIPTIONS.get(table, {})
     unknown = set(descriptions) - {name for name, _, _ in columns}
     if unknown:
-        raise ValueError(f"{table}: descriptions for columns the DDL does not have: {sorted(unknown)}")
+        raise ValueError(
+            f"{table}: descriptions for columns the DDL does not have: {sorted(unknown)}"
+        )
 
     table_columns = []
     for name, sql_type, nullable in columns:
         other = ["primary key"] if name in primary_key else []
-        unique = primary_key == [name] or any(cols == [name] and not where for cols, where in unique_sets)
+        unique = primary_key == [name] or any(
+            cols == [name] and not where for cols, where in unique_sets
+        )
         other += [f"unique {where}" for cols, where in unique_sets if cols == [name] and where]
-        table_columns.append(dg.TableColumn(
-            name=name, type=sql_type, description=descriptions.get(name),
-            constraints=dg.TableColumnConstraints(nullable=nullable, unique=unique, other=other or None)))
+        table_columns.append(
+            dg.TableColumn(
+                name=name,
+                type=sql_type,
+                description=descriptions.get(name),
+                constraints=dg.TableColumnConstraints(
+                    nullable=nullable, unique=unique, other=other or None
+                ),
+            )
+        )
     table_constraints = []
     if len(primary_key) > 1:
         table_constraints.append(f"primary key ({', '.join(primary_key)})")
-    table_constraints += [f"unique ({', '.join(cols)}){' ' + where if where else ''}"
-                          for cols, where in unique_sets if len(cols) > 1]
+    table_constraints += [
+        f"unique ({', '.join(cols)}){' ' + where if where else ''}"
+        for cols, where in unique_sets
+        if len(cols) > 1
+    ]
     table_constraints += checks
     return dg.TableSchema(
         columns=table_columns,

@@ -8,17 +8,15 @@ launched without the ingest step and skips when the ingest runs in the same run,
 file_upload_metadata" uploads.
 """
 
-from typing import Optional
-
 import dagster as dg
 from psycopg import sql
 
+from dicom_etl_dagster.assets.common import database_session, markdown_table
+from dicom_etl_dagster.assets.table_schemas import column_schema
 from dicom_etl_dagster.config import EtlOptions
 from dicom_etl_dagster.core.upload.uploader import UploadReport, upload_pending
 from dicom_etl_dagster.resources.database import PostgresResource
 from dicom_etl_dagster.resources.dicom_server import DicomServerConfigError, DicomServerResource
-from dicom_etl_dagster.assets.common import database_session, markdown_table
-from dicom_etl_dagster.assets.table_schemas import column_schema
 
 GROUP = "upload"
 INGEST_ASSET = dg.AssetKey("dicom_file_metadata")
@@ -28,7 +26,7 @@ MAX_FAILURES_SHOWN = 20
 class UploadOptions(EtlOptions):
     """The options document; ``upload_files`` unset means 'when launched on its own'."""
 
-    upload_files: Optional[bool] = None
+    upload_files: bool | None = None
 
 
 def _should_upload(context: dg.AssetExecutionContext, config: UploadOptions) -> tuple[bool, str]:
@@ -36,15 +34,21 @@ def _should_upload(context: dg.AssetExecutionContext, config: UploadOptions) -> 
         return config.upload_files, f"upload_files {str(config.upload_files).lower()}"
     ingest_in_run = INGEST_ASSET in context.job_def.asset_layer.executable_asset_keys
     if ingest_in_run:
-        return False, "upload_files not set and the ingest runs in this run; set upload_files: true to upload"
+        return (
+            False,
+            "upload_files not set and the ingest runs in this run; set upload_files: true to upload",
+        )
     return True, "launched on its own"
 
 
 def _sample_wadors_uri(conn, schemas) -> dict:
     # The newest series that has one (a backward walk of the primary key, not a scan).
-    row = conn.execute(sql.SQL("SELECT wadors_uri FROM {} WHERE wadors_uri IS NOT NULL"
-                               " ORDER BY image_occurrence_id DESC LIMIT 1").format(
-        sql.Identifier(schemas.medical_imaging, "image_occurrence"))).fetchone()
+    row = conn.execute(
+        sql.SQL(
+            "SELECT wadors_uri FROM {} WHERE wadors_uri IS NOT NULL"
+            " ORDER BY image_occurrence_id DESC LIMIT 1"
+        ).format(sql.Identifier(schemas.medical_imaging, "image_occurrence"))
+    ).fetchone()
     return {"sample_wadors_uri": dg.MetadataValue.url(row[0])} if row else {}
 
 
@@ -61,28 +65,39 @@ def _metadata(report: UploadReport, server: str, links: dict | None = None) -> d
         "bytes_sent": report.bytes_sent,
         "files_per_second": dg.MetadataValue.float(report.files_per_second()),
         "seconds": dg.MetadataValue.float(round(report.seconds, 3)),
-        "wadors_root": report.dicomweb_root or "none (server does not speak DICOMweb: wadors_uri not set)",
+        "wadors_root": report.dicomweb_root
+        or "none (server does not speak DICOMweb: wadors_uri not set)",
         "series_wadors_uri_set": report.series_with_wadors_uri,
-        "first_failures": dg.MetadataValue.md(markdown_table(
-            ("file", "reason"), report.failures[:MAX_FAILURES_SHOWN])),
+        "first_failures": dg.MetadataValue.md(
+            markdown_table(("file", "reason"), report.failures[:MAX_FAILURES_SHOWN])
+        ),
         **(links or {}),
     }
 
 
 @dg.asset(
-    name="file_upload_metadata", group_name=GROUP, kinds={"postgres", "dicom"}, output_required=False,
+    name="file_upload_metadata",
+    group_name=GROUP,
+    kinds={"postgres", "dicom"},
+    output_required=False,
     metadata=column_schema("file_upload_metadata"),
     pool="dicom_etl_dicom_server",
     deps=["dicom_file_metadata", "dicom_ingest_log"],
     description="Ingested files uploaded to the DICOM server (Orthanc REST or DICOMweb STOW-RS): one row per "
-                "upload; sets image_occurrence.wadors_uri when the server speaks DICOMweb.",
+    "upload; sets image_occurrence.wadors_uri when the server speaks DICOMweb.",
 )
-def file_upload_metadata(context: dg.AssetExecutionContext, config: UploadOptions, database: PostgresResource,
-                         dicom_server: DicomServerResource):
+def file_upload_metadata(
+    context: dg.AssetExecutionContext,
+    config: UploadOptions,
+    database: PostgresResource,
+    dicom_server: DicomServerResource,
+):
     upload, why = _should_upload(context, config)
     if not upload:
         context.log.info(f"file_upload_metadata skipped ({why}): nothing uploaded")
-        yield dg.AssetObservation(asset_key="file_upload_metadata", metadata={"status": f"skipped ({why})"})
+        yield dg.AssetObservation(
+            asset_key="file_upload_metadata", metadata={"status": f"skipped ({why})"}
+        )
         return
     try:
         server = dicom_server.describe()
@@ -92,27 +107,37 @@ def file_upload_metadata(context: dg.AssetExecutionContext, config: UploadOption
 
     with database_session(context, config, database) as (conn, schemas), client:
         context.log.info(f"Uploading ingested files to {server} ({why})")
-        report = upload_pending(conn, schemas, client, run_id=context.run.run_id,
-                                task_run_id=f"{context.run.run_id}:{context.op_execution_context.op.name}",
-                                concurrency=dicom_server.max_concurrent_uploads, log=context.log.info)
+        report = upload_pending(
+            conn,
+            schemas,
+            client,
+            run_id=context.run.run_id,
+            task_run_id=f"{context.run.run_id}:{context.op_execution_context.op.name}",
+            concurrency=dicom_server.max_concurrent_uploads,
+            log=context.log.info,
+        )
         links = _sample_wadors_uri(conn, schemas)
 
     context.log.info(
         f"{report.uploaded} file(s) uploaded, {report.already_present} already on the server, {report.failed} "
         f"failed, {report.already_recorded} recorded before; {report.bytes_sent} bytes, "
-        f"{report.files_per_second()} files/s")
+        f"{report.files_per_second()} files/s"
+    )
     if report.aborted:
         raise dg.Failure(
             description=f"{report.aborted}. {report.recorded} file(s) uploaded and recorded before it stopped, "
             f"{report.not_attempted} not uploaded; run again when the server is back to upload exactly those.",
-            metadata=_metadata(report, server))
+            metadata=_metadata(report, server),
+        )
     yield dg.MaterializeResult(metadata=_metadata(report, server, links))
     if report.failed:
         first = "; ".join(reason for _, reason in report.failures[:3])
         raise dg.Failure(
             description=f"{report.failed} file(s) were rejected by the DICOM server (the others were uploaded): "
             f"{first}. Fix or remove those files and run again to upload them.",
-            metadata={"files_failed": report.failed}, allow_retries=False)
+            metadata={"files_failed": report.failed},
+            allow_retries=False,
+        )
 
 
 UPLOAD_ASSETS = [file_upload_metadata]

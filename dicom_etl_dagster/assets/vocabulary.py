@@ -1,14 +1,13 @@
 """Vocabulary assets: the DICOM2OMOP rows in OMOP vocabulary tables and the data dictionary."""
 
-
 import dagster as dg
 from psycopg import sql
 
+from dicom_etl_dagster.assets.common import clear_failures, database_session
+from dicom_etl_dagster.assets.table_schemas import column_schema
 from dicom_etl_dagster.config import EtlOptions
 from dicom_etl_dagster.core.vocabulary import loader
 from dicom_etl_dagster.resources.database import PostgresResource
-from dicom_etl_dagster.assets.common import clear_failures, database_session
-from dicom_etl_dagster.assets.table_schemas import column_schema
 
 GROUP = "vocabulary"
 
@@ -24,13 +23,22 @@ def _row_count(conn, schema: str, table: str) -> dict:
     # Only the small tables: an Athena concept / concept_relationship has millions of rows.
     if table not in ("vocabulary", "concept_class", "dicom_data_element"):
         return {}
-    count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))).fetchone()[0]
+    count = conn.execute(
+        sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))
+    ).fetchone()[0]
     return {"dagster/row_count": count}
 
 
 def _vocabulary_table_asset(spec: loader.TableSpec, deps: list[str]) -> dg.AssetsDefinition:
-    @dg.asset(name=spec.table, group_name=GROUP, deps=deps, description=_DESCRIPTIONS[spec.table],
-              kinds={"postgres"}, pool="dicom_etl_database", metadata=column_schema(spec.table))
+    @dg.asset(
+        name=spec.table,
+        group_name=GROUP,
+        deps=deps,
+        description=_DESCRIPTIONS[spec.table],
+        kinds={"postgres"},
+        pool="dicom_etl_database",
+        metadata=column_schema(spec.table),
+    )
     def _asset(context: dg.AssetExecutionContext, config: EtlOptions, database: PostgresResource):
         with database_session(context, config, database) as (conn, schemas), clear_failures():
             result = loader.load_table(conn, schemas, spec, truncate=config.to_truncate)
@@ -39,8 +47,9 @@ def _vocabulary_table_asset(spec: loader.TableSpec, deps: list[str]) -> dg.Asset
             f"{schemas.vocab}.{spec.table}: {result.rows_written} rows written, "
             f"{result.rows_already_present} already present"
         )
-        return dg.MaterializeResult(metadata={"table": f"{schemas.vocab}.{spec.table}", **result.as_metadata(),
-                                              **row_count})
+        return dg.MaterializeResult(
+            metadata={"table": f"{schemas.vocab}.{spec.table}", **result.as_metadata(), **row_count}
+        )
 
     return _asset
 
@@ -51,10 +60,16 @@ concept = _vocabulary_table_asset(loader.CONCEPT, deps=["vocabulary", "concept_c
 concept_relationship = _vocabulary_table_asset(loader.CONCEPT_RELATIONSHIP, deps=["concept"])
 
 
-@dg.asset(group_name=GROUP, kinds={"postgres"}, pool="dicom_etl_database",
-          metadata=column_schema("dicom_data_element"),
-          description="The DICOM PS3.6 data dictionary (5,190 tags) plus private/unknown tags met during ingest.")
-def dicom_data_element(context: dg.AssetExecutionContext, config: EtlOptions, database: PostgresResource):
+@dg.asset(
+    group_name=GROUP,
+    kinds={"postgres"},
+    pool="dicom_etl_database",
+    metadata=column_schema("dicom_data_element"),
+    description="The DICOM PS3.6 data dictionary (5,190 tags) plus private/unknown tags met during ingest.",
+)
+def dicom_data_element(
+    context: dg.AssetExecutionContext, config: EtlOptions, database: PostgresResource
+):
     with database_session(context, config, database) as (conn, schemas), clear_failures():
         result = loader.load_data_elements(conn, schemas, truncate=config.to_truncate)
         row_count = _row_count(conn, schemas.medical_imaging, "dicom_data_element")
@@ -63,7 +78,11 @@ def dicom_data_element(context: dg.AssetExecutionContext, config: EtlOptions, da
         f"{result.rows_already_present} already present, {result.rows_refreshed} refreshed"
     )
     return dg.MaterializeResult(
-        metadata={"table": f"{schemas.medical_imaging}.dicom_data_element", **result.as_metadata(), **row_count}
+        metadata={
+            "table": f"{schemas.medical_imaging}.dicom_data_element",
+            **result.as_metadata(),
+            **row_count,
+        }
     )
 
 

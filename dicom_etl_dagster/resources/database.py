@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Optional
 
 import dagster as dg
 import psycopg
@@ -52,7 +51,9 @@ def embedded_database_url(data_dir: Path) -> str:
 def connect(url: str) -> psycopg.Connection:
     """An autocommit connection; callers open explicit transactions for their batches."""
     try:
-        return psycopg.connect(url, autocommit=True, connect_timeout=10, application_name="dicom_etl_dagster")
+        return psycopg.connect(
+            url, autocommit=True, connect_timeout=10, application_name="dicom_etl_dagster"
+        )
     except psycopg.Error as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DatabaseUnavailableError(
@@ -69,14 +70,18 @@ class PostgresResource(dg.ConfigurableResource):
     Schema names are defaults; the options document of a run may override them.
     """
 
-    database_url: Optional[str] = None
-    embedded_data_dir: Optional[str] = None
+    database_url: str | None = None
+    embedded_data_dir: str | None = None
     cdm_schema_name: str = "cdmdefault"
     vocab_schema_name: str = "cdmvocab"
     medical_imaging_schema_name: str = "cdmmedicalimaging"
 
     def embedded_dir(self) -> Path:
-        return Path(self.embedded_data_dir or os.environ.get(EMBEDDED_DATA_DIR_ENV) or default_embedded_data_dir())
+        return Path(
+            self.embedded_data_dir
+            or os.environ.get(EMBEDDED_DATA_DIR_ENV)
+            or default_embedded_data_dir()
+        )
 
     def url(self) -> str:
         return self.database_url or embedded_database_url(self.embedded_dir())
@@ -94,8 +99,9 @@ class PostgresResource(dg.ConfigurableResource):
             # A one-line reason for the run's failure, not a stack of driver internals.
             raise dg.Failure(description=str(exc), allow_retries=False) from None
 
-    def schemas(self, cdm: str | None = None, vocab: str | None = None,
-                medical_imaging: str | None = None) -> Schemas:
+    def schemas(
+        self, cdm: str | None = None, vocab: str | None = None, medical_imaging: str | None = None
+    ) -> Schemas:
         return Schemas(
             cdm=cdm or self.cdm_schema_name,
             vocab=vocab or self.vocab_schema_name,

@@ -8,7 +8,6 @@ secrets through ``dg.EnvVar``; ``client()`` returns a plain HTTP client
 from __future__ import annotations
 
 import os
-from typing import Optional
 from urllib.parse import urlsplit
 
 import dagster as dg
@@ -37,46 +36,72 @@ class DicomServerResource(dg.ConfigurableResource):
     DICOMweb root). Wire the password with ``dg.EnvVar`` (``from_environment`` does).
     """
 
-    kind: str = Field(default="orthanc", description="orthanc (REST POST /instances) or dicomweb (STOW-RS)")
-    url: Optional[str] = Field(default=None, description="Server root, e.g. http://orthanc:8042")
-    dicomweb_url: Optional[str] = Field(default=None, description="DICOMweb root, e.g. http://orthanc:8042/dicom-web")
-    username: Optional[str] = None
-    password: Optional[str] = None
+    kind: str = Field(
+        default="orthanc", description="orthanc (REST POST /instances) or dicomweb (STOW-RS)"
+    )
+    url: str | None = Field(default=None, description="Server root, e.g. http://orthanc:8042")
+    dicomweb_url: str | None = Field(
+        default=None, description="DICOMweb root, e.g. http://orthanc:8042/dicom-web"
+    )
+    username: str | None = None
+    password: str | None = None
     connect_timeout_seconds: float = 10.0
     read_timeout_seconds: float = 300.0
-    retries: int = Field(default=3, description="Retries of a request after a connection error or HTTP 5xx")
-    backoff_seconds: float = Field(default=1.0, description="First wait before a retry; doubles on each retry")
+    retries: int = Field(
+        default=3, description="Retries of a request after a connection error or HTTP 5xx"
+    )
+    backoff_seconds: float = Field(
+        default=1.0, description="First wait before a retry; doubles on each retry"
+    )
     max_concurrent_uploads: int = Field(default=4, description="Uploads in flight at once")
 
     @classmethod
-    def from_environment(cls) -> "DicomServerResource":
+    def from_environment(cls) -> DicomServerResource:
         """The server named by the environment; each set variable wired through dg.EnvVar."""
-        fields = {"url": SERVER_URL_ENV, "kind": SERVER_KIND_ENV, "dicomweb_url": DICOMWEB_URL_ENV,
-                  "username": SERVER_USER_ENV, "password": SERVER_PASSWORD_ENV}
+        fields = {
+            "url": SERVER_URL_ENV,
+            "kind": SERVER_KIND_ENV,
+            "dicomweb_url": DICOMWEB_URL_ENV,
+            "username": SERVER_USER_ENV,
+            "password": SERVER_PASSWORD_ENV,
+        }
         return cls(**{name: dg.EnvVar(env) for name, env in fields.items() if os.environ.get(env)})
 
     def _kind(self) -> str:
         kind = (self.kind or "orthanc").strip().lower()
         if kind not in KINDS:
-            raise DicomServerConfigError(f"{SERVER_KIND_ENV} (kind) must be one of {', '.join(KINDS)}, not {self.kind!r}")
+            raise DicomServerConfigError(
+                f"{SERVER_KIND_ENV} (kind) must be one of {', '.join(KINDS)}, not {self.kind!r}"
+            )
         return kind
 
     def is_configured(self) -> bool:
-        return bool(self.url or (self.dicomweb_url and (self.kind or "").strip().lower() == "dicomweb"))
+        return bool(
+            self.url or (self.dicomweb_url and (self.kind or "").strip().lower() == "dicomweb")
+        )
 
-    def _target(self) -> tuple[str, str, Optional[str], Optional[str], Optional[str]]:
+    def _target(self) -> tuple[str, str, str | None, str | None, str | None]:
         """(kind, target URL, DICOMweb root, user, password); URLs without user info."""
         kind = self._kind()
         raw = (self.dicomweb_url or self.url) if kind == "dicomweb" else self.url
         if not raw:
-            needed = f"{DICOMWEB_URL_ENV} (the DICOMweb root)" if kind == "dicomweb" else \
-                f"{SERVER_URL_ENV} (for example http://orthanc:8042)"
+            needed = (
+                f"{DICOMWEB_URL_ENV} (the DICOMweb root)"
+                if kind == "dicomweb"
+                else f"{SERVER_URL_ENV} (for example http://orthanc:8042)"
+            )
             raise DicomServerConfigError(f"no DICOM server configured for uploads: set {needed}")
         url, user, password = split_credentials(raw)
         if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
             raise DicomServerConfigError(f"the DICOM server URL {url!r} is not an http(s) URL")
         root = split_credentials(self.dicomweb_url)[0] if self.dicomweb_url else None
-        return kind, url, root, self.username or user, self.password if self.password is not None else password
+        return (
+            kind,
+            url,
+            root,
+            self.username or user,
+            self.password if self.password is not None else password,
+        )
 
     def describe(self) -> str:
         """Kind and URL, safe to log (no credentials)."""
@@ -86,9 +111,13 @@ class DicomServerResource(dg.ConfigurableResource):
 
     def client(self) -> OrthancClient | DicomWebClient:
         kind, url, root, user, password = self._target()
-        common = dict(auth=(user, password or "") if user else None,
-                      connect_timeout=self.connect_timeout_seconds, read_timeout=self.read_timeout_seconds,
-                      retries=self.retries, backoff_seconds=self.backoff_seconds)
+        common = dict(
+            auth=(user, password or "") if user else None,
+            connect_timeout=self.connect_timeout_seconds,
+            read_timeout=self.read_timeout_seconds,
+            retries=self.retries,
+            backoff_seconds=self.backoff_seconds,
+        )
         if kind == "orthanc":
             return OrthancClient(url, root, **common)
         return DicomWebClient(url, **common)

@@ -15,10 +15,10 @@ import pytest
 from pydicom.uid import generate_uid
 
 from dicom_etl_dagster_tests.conftest import scalar
-from dicom_etl_dagster_tests.helpers import ledger, options, run_job
 from dicom_etl_dagster_tests.dicom_samples import clone_instance as make_instance
 from dicom_etl_dagster_tests.dicom_samples import expected_metadata_rows
 from dicom_etl_dagster_tests.dicom_samples import quiet_dcmread as read
+from dicom_etl_dagster_tests.helpers import ledger, options, run_job
 
 TEST_FILES_DIR = Path(pydicom.__file__).parent / "data" / "test_files"
 CT_SMALL = TEST_FILES_DIR / "CT_small.dcm"
@@ -29,9 +29,17 @@ STATUSES = {"ingested", "duplicate", "failed"}
 
 MI = "cdmmedicalimaging"
 TABLES = (
-    f"{MI}.dicom_ingest_log", f"{MI}.dicom_file_metadata", f"{MI}.image_occurrence", f"{MI}.image_feature",
-    f"{MI}.dicom_data_element", f"{MI}.file_upload_metadata", "cdmdefault.procedure_occurrence",
-    "cdmdefault.person", "cdmvocab.concept", "cdmvocab.concept_relationship", "cdmvocab.vocabulary",
+    f"{MI}.dicom_ingest_log",
+    f"{MI}.dicom_file_metadata",
+    f"{MI}.image_occurrence",
+    f"{MI}.image_feature",
+    f"{MI}.dicom_data_element",
+    f"{MI}.file_upload_metadata",
+    "cdmdefault.procedure_occurrence",
+    "cdmdefault.person",
+    "cdmvocab.concept",
+    "cdmvocab.concept_relationship",
+    "cdmvocab.vocabulary",
     "cdmvocab.concept_class",
 )
 
@@ -48,13 +56,20 @@ def vocab_url(database_url) -> str:
 
 def ingest(database_url: str, folder: Path, raise_on_error: bool = True, **overrides):
     overrides.setdefault("parse_workers", 1)
-    return run_job("ingest_metadata", database_url, options(dicom_files_abs_path=str(folder), **overrides),
-                   raise_on_error=raise_on_error)
+    return run_job(
+        "ingest_metadata",
+        database_url,
+        options(dicom_files_abs_path=str(folder), **overrides),
+        raise_on_error=raise_on_error,
+    )
 
 
 def file_metadata(result, asset: str = "dicom_file_metadata") -> dict:
-    found = [m for m in result.asset_materializations_for_node("ingest_dicom_folder")
-             if m.asset_key.to_user_string() == asset]
+    found = [
+        m
+        for m in result.asset_materializations_for_node("ingest_dicom_folder")
+        if m.asset_key.to_user_string() == asset
+    ]
     assert len(found) == 1, f"expected one materialization of {asset}, got {found}"
     return {key: value.value for key, value in found[0].metadata.items()}
 
@@ -74,7 +89,9 @@ def table_counts(db) -> dict[str, int | None]:
 
 
 def metadata_count(db, sop: str) -> int:
-    return scalar(db, f"SELECT count(*) FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s", [sop])
+    return scalar(
+        db, f"SELECT count(*) FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s", [sop]
+    )
 
 
 def _date(value) -> dt.date | None:
@@ -113,14 +130,17 @@ def image_row(db, series_uid: str):
     return db.execute(
         f"SELECT image_occurrence_id, person_id, procedure_occurrence_id, anatomic_site_concept_id,"
         f" modality_concept_id, image_occurrence_date, local_path, image_study_uid"
-        f" FROM {MI}.image_occurrence WHERE image_series_uid = %s", [series_uid]).fetchall()
+        f" FROM {MI}.image_occurrence WHERE image_series_uid = %s",
+        [series_uid],
+    ).fetchall()
 
 
 def procedure_row(db, procedure_occurrence_id: int):
     return db.execute(
         "SELECT person_id, procedure_date, procedure_source_value, procedure_type_concept_id, procedure_concept_id"
         " FROM cdmdefault.procedure_occurrence WHERE procedure_occurrence_id = %s",
-        [procedure_occurrence_id]).fetchone()
+        [procedure_occurrence_id],
+    ).fetchone()
 
 
 # --------------------------------------------------------------------------
@@ -150,13 +170,17 @@ def test_all_pydicom_sample_files(vocab_url, db, tmp_path):
     for path in files:
         try:
             datasets[path] = read(path)
-        except Exception:  # noqa: BLE001 - not readable by pydicom at all: must have failed
+        except Exception:
             assert log[str(path)][0] == "failed", path
     for path, ds in datasets.items():
-        has_uids = all(str(ds.get(k, "") or "").strip() for k in ("SOPInstanceUID", "StudyInstanceUID",
-                                                                  "SeriesInstanceUID"))
+        has_uids = all(
+            str(ds.get(k, "") or "").strip()
+            for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+        )
         if not has_uids or first_date(ds, IMAGE_DATE_ORDER) is None:
-            assert log[str(path)][0] == "failed", f"{path} lacks UIDs or dates but is {log[str(path)][0]}"
+            assert log[str(path)][0] == "failed", (
+                f"{path} lacks UIDs or dates but is {log[str(path)][0]}"
+            )
 
     ingested = [p for p in files if log[str(p)][0] == "ingested"]
     duplicates = [p for p in files if log[str(p)][0] == "duplicate"]
@@ -178,8 +202,11 @@ def test_all_pydicom_sample_files(vocab_url, db, tmp_path):
             mismatches[path.name] = (got, expected)
     assert not mismatches, f"dicom_file_metadata rows (got, expected) per file: {mismatches}"
     assert metadata_total == expected_total, "rows that belong to no ingested SOP instance"
-    pixel_rows = scalar(db, f"SELECT count(*) FROM {MI}.dicom_file_metadata WHERE metadata_source_tag IN"
-                            " ('(7FE0,0010)', '(7FE0,0008)', '(7FE0,0009)')")
+    pixel_rows = scalar(
+        db,
+        f"SELECT count(*) FROM {MI}.dicom_file_metadata WHERE metadata_source_tag IN"
+        " ('(7FE0,0010)', '(7FE0,0008)', '(7FE0,0009)')",
+    )
     assert pixel_rows == 0
 
     # Duplicates: the same SOP as an ingested file met earlier in the walk.
@@ -189,7 +216,9 @@ def test_all_pydicom_sample_files(vocab_url, db, tmp_path):
         holders = [p for p in ingested if sop_of[p] == sop_of[path]]
         assert len(holders) == 1, f"duplicate {path} has no ingested twin"
         assert files.index(holders[0]) < files.index(path), f"{path} ingested after its duplicate"
-        assert log[str(path)][3] == log[str(holders[0])][3], "duplicate points at another image_occurrence"
+        assert log[str(path)][3] == log[str(holders[0])][3], (
+            "duplicate points at another image_occurrence"
+        )
 
     # Series and studies: one row each, with the right keys.
     series_files = collections.defaultdict(list)
@@ -198,8 +227,15 @@ def test_all_pydicom_sample_files(vocab_url, db, tmp_path):
     assert scalar(db, f"SELECT count(*) FROM {MI}.image_occurrence") == len(series_files)
     studies = {(str(datasets[p].StudyInstanceUID).strip(), 0) for p in ingested}
     assert scalar(db, "SELECT count(*) FROM cdmdefault.procedure_occurrence") == len(studies)
-    assert set(db.execute("SELECT DISTINCT i.image_study_uid, p.person_id FROM cdmdefault.procedure_occurrence p"
-                          f" JOIN {MI}.image_occurrence i USING (procedure_occurrence_id)").fetchall()) == studies
+    assert (
+        set(
+            db.execute(
+                "SELECT DISTINCT i.image_study_uid, p.person_id FROM cdmdefault.procedure_occurrence p"
+                f" JOIN {MI}.image_occurrence i USING (procedure_occurrence_id)"
+            ).fetchall()
+        )
+        == studies
+    )
     for uid, paths in series_files.items():
         rows = image_row(db, uid)
         assert len(rows) == 1, uid
@@ -209,17 +245,32 @@ def test_all_pydicom_sample_files(vocab_url, db, tmp_path):
         assert local_path in {str(p.parent) for p in paths}
         for path in paths:
             assert log[str(path)][3] == io_id
-            assert scalar(db, f"SELECT DISTINCT image_occurrence_id FROM {MI}.dicom_file_metadata"
-                              " WHERE sop_instance_id = %s", [sop_of[path]]) == io_id
+            assert (
+                scalar(
+                    db,
+                    f"SELECT DISTINCT image_occurrence_id FROM {MI}.dicom_file_metadata"
+                    " WHERE sop_instance_id = %s",
+                    [sop_of[path]],
+                )
+                == io_id
+            )
 
     md = file_metadata(result)
     assert (md["files_seen"], md["files_ingested"], md["files_duplicate"], md["files_failed"]) == (
-        len(files), statuses["ingested"], statuses["duplicate"], statuses["failed"])
+        len(files),
+        statuses["ingested"],
+        statuses["duplicate"],
+        statuses["failed"],
+    )
     assert md["rows_written"] == expected_total
 
-    reasons = collections.Counter(reason.split(":")[0] for status, reason, *_ in log.values() if status == "failed")
-    print(f"\n{len(files)} files: {dict(statuses)}; {expected_total} metadata rows,"
-          f" {len(series_files)} series, {len(studies)} studies")
+    reasons = collections.Counter(
+        reason.split(":")[0] for status, reason, *_ in log.values() if status == "failed"
+    )
+    print(
+        f"\n{len(files)} files: {dict(statuses)}; {expected_total} metadata rows,"
+        f" {len(series_files)} series, {len(studies)} studies"
+    )
     for reason, n in reasons.most_common():
         print(f"  failed x{n}: {reason}")
     for path, (status, reason, *_rest) in sorted(log.items()):
@@ -251,21 +302,26 @@ def test_nested_sequences_point_at_their_parents(vocab_url, db, tmp_path):
 
     rows = db.execute(
         f"SELECT metadata_id, metadata_source_tag, is_sequence, sequence_length, parent_sequence_id,"
-        f" parent_dataset_id, sop_instance_id FROM {MI}.dicom_file_metadata").fetchall()
+        f" parent_dataset_id, sop_instance_id FROM {MI}.dicom_file_metadata"
+    ).fetchall()
     by_id = {r[0]: r for r in rows}
     assert len(by_id) == len(rows) == expected_metadata_rows(RTPLAN)
     nested = [r for r in rows if r[4] is not None]
     assert nested, "rtplan.dcm has nested sequences"
     for r in rows:
         assert r[6] == sop
-        assert (r[4] is None) == (r[5] is None), f"row {r} has only one of parent_sequence_id/parent_dataset_id"
+        assert (r[4] is None) == (r[5] is None), (
+            f"row {r} has only one of parent_sequence_id/parent_dataset_id"
+        )
         if r[4] is not None:
             parent = by_id.get(r[4])
             assert parent is not None and parent[2] is True and parent[6] == sop, r
     sequence_of_dataset = collections.defaultdict(set)
     for r in nested:
         sequence_of_dataset[r[5]].add(r[4])
-    assert all(len(s) == 1 for s in sequence_of_dataset.values()), "rows of one item under two sequences"
+    assert all(len(s) == 1 for s in sequence_of_dataset.values()), (
+        "rows of one item under two sequences"
+    )
     datasets_of_sequence = collections.defaultdict(set)
     for dataset_id, (sequence_id,) in sequence_of_dataset.items():
         datasets_of_sequence[sequence_id].add(dataset_id)
@@ -278,7 +334,10 @@ def test_nested_sequences_point_at_their_parents(vocab_url, db, tmp_path):
     assert {r[1]: r[3] for r in sequences if r[4] is None} == top
 
     def depth(dataset) -> int:
-        return max((1 + max((depth(i) for i in e.value), default=0) for e in dataset if e.VR == "SQ"), default=0)
+        return max(
+            (1 + max((depth(i) for i in e.value), default=0) for e in dataset if e.VR == "SQ"),
+            default=0,
+        )
 
     def db_depth(row) -> int:
         level = 0
@@ -297,13 +356,17 @@ def test_private_tags_are_recorded_once(vocab_url, db, tmp_path):
     ds = make_instance(CT_SMALL, first / "ct.dcm")
     private = {f"({e.tag.group:04X},{e.tag.element:04X})" for e in ds if e.tag.is_private}
     assert private
-    known_before = {r[0] for r in db.execute(f"SELECT data_element_tag FROM {MI}.dicom_data_element")}
+    known_before = {
+        r[0] for r in db.execute(f"SELECT data_element_tag FROM {MI}.dicom_data_element")
+    }
     assert not private & known_before
     ingest(vocab_url, first)
 
     rows = db.execute(
         f"SELECT metadata_source_tag, is_private, private_creator, data_element_id FROM {MI}.dicom_file_metadata"
-        " WHERE sop_instance_id = %s", [str(ds.SOPInstanceUID)]).fetchall()
+        " WHERE sop_instance_id = %s",
+        [str(ds.SOPInstanceUID)],
+    ).fetchall()
     private_rows = [r for r in rows if r[1]]
     assert {r[0] for r in private_rows} == private
     assert all(not r[1] for r in rows if r[0] not in private)
@@ -320,12 +383,18 @@ def test_private_tags_are_recorded_once(vocab_url, db, tmp_path):
     # group that DICOM2OMOP's part 6 table does not list).
     on_disk = read(first / "ct.dcm")
     in_file = {f"({e.tag.group:04X},{e.tag.element:04X})" for e in [*on_disk.file_meta, *on_disk]}
-    added = {r[0] for r in db.execute(f"SELECT data_element_tag FROM {MI}.dicom_data_element")} - known_before
+    added = {
+        r[0] for r in db.execute(f"SELECT data_element_tag FROM {MI}.dicom_data_element")
+    } - known_before
     assert added == in_file - known_before
     assert private <= added
-    entries = dict(db.execute(
-        f"SELECT data_element_tag, data_element_id FROM {MI}.dicom_data_element WHERE data_element_tag = ANY(%s)"
-        " AND is_private", [sorted(private)]).fetchall())
+    entries = dict(
+        db.execute(
+            f"SELECT data_element_tag, data_element_id FROM {MI}.dicom_data_element WHERE data_element_tag = ANY(%s)"
+            " AND is_private",
+            [sorted(private)],
+        ).fetchall()
+    )
     assert set(entries) == private
     assert {r[0]: r[3] for r in private_rows} == entries
 
@@ -336,10 +405,22 @@ def test_private_tags_are_recorded_once(vocab_url, db, tmp_path):
     ingest(vocab_url, second)
     assert ledger(db)[str(second / "ct.dcm")][0] == "ingested"
     assert scalar(db, f"SELECT count(*) FROM {MI}.dicom_data_element") == count_before
-    assert scalar(db, f"SELECT count(*) - count(DISTINCT data_element_tag) FROM {MI}.dicom_data_element") == 0
-    assert dict(db.execute(
-        f"SELECT metadata_source_tag, data_element_id FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s"
-        " AND is_private", [str(ds2.SOPInstanceUID)]).fetchall()) == entries
+    assert (
+        scalar(
+            db, f"SELECT count(*) - count(DISTINCT data_element_tag) FROM {MI}.dicom_data_element"
+        )
+        == 0
+    )
+    assert (
+        dict(
+            db.execute(
+                f"SELECT metadata_source_tag, data_element_id FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s"
+                " AND is_private",
+                [str(ds2.SOPInstanceUID)],
+            ).fetchall()
+        )
+        == entries
+    )
 
 
 # --------------------------------------------------------------------------
@@ -352,14 +433,20 @@ def test_rerun_adds_nothing(vocab_url, db, tmp_path):
     first_md = file_metadata(first)
     assert first_md["files_ingested"] > 0
     counts = table_counts(db)
-    ids = db.execute(f"SELECT max(metadata_id), max(image_occurrence_id) FROM {MI}.dicom_file_metadata").fetchone()
+    ids = db.execute(
+        f"SELECT max(metadata_id), max(image_occurrence_id) FROM {MI}.dicom_file_metadata"
+    ).fetchone()
     ledger_before = {p: r[:2] for p, r in ledger(db).items()}
 
     second = ingest(vocab_url, folder, ingest_batch_size=40)
     assert second.success
     assert table_counts(db) == counts
-    assert db.execute(f"SELECT max(metadata_id), max(image_occurrence_id) FROM {MI}.dicom_file_metadata"
-                      ).fetchone() == ids
+    assert (
+        db.execute(
+            f"SELECT max(metadata_id), max(image_occurrence_id) FROM {MI}.dicom_file_metadata"
+        ).fetchone()
+        == ids
+    )
     assert {p: r[:2] for p, r in ledger(db).items()} == ledger_before
     md = file_metadata(second)
     assert md["files_ingested"] == 0
@@ -370,8 +457,9 @@ def test_rerun_adds_nothing(vocab_url, db, tmp_path):
     assert md["files_seen"] == first_md["files_seen"]
     assert md["rows_written"] == 0
     for asset in ("procedure_occurrence", "image_occurrence", "dicom_ingest_log"):
-        assert file_metadata(second, asset)["rows_written"] == (md["files_failed"] if asset == "dicom_ingest_log"
-                                                                 else 0)
+        assert file_metadata(second, asset)["rows_written"] == (
+            md["files_failed"] if asset == "dicom_ingest_log" else 0
+        )
 
 
 # --------------------------------------------------------------------------
@@ -393,7 +481,9 @@ def test_same_sop_instance_at_two_paths(vocab_url, db, tmp_path, batch_size):
     assert first[2] == second[2] == sop
     assert first[3] == second[3] is not None
     assert metadata_count(db, sop) == expected_metadata_rows(CT_SMALL)
-    assert scalar(db, f"SELECT count(*) FROM {MI}.dicom_file_metadata") == expected_metadata_rows(CT_SMALL)
+    assert scalar(db, f"SELECT count(*) FROM {MI}.dicom_file_metadata") == expected_metadata_rows(
+        CT_SMALL
+    )
     assert scalar(db, f"SELECT count(*) FROM {MI}.image_occurrence") == 1
     assert scalar(db, "SELECT count(*) FROM cdmdefault.procedure_occurrence") == 1
     md = file_metadata(result)
@@ -404,7 +494,9 @@ def test_same_sop_instance_at_two_paths(vocab_url, db, tmp_path, batch_size):
 # 5. Person mapping
 # --------------------------------------------------------------------------
 def _create_mapping(db, rows):
-    db.execute(f"CREATE TABLE {MI}.mappingtable (source_person_id integer, source_patient_id varchar)")
+    db.execute(
+        f"CREATE TABLE {MI}.mappingtable (source_person_id integer, source_patient_id varchar)"
+    )
     for person, patient in rows:
         db.execute(f"INSERT INTO {MI}.mappingtable VALUES (%s, %s)", [person, patient])
 
@@ -414,7 +506,9 @@ def _persons_of(db, sop: str):
         f"SELECT i.person_id, p.person_id FROM {MI}.dicom_ingest_log l"
         f" JOIN {MI}.image_occurrence i ON i.image_occurrence_id = l.image_occurrence_id"
         " JOIN cdmdefault.procedure_occurrence p ON p.procedure_occurrence_id = i.procedure_occurrence_id"
-        " WHERE l.sop_instance_uid = %s AND l.status = 'ingested'", [sop]).fetchall()
+        " WHERE l.sop_instance_uid = %s AND l.status = 'ingested'",
+        [sop],
+    ).fetchall()
 
 
 def test_person_mapping_is_case_insensitive(vocab_url, db, tmp_path):
@@ -431,12 +525,24 @@ def test_person_mapping_is_case_insensitive(vocab_url, db, tmp_path):
 def test_missing_person_under_skip_fails_then_recovers(vocab_url, db, tmp_path, batch_size):
     folder = tmp_path / "dicom"
     ds = make_instance(CT_SMALL, folder / "ct.dcm")
-    shutil.copy(folder / "ct.dcm", folder / "ct_copy.dcm")  # the same instance again: fails the same way
-    path, copy, sop, patient = str(folder / "ct.dcm"), str(folder / "ct_copy.dcm"), str(ds.SOPInstanceUID), str(ds.PatientID)
+    shutil.copy(
+        folder / "ct.dcm", folder / "ct_copy.dcm"
+    )  # the same instance again: fails the same way
+    path, copy, sop, patient = (
+        str(folder / "ct.dcm"),
+        str(folder / "ct_copy.dcm"),
+        str(ds.SOPInstanceUID),
+        str(ds.PatientID),
+    )
     _create_mapping(db, [(7, "someone-else")])
 
-    result = ingest(vocab_url, folder, raise_on_error=False, missing_person_id_options="SKIP",
-                    ingest_batch_size=batch_size)
+    result = ingest(
+        vocab_url,
+        folder,
+        raise_on_error=False,
+        missing_person_id_options="SKIP",
+        ingest_batch_size=batch_size,
+    )
     assert not result.success
     log = ledger(db)
     assert set(log) == {path, copy}
@@ -448,14 +554,18 @@ def test_missing_person_under_skip_fails_then_recovers(vocab_url, db, tmp_path, 
     message = step_failure_message(result)
     assert "missing_person_id_options" in message and patient.lower() not in message.lower()
     for event in result.all_events:
-        assert patient.lower() not in (event.message or "").lower(), f"PatientID in a log line: {event.message}"
+        assert patient.lower() not in (event.message or "").lower(), (
+            f"PatientID in a log line: {event.message}"
+        )
     assert metadata_count(db, sop) == 0
     assert scalar(db, f"SELECT count(*) FROM {MI}.image_occurrence") == 0
     assert scalar(db, "SELECT count(*) FROM cdmdefault.procedure_occurrence") == 0
     assert file_metadata(result)["files_failed"] == 2
 
     db.execute(f"INSERT INTO {MI}.mappingtable VALUES (42, %s)", [patient.lower()])
-    again = ingest(vocab_url, folder, missing_person_id_options="SKIP", ingest_batch_size=batch_size)
+    again = ingest(
+        vocab_url, folder, missing_person_id_options="SKIP", ingest_batch_size=batch_size
+    )
     assert again.success
     log = ledger(db)
     status, reason, ledger_sop, io_id = log[path]
@@ -490,8 +600,11 @@ def test_invalid_missing_person_option_is_refused(vocab_url, db, tmp_path):
 # 6. Modality and anatomic-site concepts
 # --------------------------------------------------------------------------
 def _concept(db, concept_id, name, domain, standard="S", vocabulary="SNOMED", code=None):
-    db.execute("INSERT INTO cdmvocab.concept VALUES (%s, %s, %s, %s, 'Test class', %s, %s, '1970-01-01',"
-               " '2099-12-31', NULL)", [concept_id, name, domain, vocabulary, standard, code or str(concept_id)])
+    db.execute(
+        "INSERT INTO cdmvocab.concept VALUES (%s, %s, %s, %s, 'Test class', %s, %s, '1970-01-01',"
+        " '2099-12-31', NULL)",
+        [concept_id, name, domain, vocabulary, standard, code or str(concept_id)],
+    )
 
 
 def test_modality_and_anatomic_site_concepts(vocab_url, db, tmp_path):
@@ -515,7 +628,10 @@ def test_modality_and_anatomic_site_concepts(vocab_url, db, tmp_path):
         "zz": dict(Modality="ZZ", BodyPartExamined="NOSUCHPART"),
         "no_modality": dict(Modality=None, BodyPartExamined=None),
     }
-    written = {name: make_instance(CT_SMALL, first / f"{name}.dcm", **attrs) for name, attrs in cases.items()}
+    written = {
+        name: make_instance(CT_SMALL, first / f"{name}.dcm", **attrs)
+        for name, attrs in cases.items()
+    }
     result = ingest(vocab_url, first)
     assert result.success
 
@@ -533,9 +649,13 @@ def test_modality_and_anatomic_site_concepts(vocab_url, db, tmp_path):
     assert concepts("no_modality") == (0, 0)
 
     # The Maps to target of the DICOM CHEST concept, once it is a standard concept, wins.
-    targets = [r[0] for r in db.execute(
-        "SELECT concept_id_2 FROM cdmvocab.concept_relationship WHERE concept_id_1 = %s AND relationship_id = 'Maps to'",
-        [CHEST_DICOM_CONCEPT_ID]).fetchall()]
+    targets = [
+        r[0]
+        for r in db.execute(
+            "SELECT concept_id_2 FROM cdmvocab.concept_relationship WHERE concept_id_1 = %s AND relationship_id = 'Maps to'",
+            [CHEST_DICOM_CONCEPT_ID],
+        ).fetchall()
+    ]
     assert len(targets) == 1
     target = targets[0]
     assert scalar(db, "SELECT count(*) FROM cdmvocab.concept WHERE concept_id = %s", [target]) == 0
@@ -566,9 +686,12 @@ def test_long_study_description_is_cut_in_procedure_only(vocab_url, db, tmp_path
     person_id, _date, source_value, type_concept, procedure_concept = procedure_row(db, row[2])
     assert source_value == description[:50]
     assert (type_concept, procedure_concept, person_id) == (32817, 0, 0)
-    stored = scalar(db, f"SELECT metadata_source_value FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s"
-                        " AND metadata_source_tag = '(0008,1030)' AND parent_sequence_id IS NULL",
-                    [str(ds.SOPInstanceUID)])
+    stored = scalar(
+        db,
+        f"SELECT metadata_source_value FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s"
+        " AND metadata_source_tag = '(0008,1030)' AND parent_sequence_id IS NULL",
+        [str(ds.SOPInstanceUID)],
+    )
     assert stored == f'["{description}"]'
 
 
@@ -577,14 +700,38 @@ def test_long_study_description_is_cut_in_procedure_only(vocab_url, db, tmp_path
 # --------------------------------------------------------------------------
 def test_dates_skip_invalid_values(vocab_url, db, tmp_path):
     folder = tmp_path / "dicom"
-    acquisition = make_instance(CT_SMALL, folder / "a_acquisition.dcm", SeriesDate="20231399",
-                                AcquisitionDate="20220304", ContentDate="20200101", StudyDate="20210102")
-    study_only = make_instance(CT_SMALL, folder / "b_study_only.dcm", SeriesDate="", AcquisitionDate=None,
-                               ContentDate="2021XX01", StudyDate="20190506")
-    no_study = make_instance(CT_SMALL, folder / "c_no_study_date.dcm", SeriesDate="20180809",
-                             AcquisitionDate=None, ContentDate=None, StudyDate="20181340")
-    no_date = make_instance(CT_SMALL, folder / "d_no_date.dcm", SeriesDate="20231399", AcquisitionDate=None,
-                            ContentDate="", StudyDate="00000000")
+    acquisition = make_instance(
+        CT_SMALL,
+        folder / "a_acquisition.dcm",
+        SeriesDate="20231399",
+        AcquisitionDate="20220304",
+        ContentDate="20200101",
+        StudyDate="20210102",
+    )
+    study_only = make_instance(
+        CT_SMALL,
+        folder / "b_study_only.dcm",
+        SeriesDate="",
+        AcquisitionDate=None,
+        ContentDate="2021XX01",
+        StudyDate="20190506",
+    )
+    no_study = make_instance(
+        CT_SMALL,
+        folder / "c_no_study_date.dcm",
+        SeriesDate="20180809",
+        AcquisitionDate=None,
+        ContentDate=None,
+        StudyDate="20181340",
+    )
+    no_date = make_instance(
+        CT_SMALL,
+        folder / "d_no_date.dcm",
+        SeriesDate="20231399",
+        AcquisitionDate=None,
+        ContentDate="",
+        StudyDate="00000000",
+    )
     result = ingest(vocab_url, folder)
     assert result.success
 
@@ -630,15 +777,21 @@ def test_truncated_files_fail_and_the_rest_is_ingested(vocab_url, db, tmp_path):
         assert "truncated" in reason, f"{name}: {reason}"
     assert log[str(folder / "intact.dcm")][0] == "ingested"
     assert log[str(folder / "z_original.dcm")][0] == "ingested"
-    assert metadata_count(db, str(intact.SOPInstanceUID)) == expected_metadata_rows(folder / "intact.dcm")
-    assert metadata_count(db, str(read(CT_SMALL).SOPInstanceUID)) == expected_metadata_rows(CT_SMALL)
+    assert metadata_count(db, str(intact.SOPInstanceUID)) == expected_metadata_rows(
+        folder / "intact.dcm"
+    )
+    assert metadata_count(db, str(read(CT_SMALL).SOPInstanceUID)) == expected_metadata_rows(
+        CT_SMALL
+    )
     assert file_metadata(result)["files_failed"] == len(cuts)
 
 
 # --------------------------------------------------------------------------
 # 10/11. Refused configurations change nothing
 # --------------------------------------------------------------------------
-@pytest.mark.parametrize("field", ["table_name", "schema_name", "person_id_column_name", "patient_id_column_name"])
+@pytest.mark.parametrize(
+    "field", ["table_name", "schema_name", "person_id_column_name", "patient_id_column_name"]
+)
 def test_identifier_injection_in_mapping_is_refused(database_url, db, tmp_path, field):
     folder = tmp_path / "dicom"
     make_instance(CT_SMALL, folder / "ct.dcm")
@@ -648,16 +801,27 @@ def test_identifier_injection_in_mapping_is_refused(database_url, db, tmp_path, 
     assert not result.success
     message = step_failure_message(result)
     assert "is not a plain SQL identifier" in message and field in message
-    assert scalar(db, "SELECT count(*) FROM information_schema.schemata WHERE schema_name LIKE 'cdm%'") == 0
-    assert scalar(db, "SELECT count(*) FROM information_schema.tables WHERE table_schema NOT IN"
-                      " ('pg_catalog', 'information_schema')") == 0
+    assert (
+        scalar(db, "SELECT count(*) FROM information_schema.schemata WHERE schema_name LIKE 'cdm%'")
+        == 0
+    )
+    assert (
+        scalar(
+            db,
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema NOT IN"
+            " ('pg_catalog', 'information_schema')",
+        )
+        == 0
+    )
 
 
 def test_identifier_injection_after_load_vocab_changes_nothing(vocab_url, db, tmp_path):
     folder = tmp_path / "dicom"
     make_instance(CT_SMALL, folder / "ct.dcm")
     before = table_counts(db)
-    mapping = dict(options()["options"]["person_to_patient_mapping"], table_name="x; DROP TABLE person")
+    mapping = dict(
+        options()["options"]["person_to_patient_mapping"], table_name="x; DROP TABLE person"
+    )
     result = ingest(vocab_url, folder, raise_on_error=False, person_to_patient_mapping=mapping)
     assert not result.success
     assert "is not a plain SQL identifier" in step_failure_message(result)
@@ -665,8 +829,13 @@ def test_identifier_injection_after_load_vocab_changes_nothing(vocab_url, db, tm
     assert before["cdmdefault.person"] == 0 and before[f"{MI}.dicom_ingest_log"] == 0
 
 
-DICOM_SERVER_ENV = ("DICOM_ETL_DICOM_SERVER_URL", "DICOM_ETL_DICOM_SERVER_KIND", "DICOM_ETL_DICOMWEB_URL",
-                    "DICOM_ETL_DICOM_SERVER_USER", "DICOM_ETL_DICOM_SERVER_PASSWORD")
+DICOM_SERVER_ENV = (
+    "DICOM_ETL_DICOM_SERVER_URL",
+    "DICOM_ETL_DICOM_SERVER_KIND",
+    "DICOM_ETL_DICOMWEB_URL",
+    "DICOM_ETL_DICOM_SERVER_USER",
+    "DICOM_ETL_DICOM_SERVER_PASSWORD",
+)
 
 
 def test_upload_files_without_a_dicom_server_fails_clearly(vocab_url, db, tmp_path, monkeypatch):
@@ -685,13 +854,19 @@ def test_upload_files_without_a_dicom_server_fails_clearly(vocab_url, db, tmp_pa
     assert "upload_files" in failures[0].step_failure_data.error.message
     after = table_counts(db)
     assert after[f"{MI}.file_upload_metadata"] == before[f"{MI}.file_upload_metadata"] == 0
-    assert scalar(db, f"SELECT count(*) FROM {MI}.image_occurrence WHERE wadors_uri IS NOT NULL") == 0
+    assert (
+        scalar(db, f"SELECT count(*) FROM {MI}.image_occurrence WHERE wadors_uri IS NOT NULL") == 0
+    )
     if after[f"{MI}.dicom_ingest_log"] == 0:
         assert after == before
     else:
         assert failures[0].step_key != "ingest_dicom_folder"
-        assert ledger(db) == {str(folder / "ct.dcm"): ("ingested", None, str(ds.SOPInstanceUID), ANY_ID)}
-        assert metadata_count(db, str(ds.SOPInstanceUID)) == expected_metadata_rows(folder / "ct.dcm")
+        assert ledger(db) == {
+            str(folder / "ct.dcm"): ("ingested", None, str(ds.SOPInstanceUID), ANY_ID)
+        }
+        assert metadata_count(db, str(ds.SOPInstanceUID)) == expected_metadata_rows(
+            folder / "ct.dcm"
+        )
 
 
 class _AnyId:
@@ -727,7 +902,9 @@ def test_changed_file_replaces_its_old_instance(vocab_url, db, tmp_path):
     new_sop = str(new.SOPInstanceUID)
     assert metadata_count(db, old_sop) == 0
     assert metadata_count(db, new_sop) == expected_metadata_rows(folder / "ct.dcm")
-    assert metadata_count(db, str(other.SOPInstanceUID)) == expected_metadata_rows(folder / "other.dcm")
+    assert metadata_count(db, str(other.SOPInstanceUID)) == expected_metadata_rows(
+        folder / "other.dcm"
+    )
     log = ledger(db)
     assert len(log) == 2
     status, _reason, sop, io_id = log[str(folder / "ct.dcm")]
@@ -754,7 +931,9 @@ def test_changed_file_with_a_duplicate_elsewhere(vocab_url, db, tmp_path):
     assert status == "failed" and "the next run ingests this one" in reason
     ingest(vocab_url, folder)
     assert ledger(db)[str(folder / "b_copy.dcm")][0] == "ingested"
-    assert metadata_count(db, str(old.SOPInstanceUID)) == expected_metadata_rows(folder / "b_copy.dcm")
+    assert metadata_count(db, str(old.SOPInstanceUID)) == expected_metadata_rows(
+        folder / "b_copy.dcm"
+    )
 
 
 def test_changed_file_duplicate_is_ingested_by_a_later_run(vocab_url, db, tmp_path):
@@ -771,7 +950,9 @@ def test_changed_file_duplicate_is_ingested_by_a_later_run(vocab_url, db, tmp_pa
         str(folder / "a.dcm"): ("ingested", str(new.SOPInstanceUID)),
         str(folder / "b_copy.dcm"): ("ingested", str(old.SOPInstanceUID)),
     }
-    assert metadata_count(db, str(old.SOPInstanceUID)) == expected_metadata_rows(folder / "b_copy.dcm")
+    assert metadata_count(db, str(old.SOPInstanceUID)) == expected_metadata_rows(
+        folder / "b_copy.dcm"
+    )
     assert metadata_count(db, str(new.SOPInstanceUID)) == expected_metadata_rows(folder / "a.dcm")
 
 
@@ -788,9 +969,14 @@ def test_asset_checks_pass_for_a_clean_folder(vocab_url, db, tmp_path):
     result = ingest(vocab_url, folder)
     assert result.success
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
-    assert set(evaluations) == {"every_series_has_its_procedure", "no_sop_instance_twice",
-                                "share_of_series_without_modality_concept"}
-    assert all(e.passed for e in evaluations.values()), {n: e.passed for n, e in evaluations.items()}
+    assert set(evaluations) == {
+        "every_series_has_its_procedure",
+        "no_sop_instance_twice",
+        "share_of_series_without_modality_concept",
+    }
+    assert all(e.passed for e in evaluations.values()), {
+        n: e.passed for n, e in evaluations.items()
+    }
     share = evaluations["share_of_series_without_modality_concept"].metadata
     assert (share["series"].value, share["series_with_modality_concept_0"].value) == (4, 0)
     assert scalar(db, "SELECT count(*) FROM cdmdefault.procedure_occurrence") == 2
@@ -843,8 +1029,12 @@ def test_overlong_uid_fails_the_file_not_the_run(vocab_url, db, tmp_path, keywor
     status, reason, *_ = log[str(folder / "a_bad.dcm")]
     assert status == "failed" and keyword in reason and "64" in reason
     assert LONG_UID not in reason
-    assert metadata_count(db, str(good.SOPInstanceUID)) == expected_metadata_rows(folder / "b_good.dcm")
-    assert scalar(db, f"SELECT count(*) FROM {MI}.dicom_file_metadata") == expected_metadata_rows(folder / "b_good.dcm")
+    assert metadata_count(db, str(good.SOPInstanceUID)) == expected_metadata_rows(
+        folder / "b_good.dcm"
+    )
+    assert scalar(db, f"SELECT count(*) FROM {MI}.dicom_file_metadata") == expected_metadata_rows(
+        folder / "b_good.dcm"
+    )
 
 
 def test_instance_number_outside_integer_does_not_fail_the_run(vocab_url, db, tmp_path):
@@ -859,7 +1049,15 @@ def test_instance_number_outside_integer_does_not_fail_the_run(vocab_url, db, tm
     status, reason, *_ = log.get(str(folder / "a_bad.dcm"), (None, None))
     assert status == "ingested" or (status == "failed" and reason)
     if status == "ingested":
-        assert scalar(db, f"SELECT DISTINCT instance_number FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s",
-                      [str(bad.SOPInstanceUID)]) is None
+        assert (
+            scalar(
+                db,
+                f"SELECT DISTINCT instance_number FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s",
+                [str(bad.SOPInstanceUID)],
+            )
+            is None
+        )
     assert result.success
-    assert metadata_count(db, str(good.SOPInstanceUID)) == expected_metadata_rows(folder / "b_good.dcm")
+    assert metadata_count(db, str(good.SOPInstanceUID)) == expected_metadata_rows(
+        folder / "b_good.dcm"
+    )

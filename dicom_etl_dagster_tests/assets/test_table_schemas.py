@@ -10,9 +10,18 @@ from dicom_etl_dagster.core.db.ddl import ensure_tables
 from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.definitions import defs
 
-TABLE_ASSETS = {"vocabulary", "concept_class", "concept", "concept_relationship", "dicom_data_element",
-                "procedure_occurrence", "image_occurrence", "dicom_file_metadata", "dicom_ingest_log",
-                "file_upload_metadata"}
+TABLE_ASSETS = {
+    "vocabulary",
+    "concept_class",
+    "concept",
+    "concept_relationship",
+    "dicom_data_element",
+    "procedure_occurrence",
+    "image_occurrence",
+    "dicom_file_metadata",
+    "dicom_ingest_log",
+    "file_upload_metadata",
+}
 
 
 def test_every_table_asset_documents_its_columns():
@@ -28,30 +37,42 @@ def test_every_table_asset_documents_its_columns():
 def test_column_schemas_match_the_created_tables(db):
     schemas = Schemas(cdm="cdmdefault", vocab="cdmvocab", medical_imaging="cdmmedicalimaging")
     ensure_tables(db, schemas)
-    schema_of = {"vocabulary": "cdmvocab", "concept_class": "cdmvocab", "concept": "cdmvocab",
-                 "concept_relationship": "cdmvocab", "procedure_occurrence": "cdmdefault"}
+    schema_of = {
+        "vocabulary": "cdmvocab",
+        "concept_class": "cdmvocab",
+        "concept": "cdmvocab",
+        "concept_relationship": "cdmvocab",
+        "procedure_occurrence": "cdmdefault",
+    }
     for table in TABLE_ASSETS:
         rows = db.execute(
             "SELECT column_name, is_nullable = 'YES' FROM information_schema.columns"
             " WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position",
-            [schema_of.get(table, "cdmmedicalimaging"), table]).fetchall()
+            [schema_of.get(table, "cdmmedicalimaging"), table],
+        ).fetchall()
         documented = [(c.name, c.constraints.nullable) for c in TABLE_SCHEMAS[table].columns]
         assert documented == [tuple(r) for r in rows], table
 
 
 def test_schema_details_for_the_ui():
     image = {c.name: c for c in TABLE_SCHEMAS["image_occurrence"].columns}
-    assert image["image_series_uid"].constraints.unique and image["image_series_uid"].type == "varchar(250)"
+    assert (
+        image["image_series_uid"].constraints.unique
+        and image["image_series_uid"].type == "varchar(250)"
+    )
     assert image["image_occurrence_id"].constraints.other == ["primary key"]
     assert "DICOMweb" in image["wadors_uri"].description
     ledger = TABLE_SCHEMAS["dicom_ingest_log"]
     assert any("CHECK (status IN" in c for c in ledger.constraints.other)
     assert {c.name: c for c in ledger.columns}["sop_instance_uid"].constraints.other == [
-        "unique WHERE status = 'ingested'"]
+        "unique WHERE status = 'ingested'"
+    ]
     uploads = TABLE_SCHEMAS["file_upload_metadata"]
     assert "unique (server_url, sop_instance_id)" in uploads.constraints.other
 
 
 def test_ddl_the_parser_does_not_understand_is_an_error():
     with pytest.raises(ValueError, match="not understood"):
-        parse_table("t", "CREATE TABLE {schema}.t (\n    a integer NOT NULL,\n    b weird stuff here\n);")
+        parse_table(
+            "t", "CREATE TABLE {schema}.t (\n    a integer NOT NULL,\n    b weird stuff here\n);"
+        )

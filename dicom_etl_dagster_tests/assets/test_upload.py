@@ -22,15 +22,26 @@ from dicom_etl_dagster.definitions import build_definitions
 from dicom_etl_dagster.resources import dicom_server as dicom_server_module
 from dicom_etl_dagster.resources.database import PostgresResource
 from dicom_etl_dagster.resources.dicom_server import (
-    SERVER_KIND_ENV, SERVER_PASSWORD_ENV, SERVER_URL_ENV, SERVER_USER_ENV, DICOMWEB_URL_ENV, DicomServerResource,
+    DICOMWEB_URL_ENV,
+    SERVER_KIND_ENV,
+    SERVER_PASSWORD_ENV,
+    SERVER_URL_ENV,
+    SERVER_USER_ENV,
+    DicomServerResource,
 )
 from dicom_etl_dagster_tests.conftest import REPO_ROOT, scalar
 from dicom_etl_dagster_tests.helpers import options
-from dicom_etl_dagster_tests.test_cli import DAGSTER, dagster_job_execute
 from dicom_etl_dagster_tests.orthanc import ORTHANC_PASSWORD, ORTHANC_USER, write_sample_folder
+from dicom_etl_dagster_tests.test_cli import DAGSTER, dagster_job_execute
 
 MI = "cdmmedicalimaging"
-SERVER_ENVS = (SERVER_URL_ENV, SERVER_KIND_ENV, DICOMWEB_URL_ENV, SERVER_USER_ENV, SERVER_PASSWORD_ENV)
+SERVER_ENVS = (
+    SERVER_URL_ENV,
+    SERVER_KIND_ENV,
+    DICOMWEB_URL_ENV,
+    SERVER_USER_ENV,
+    SERVER_PASSWORD_ENV,
+)
 FAST = dict(retries=1, backoff_seconds=0.05, connect_timeout_seconds=2.0, read_timeout_seconds=30.0)
 UPLOAD_KEY = dg.AssetKey("file_upload_metadata")
 
@@ -46,18 +57,24 @@ def folder(tmp_path) -> Path:
     return write_sample_folder(tmp_path / "dicom")  # 42 DICOM files in 6 series, and notes.txt
 
 
-def run_ingest(database_url: str, server: DicomServerResource | None, folder: Path, instance=None, **overrides):
+def run_ingest(
+    database_url: str, server: DicomServerResource | None, folder: Path, instance=None, **overrides
+):
     overrides.setdefault("parse_workers", 1)
     defs = build_definitions(PostgresResource(database_url=database_url), server)
     return defs.resolve_job_def("ingest_metadata").execute_in_process(
-        run_config=options(dicom_files_abs_path=str(folder), **overrides), instance=instance, raise_on_error=False)
+        run_config=options(dicom_files_abs_path=str(folder), **overrides),
+        instance=instance,
+        raise_on_error=False,
+    )
 
 
 def run_upload_alone(database_url: str, server: DicomServerResource, instance=None):
     """As a UI 'Materialize' of file_upload_metadata alone: no config at all."""
     defs = build_definitions(PostgresResource(database_url=database_url), server)
     return defs.resolve_implicit_global_asset_job_def().execute_in_process(
-        asset_selection=[UPLOAD_KEY], instance=instance, raise_on_error=False)
+        asset_selection=[UPLOAD_KEY], instance=instance, raise_on_error=False
+    )
 
 
 def upload_metadata(result) -> dict:
@@ -73,8 +90,10 @@ def failure_message(result) -> str:
 
 def ingested(db) -> dict[str, tuple[str, int]]:
     """sop_instance_uid -> (file_path, image_occurrence_id) of every ingested file."""
-    rows = db.execute(f"SELECT sop_instance_uid, file_path, image_occurrence_id FROM {MI}.dicom_ingest_log"
-                      " WHERE status = 'ingested'").fetchall()
+    rows = db.execute(
+        f"SELECT sop_instance_uid, file_path, image_occurrence_id FROM {MI}.dicom_ingest_log"
+        " WHERE status = 'ingested'"
+    ).fetchall()
     return {sop: (path, io) for sop, path, io in rows}
 
 
@@ -85,13 +104,19 @@ def upload_rows(db) -> list[dict]:
 
 
 def series_of(db) -> dict[int, tuple[str, str, str | None]]:
-    return {io: (study, series, uri) for io, study, series, uri in db.execute(
-        f"SELECT image_occurrence_id, image_study_uid, image_series_uid, wadors_uri FROM {MI}.image_occurrence")}
+    return {
+        io: (study, series, uri)
+        for io, study, series, uri in db.execute(
+            f"SELECT image_occurrence_id, image_study_uid, image_series_uid, wadors_uri FROM {MI}.image_occurrence"
+        )
+    }
 
 
 def assert_server_holds_exactly_the_ingested_files(server, db) -> None:
     on_server = server.sop_instance_uids()
-    assert sorted(on_server) == sorted(ingested(db)), "Orthanc must hold each ingested SOP instance exactly once"
+    assert sorted(on_server) == sorted(ingested(db)), (
+        "Orthanc must hold each ingested SOP instance exactly once"
+    )
 
 
 def assert_series_found_by_qido(server, db, dicomweb_root: str) -> None:
@@ -108,7 +133,9 @@ def assert_series_found_by_qido(server, db, dicomweb_root: str) -> None:
 # --------------------------------------------------------------------------
 # Orthanc REST, from the ingest_metadata job with upload_files: true
 # --------------------------------------------------------------------------
-def test_ingest_with_upload_files_true_uploads_every_ingested_file_to_orthanc(orthanc, database_url, db, folder):
+def test_ingest_with_upload_files_true_uploads_every_ingested_file_to_orthanc(
+    orthanc, database_url, db, folder
+):
     server = DicomServerResource(url=orthanc.url, max_concurrent_uploads=4, **FAST)
     result = run_ingest(database_url, server, folder, upload_files=True)
     assert result.success, failure_message(result)
@@ -121,10 +148,15 @@ def test_ingest_with_upload_files_true_uploads_every_ingested_file_to_orthanc(or
     assert len(rows) == len(files)
     for row in rows:
         path, image_occurrence_id = files[row["sop_instance_id"]]
-        assert by_id[row["instance_id"]]["MainDicomTags"]["SOPInstanceUID"] == row["sop_instance_id"]
+        assert (
+            by_id[row["instance_id"]]["MainDicomTags"]["SOPInstanceUID"] == row["sop_instance_id"]
+        )
         info = orthanc.get(f"/instances/{row['instance_id']}/attachments/dicom/info")
         assert row["uploaded_filename"] == f"{info['Uuid']}.dcm"
-        assert (row["original_file_path"], row["original_filename"]) == (path, os.path.basename(path))
+        assert (row["original_file_path"], row["original_filename"]) == (
+            path,
+            os.path.basename(path),
+        )
         assert row["image_occurrence_id"] == image_occurrence_id
         assert row["flow_run_id"] == result.run_id and result.run_id in row["task_run_id"]
         assert row["server_url"] == orthanc.url and row["server_kind"] == "orthanc"
@@ -133,14 +165,22 @@ def test_ingest_with_upload_files_true_uploads_every_ingested_file_to_orthanc(or
     assert_series_found_by_qido(orthanc, db, orthanc.dicomweb_url)
 
     metadata = upload_metadata(result)
-    assert (metadata["files_uploaded"], metadata["files_already_on_server"], metadata["files_failed"]) == (42, 0, 0)
+    assert (
+        metadata["files_uploaded"],
+        metadata["files_already_on_server"],
+        metadata["files_failed"],
+    ) == (42, 0, 0)
     assert metadata["bytes_sent"] == sum(os.path.getsize(p) for p, _ in files.values())
     assert metadata["files_per_second"] > 0 and metadata["wadors_root"] == orthanc.dicomweb_url
 
     again = run_ingest(database_url, server, folder, upload_files=True)
     assert again.success
     metadata = upload_metadata(again)
-    assert (metadata["files_uploaded"], metadata["files_already_recorded"], metadata["bytes_sent"]) == (0, 42, 0)
+    assert (
+        metadata["files_uploaded"],
+        metadata["files_already_recorded"],
+        metadata["bytes_sent"],
+    ) == (0, 42, 0)
     assert_server_holds_exactly_the_ingested_files(orthanc, db)
     assert upload_rows(db) == rows
 
@@ -168,7 +208,10 @@ def test_dicomweb_upload_launched_on_its_own(orthanc, database_url, db, folder):
     for row in rows:
         _, image_occurrence_id = files[row["sop_instance_id"]]
         assert row["instance_id"] == row["sop_instance_id"] and row["server_kind"] == "dicomweb"
-        assert row["uploaded_filename"] == f"{images[image_occurrence_id][2]}/instances/{row['sop_instance_id']}"
+        assert (
+            row["uploaded_filename"]
+            == f"{images[image_occurrence_id][2]}/instances/{row['sop_instance_id']}"
+        )
         assert row["server_url"] == orthanc.dicomweb_url
     assert upload_metadata(result)["files_uploaded"] == 42
 
@@ -176,12 +219,24 @@ def test_dicomweb_upload_launched_on_its_own(orthanc, database_url, db, folder):
     assert len(upload_rows(db)) == 42 and len(orthanc.instances()) == 42
 
 
-def test_materialize_everything_without_config_does_not_upload(orthanc, database_url, db, folder, monkeypatch):
+def test_materialize_everything_without_config_does_not_upload(
+    orthanc, database_url, db, folder, monkeypatch
+):
     """The README quickstart's `--select '*'`: ingest and upload in one run, no options: no upload."""
     monkeypatch.setenv("DICOM_ETL_FILES_DIR", str(folder))
-    defs = build_definitions(PostgresResource(database_url=database_url), DicomServerResource(url=orthanc.url))
-    keys = [dg.AssetKey(k) for k in ("procedure_occurrence", "image_occurrence", "dicom_file_metadata",
-                                     "dicom_ingest_log", "file_upload_metadata")]
+    defs = build_definitions(
+        PostgresResource(database_url=database_url), DicomServerResource(url=orthanc.url)
+    )
+    keys = [
+        dg.AssetKey(k)
+        for k in (
+            "procedure_occurrence",
+            "image_occurrence",
+            "dicom_file_metadata",
+            "dicom_ingest_log",
+            "file_upload_metadata",
+        )
+    ]
     result = defs.resolve_implicit_global_asset_job_def().execute_in_process(asset_selection=keys)
     assert result.success
     assert len(ingested(db)) == 42
@@ -193,15 +248,19 @@ def test_materialize_everything_without_config_does_not_upload(orthanc, database
 def test_upload_files_true_without_a_server_fails_clearly(database_url, db, folder):
     result = run_ingest(database_url, None, folder, upload_files=True)
     assert not result.success
-    assert "no DICOM server configured for uploads: set DICOM_ETL_DICOM_SERVER_URL" in failure_message(result)
+    assert (
+        "no DICOM server configured for uploads: set DICOM_ETL_DICOM_SERVER_URL"
+        in failure_message(result)
+    )
     assert len(ingested(db)) == 42  # the ingest itself went through
 
 
 # --------------------------------------------------------------------------
 # Server stopped mid-run, then restarted
 # --------------------------------------------------------------------------
-def test_server_stopped_mid_run_then_the_next_run_uploads_exactly_the_rest(orthanc, database_url, db, folder,
-                                                                            monkeypatch):
+def test_server_stopped_mid_run_then_the_next_run_uploads_exactly_the_rest(
+    orthanc, database_url, db, folder, monkeypatch
+):
     server = DicomServerResource(url=orthanc.url, max_concurrent_uploads=4, **FAST)
     assert run_ingest(database_url, server, folder).success
     stop_after = 10
@@ -222,11 +281,15 @@ def test_server_stopped_mid_run_then_the_next_run_uploads_exactly_the_rest(ortha
 
     assert not failed.success
     message = failure_message(failed)
-    assert f"DICOM server {orthanc.url} is unavailable" in message and "connection refused" in message
+    assert (
+        f"DICOM server {orthanc.url} is unavailable" in message and "connection refused" in message
+    )
     assert "run again when the server is back" in message
     recorded = {row["sop_instance_id"] for row in upload_rows(db)}
     assert stop_after <= len(recorded) < 42
-    assert recorded <= set(done), "a file was recorded as uploaded although its upload did not succeed"
+    assert recorded <= set(done), (
+        "a file was recorded as uploaded although its upload did not succeed"
+    )
 
     orthanc.start()
     on_server = set(orthanc.sop_instance_uids())
@@ -254,18 +317,23 @@ def _run_text(instance, result) -> str:
     return "\n".join(texts)
 
 
-def test_credentials_never_appear_in_logs_or_metadata(orthanc_with_auth, database_url, db, folder, monkeypatch,
-                                                      capfd):
+def test_credentials_never_appear_in_logs_or_metadata(
+    orthanc_with_auth, database_url, db, folder, monkeypatch, capfd
+):
     monkeypatch.setenv(SERVER_URL_ENV, orthanc_with_auth.url)
     monkeypatch.setenv(SERVER_USER_ENV, ORTHANC_USER)
     monkeypatch.setenv(SERVER_PASSWORD_ENV, ORTHANC_PASSWORD)
     with dg.DagsterInstance.ephemeral() as instance:
-        result = run_ingest(database_url, None, folder, instance=instance, upload_files=True)  # from the environment
+        result = run_ingest(
+            database_url, None, folder, instance=instance, upload_files=True
+        )  # from the environment
         assert result.success, failure_message(result)
         assert_server_holds_exactly_the_ingested_files(orthanc_with_auth, db)
         assert upload_metadata(result)["files_uploaded"] == 42
         text = _run_text(instance, result)
-        assert "files_uploaded" in text and orthanc_with_auth.url in text  # the log really was searched
+        assert (
+            "files_uploaded" in text and orthanc_with_auth.url in text
+        )  # the log really was searched
         assert ORTHANC_PASSWORD not in text
 
         # A wrong password: a clear failure, and neither password anywhere.
@@ -285,7 +353,9 @@ def test_credentials_never_appear_in_logs_or_metadata(orthanc_with_auth, databas
 # --------------------------------------------------------------------------
 # A file the server rejects
 # --------------------------------------------------------------------------
-def test_rejected_file_fails_the_run_naming_it_and_the_others_are_uploaded(orthanc, database_url, db, folder):
+def test_rejected_file_fails_the_run_naming_it_and_the_others_are_uploaded(
+    orthanc, database_url, db, folder
+):
     server = DicomServerResource(url=orthanc.url, **FAST)
     assert run_ingest(database_url, server, folder).success
     # Same size and mtime as ingested (so it is not "changed"), but no longer a DICOM file.
@@ -342,7 +412,9 @@ class SlowClient:
         with self.lock:
             self.active -= 1
             self.sent.append(sop_instance_uid)
-        return StoredInstance(f"id-{sop_instance_uid}", f"{sop_instance_uid}.dcm", False, os.path.getsize(path))
+        return StoredInstance(
+            f"id-{sop_instance_uid}", f"{sop_instance_uid}.dcm", False, os.path.getsize(path)
+        )
 
 
 def test_uploads_run_several_at_once_and_never_more_than_the_bound(database_url, db, folder):
@@ -354,7 +426,12 @@ def test_uploads_run_several_at_once_and_never_more_than_the_bound(database_url,
     assert client.peak == 5
     assert sorted(client.sent) == sorted(ingested(db))
     assert report.uploaded == report.recorded == 42 and elapsed < 42 * 0.05
-    assert upload_pending(db, Schemas(), client, run_id="r2", task_run_id="t2", concurrency=5).files_sent == 0
+    assert (
+        upload_pending(
+            db, Schemas(), client, run_id="r2", task_run_id="t2", concurrency=5
+        ).files_sent
+        == 0
+    )
 
 
 def test_overlapping_runs_record_each_instance_once(orthanc, database_url, db, folder):
@@ -365,7 +442,11 @@ def test_overlapping_runs_record_each_instance_once(orthanc, database_url, db, f
     def one_run(name: str) -> None:
         try:
             with psycopg.connect(database_url, autocommit=True) as conn, server.client() as client:
-                reports.append(upload_pending(conn, Schemas(), client, run_id=name, task_run_id=name, concurrency=3))
+                reports.append(
+                    upload_pending(
+                        conn, Schemas(), client, run_id=name, task_run_id=name, concurrency=3
+                    )
+                )
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -376,7 +457,9 @@ def test_overlapping_runs_record_each_instance_once(orthanc, database_url, db, f
         thread.join()
     assert errors == []
     assert sum(r.recorded for r in reports) == 42
-    assert scalar(db, f"SELECT count(DISTINCT sop_instance_id) FROM {MI}.file_upload_metadata") == 42
+    assert (
+        scalar(db, f"SELECT count(DISTINCT sop_instance_id) FROM {MI}.file_upload_metadata") == 42
+    )
     assert len(upload_rows(db)) == 42
     assert_server_holds_exactly_the_ingested_files(orthanc, db)
 
@@ -384,10 +467,16 @@ def test_overlapping_runs_record_each_instance_once(orthanc, database_url, db, f
 # --------------------------------------------------------------------------
 # As users run it: the CLI, configured by the environment
 # --------------------------------------------------------------------------
-def test_cli_upload_with_original_options_and_asset_alone(orthanc_with_auth, database_url, db, folder, tmp_path):
-    env = {"DICOM_ETL_DATABASE_URL": database_url, "DICOM_ETL_VOCAB_DIR": os.environ["DICOM_ETL_VOCAB_DIR"],
-           SERVER_URL_ENV: orthanc_with_auth.url, SERVER_USER_ENV: ORTHANC_USER,
-           SERVER_PASSWORD_ENV: ORTHANC_PASSWORD}
+def test_cli_upload_with_original_options_and_asset_alone(
+    orthanc_with_auth, database_url, db, folder, tmp_path
+):
+    env = {
+        "DICOM_ETL_DATABASE_URL": database_url,
+        "DICOM_ETL_VOCAB_DIR": os.environ["DICOM_ETL_VOCAB_DIR"],
+        SERVER_URL_ENV: orthanc_with_auth.url,
+        SERVER_USER_ENV: ORTHANC_USER,
+        SERVER_PASSWORD_ENV: ORTHANC_PASSWORD,
+    }
     document = options(dicom_files_abs_path=str(folder), upload_files=True, parse_workers=1)
     # Half of the files first, through the contract command with the original options document
     # (the ingest reads every file under the folder, so the other half waits outside it).
@@ -405,15 +494,29 @@ def test_cli_upload_with_original_options_and_asset_alone(orthanc_with_auth, dat
     # The rest: ingest without upload, then the upload asset on its own, with no config.
     for path in moved:
         (later / path.relative_to(folder)).rename(path)
-    completed = dagster_job_execute("ingest_metadata", tmp_path, env,
-                                    options(dicom_files_abs_path=str(folder), parse_workers=1))
+    completed = dagster_job_execute(
+        "ingest_metadata", tmp_path, env, options(dicom_files_abs_path=str(folder), parse_workers=1)
+    )
     assert completed.returncode == 0, (completed.stdout + completed.stderr)[-3000:]
     assert len(orthanc_with_auth.instances()) == 21
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_ETL_")}
     full_env.update({"DAGSTER_HOME": str(tmp_path / "dagster_home"), **env})
     completed = subprocess.run(
-        [DAGSTER, "asset", "materialize", "-m", "dicom_etl_dagster.definitions", "--select", "file_upload_metadata"],
-        cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=600)
+        [
+            DAGSTER,
+            "asset",
+            "materialize",
+            "-m",
+            "dicom_etl_dagster.definitions",
+            "--select",
+            "file_upload_metadata",
+        ],
+        cwd=REPO_ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output[-3000:]
     assert ORTHANC_PASSWORD not in output

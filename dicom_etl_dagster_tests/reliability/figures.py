@@ -24,9 +24,18 @@ FIGURES: dict = {
 def reason_class(reason: str) -> str:
     """A failure reason reduced to its kind ("truncated", "not a DICOM file", ...)."""
     head = (reason or "").split(":")[0].strip()
-    for kind in ("truncated", "not a DICOM file", "empty file", "missing required attribute",
-                 "no usable date", "cannot decode element", "invalid UID", "cannot parse DICOM data",
-                 "cannot read DICOM file", "no person"):
+    for kind in (
+        "truncated",
+        "not a DICOM file",
+        "empty file",
+        "missing required attribute",
+        "no usable date",
+        "cannot decode element",
+        "invalid UID",
+        "cannot parse DICOM data",
+        "cannot read DICOM file",
+        "no person",
+    ):
         if head.startswith(kind) or reason.startswith(kind):
             return kind
     return head[:60] or "(no reason!)"

@@ -78,8 +78,9 @@ def copy_samples(root: Path) -> dict[Path, object]:
     return out
 
 
-def truncations(root: Path, sources=(CT_SMALL, RTPLAN, MR_SMALL), cuts_per_file: int = 25,
-                seed: int = 7) -> dict[Path, object]:
+def truncations(
+    root: Path, sources=(CT_SMALL, RTPLAN, MR_SMALL), cuts_per_file: int = 25, seed: int = 7
+) -> dict[Path, object]:
     """Fresh-UID copies cut at many offsets: inside the preamble, the meta header, the dataset
     and the pixel data. A cut exactly at an element boundary is a valid shorter file (a documented
     limitation), so the outcome is only constrained to 'failed' when the cut is inside pixel data."""
@@ -92,8 +93,10 @@ def truncations(root: Path, sources=(CT_SMALL, RTPLAN, MR_SMALL), cuts_per_file:
         if "PixelData" in ds:
             # the value of PixelData starts after its 12-byte explicit VR header
             pixel_start = whole.rfind(b"\xe0\x7f\x10\x00")
-        offsets = sorted({1, 64, 127, 128, 131, 132, 140, 200, len(whole) - 1, len(whole) - 2}
-                         | {rng.randrange(1, len(whole)) for _ in range(cuts_per_file)})
+        offsets = sorted(
+            {1, 64, 127, 128, 131, 132, 140, 200, len(whole) - 1, len(whole) - 2}
+            | {rng.randrange(1, len(whole)) for _ in range(cuts_per_file)}
+        )
         for cut in offsets:
             target = root / "b_truncated" / f"{source.stem}_cut{cut:07d}.dcm"
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -104,8 +107,9 @@ def truncations(root: Path, sources=(CT_SMALL, RTPLAN, MR_SMALL), cuts_per_file:
     return out
 
 
-def byte_flips(root: Path, sources=(CT_SMALL, MR_SMALL, RTPLAN), per_file: int = 20,
-               seed: int = 11) -> dict[Path, object]:
+def byte_flips(
+    root: Path, sources=(CT_SMALL, MR_SMALL, RTPLAN), per_file: int = 20, seed: int = 11
+) -> dict[Path, object]:
     """Fresh-UID copies with 1-16 random bytes overwritten (any outcome, but a reasoned one)."""
     rng = random.Random(seed)
     out: dict[Path, object] = {}
@@ -176,8 +180,7 @@ def structures(root: Path) -> dict[Path, object]:
     out: dict[Path, object] = {}
 
     ds = _minimal()
-    ds.ReferencedImageSequence = Sequence(
-        [Dataset() for _ in range(3000)])
+    ds.ReferencedImageSequence = Sequence([Dataset() for _ in range(3000)])
     for i, item in enumerate(ds.ReferencedImageSequence):
         item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
         item.ReferencedSOPInstanceUID = f"1.2.3.{i}"
@@ -214,13 +217,26 @@ def values(root: Path, duplicate_of: Path) -> dict[Path, object]:
     folder = root / "f_values"
     out: dict[Path, object] = {}
     out[folder / "bad_date_all.dcm"] = ("failed", "no usable date")
-    clone(CT_SMALL, folder / "bad_date_all.dcm", StudyDate="20231399", SeriesDate="20231399",
-          AcquisitionDate="00000000", ContentDate="2023-1-1")
+    clone(
+        CT_SMALL,
+        folder / "bad_date_all.dcm",
+        StudyDate="20231399",
+        SeriesDate="20231399",
+        AcquisitionDate="00000000",
+        ContentDate="2023-1-1",
+    )
     out[folder / "bad_date_study_only.dcm"] = "ingested"
     clone(CT_SMALL, folder / "bad_date_study_only.dcm", StudyDate="20231399", SeriesDate="20230615")
     out[folder / "long_values.dcm"] = "ingested"
-    clone(CT_SMALL, folder / "long_values.dcm", StudyDescription="S" * 5000, BodyPartExamined="B" * 300,
-          Modality="M" * 200, PatientID="P" * 1000, InstanceNumber="99999999999")
+    clone(
+        CT_SMALL,
+        folder / "long_values.dcm",
+        StudyDescription="S" * 5000,
+        BodyPartExamined="B" * 300,
+        Modality="M" * 200,
+        PatientID="P" * 1000,
+        InstanceNumber="99999999999",
+    )
     for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         out[folder / f"missing_{keyword}.dcm"] = ("failed", "missing required attribute")
         clone(CT_SMALL, folder / f"missing_{keyword}.dcm", **{keyword: None})
@@ -246,8 +262,13 @@ def values(root: Path, duplicate_of: Path) -> dict[Path, object]:
 
     # odd character sets
     out[folder / "charset_utf8.dcm"] = "ingested"
-    clone(CT_SMALL, folder / "charset_utf8.dcm", SpecificCharacterSet="ISO_IR 192",
-          PatientName="Ꮳꮃ^日本語=山田^太郎", StudyDescription="Ünïcødé ☢ 検査")
+    clone(
+        CT_SMALL,
+        folder / "charset_utf8.dcm",
+        SpecificCharacterSet="ISO_IR 192",
+        PatientName="Ꮳꮃ^日本語=山田^太郎",
+        StudyDescription="Ünïcødé ☢ 検査",
+    )
     out[folder / "charset_unknown.dcm"] = None
     ds = clone(CT_SMALL, folder / "charset_unknown.dcm", SpecificCharacterSet="ISO_IR 999")
     ds.StudyDescription = "caf\xe9"  # latin-1 bytes under an unknown charset
@@ -261,7 +282,7 @@ def values(root: Path, duplicate_of: Path) -> dict[Path, object]:
     name = str(ds.PatientName).encode()
     at = raw.find(name)
     if at > 0 and name:
-        raw = raw[:at] + bytes([0xE9]) * len(name) + raw[at + len(name):]
+        raw = raw[:at] + bytes([0xE9]) * len(name) + raw[at + len(name) :]
         (folder / "charset_latin1_declared_ascii.dcm").write_bytes(raw)
     return out
 
@@ -284,7 +305,9 @@ def hostile_corpus(root: Path) -> dict[Path, object]:
 # --------------------------------------------------------------------------
 # A large clean folder (fault tests)
 # --------------------------------------------------------------------------
-def clean_folder(root: Path, files: int, files_per_series: int = 10, series_per_study: int = 3) -> list[Path]:
+def clean_folder(
+    root: Path, files: int, files_per_series: int = 10, series_per_study: int = 3
+) -> list[Path]:
     """``files`` instances cloned from CT_small / MR_small with fresh, consistent UIDs."""
     sources = [quiet_read(CT_SMALL), quiet_read(MR_SMALL)]
     paths = []
@@ -308,8 +331,15 @@ def phi_files(root: Path) -> dict[str, Path]:
     files["intact"] = root / "phi_intact.dcm"
     clone(CT_SMALL, files["intact"], **attrs)
     files["bad_date"] = root / "phi_no_date.dcm"
-    clone(CT_SMALL, files["bad_date"], StudyDate="20231399", SeriesDate=None, AcquisitionDate=None,
-          ContentDate=None, **attrs)
+    clone(
+        CT_SMALL,
+        files["bad_date"],
+        StudyDate="20231399",
+        SeriesDate=None,
+        AcquisitionDate=None,
+        ContentDate=None,
+        **attrs,
+    )
     files["missing_uid"] = root / "phi_missing_uid.dcm"
     clone(CT_SMALL, files["missing_uid"], SOPInstanceUID=None, **attrs)
     # the name element with a corrupt value length (runs past the end of the name)
@@ -324,7 +354,9 @@ def phi_files(root: Path) -> dict[str, Path]:
     files["truncated"] = root / "phi_truncated.dcm"
     clone(CT_SMALL, files["truncated"], **attrs)
     raw = files["truncated"].read_bytes()
-    files["truncated"].write_bytes(raw[: raw.find(PHI_PATIENT_ID.encode()) + len(PHI_PATIENT_ID) + 40])
+    files["truncated"].write_bytes(
+        raw[: raw.find(PHI_PATIENT_ID.encode()) + len(PHI_PATIENT_ID) + 40]
+    )
     # bad VR value: a DS value that is not a number in the patient group
     files["bad_weight"] = root / "phi_bad_weight.dcm"
     ds = clone(CT_SMALL, files["bad_weight"], **attrs)
@@ -333,7 +365,12 @@ def phi_files(root: Path) -> dict[str, Path]:
     raw = files["bad_weight"].read_bytes()
     marker = struct.pack("<HH", 0x0010, 0x1030) + b"DS" + struct.pack("<H", 2) + b"0 "
     if marker in raw:
-        raw = raw.replace(marker, struct.pack("<HH", 0x0010, 0x1030) + b"DS" + struct.pack("<H", 14)
-                          + (PHI_PATIENT_ID + "x").encode())
+        raw = raw.replace(
+            marker,
+            struct.pack("<HH", 0x0010, 0x1030)
+            + b"DS"
+            + struct.pack("<H", 14)
+            + (PHI_PATIENT_ID + "x").encode(),
+        )
         files["bad_weight"].write_bytes(raw)
     return files

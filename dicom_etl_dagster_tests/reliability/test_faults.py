@@ -36,11 +36,11 @@ from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.core.ingest.run import ingest_folder, prepare_run
 from dicom_etl_dagster.core.ingest.writer import PersonMapping
 from dicom_etl_dagster_tests.conftest import _with_database, fresh_database, scalar
-from dicom_etl_dagster_tests.written_rows import assert_ids_consistent, table_content
 from dicom_etl_dagster_tests.dicom_samples import expected_metadata_rows
 from dicom_etl_dagster_tests.helpers import options, run_job
 from dicom_etl_dagster_tests.reliability import hostile
 from dicom_etl_dagster_tests.reliability.figures import FIGURES
+from dicom_etl_dagster_tests.written_rows import assert_ids_consistent, table_content
 
 MI = "cdmmedicalimaging"
 SCHEMAS = Schemas()
@@ -71,16 +71,27 @@ def ledger_rows(url: str) -> int:
 
 def blocked_on_ledger_lock(url: str, application_name: str) -> bool:
     with psycopg.connect(url, autocommit=True) as conn:
-        return bool(scalar(conn, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                                 " AND application_name = %s AND wait_event_type = 'Lock'", [application_name]))
+        return bool(
+            scalar(
+                conn,
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND application_name = %s AND wait_event_type = 'Lock'",
+                [application_name],
+            )
+        )
 
 
 def core_ingest(url: str, root: Path, run_id: str, workers: int = 1) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         ensure_tables(conn, SCHEMAS)
-        state = prepare_run(conn, SCHEMAS, run_id, "use_id_zero",
-                            PersonMapping(MI, "mappingtable", "source_person_id", "source_patient_id"),
-                            lambda message: None)
+        state = prepare_run(
+            conn,
+            SCHEMAS,
+            run_id,
+            "use_id_zero",
+            PersonMapping(MI, "mappingtable", "source_person_id", "source_patient_id"),
+            lambda message: None,
+        )
         ingest_folder(conn, state, root, BATCH, workers)
 
 
@@ -130,38 +141,59 @@ def _survivors(pgid: int) -> list[psutil.Process]:
 
 
 @pytest.mark.parametrize("moment", ["half_written_batch", "free_running"])
-def test_sigkill_mid_ingest_then_rerun_equals_one_clean_run(moment, database_url, second_database_url,
-                                                            big_folder, tmp_path):
+def test_sigkill_mid_ingest_then_rerun_equals_one_clean_run(
+    moment, database_url, second_database_url, big_folder, tmp_path
+):
     root, files = big_folder
     with psycopg.connect(database_url, autocommit=True) as conn:
         ensure_tables(conn, SCHEMAS)
     script = tmp_path / "victim.py"
     script.write_text(VICTIM_SCRIPT)
     log = (tmp_path / "victim.log").open("w+")
-    victim = subprocess.Popen([sys.executable, str(script), database_url, str(root), "2"],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    victim = subprocess.Popen(
+        [sys.executable, str(script), database_url, str(root), "2"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     pgid = victim.pid
     lock_conn = None
     try:
+
         def still_running():
             if victim.poll() is not None:
                 log.seek(0)
-                pytest.fail(f"the ingest ended before it could be killed (rc {victim.returncode}): "
-                            f"{log.read()[-2000:]}")
+                pytest.fail(
+                    f"the ingest ended before it could be killed (rc {victim.returncode}): "
+                    f"{log.read()[-2000:]}"
+                )
 
-        wait_for(lambda: ledger_rows(database_url) >= 2 * BATCH, "two committed batches", alive=still_running)
+        wait_for(
+            lambda: ledger_rows(database_url) >= 2 * BATCH,
+            "two committed batches",
+            alive=still_running,
+        )
         if moment == "half_written_batch":
             lock_conn = psycopg.connect(database_url)
             lock_conn.execute(f"LOCK TABLE {MI}.dicom_ingest_log IN EXCLUSIVE MODE")
-            wait_for(lambda: blocked_on_ledger_lock(database_url, VICTIM),
-                     "the ingest to block on the ledger inside its batch transaction", alive=still_running)
+            wait_for(
+                lambda: blocked_on_ledger_lock(database_url, VICTIM),
+                "the ingest to block on the ledger inside its batch transaction",
+                alive=still_running,
+            )
             # The batch's OMOP and metadata rows are written (uncommitted) by now: its
             # transaction holds the write lock of dicom_file_metadata.
             with psycopg.connect(database_url, autocommit=True) as conn:
-                assert scalar(conn, "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
-                                    " WHERE a.application_name = %s AND l.granted AND l.mode = 'RowExclusiveLock'"
-                                    " AND l.relation = %s::regclass",
-                              [VICTIM, f"{MI}.dicom_file_metadata"]) == 1
+                assert (
+                    scalar(
+                        conn,
+                        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+                        " WHERE a.application_name = %s AND l.granted AND l.mode = 'RowExclusiveLock'"
+                        " AND l.relation = %s::regclass",
+                        [VICTIM, f"{MI}.dicom_file_metadata"],
+                    )
+                    == 1
+                )
         os.killpg(pgid, signal.SIGKILL)
         victim.wait(timeout=TIMEOUT)
         wait_for(lambda: not _survivors(pgid), "the parse workers to die with the ingest")
@@ -178,37 +210,61 @@ def test_sigkill_mid_ingest_then_rerun_equals_one_clean_run(moment, database_url
     # The killed backend's transaction is gone (rolled back), nothing of it is visible.
     def victim_gone():
         with psycopg.connect(database_url, autocommit=True) as conn:
-            return scalar(conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [VICTIM]) == 0
+            return (
+                scalar(
+                    conn,
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                    [VICTIM],
+                )
+                == 0
+            )
+
     wait_for(victim_gone, "the killed run's database session to end")
     with psycopg.connect(database_url, autocommit=True) as conn:
         done = scalar(conn, f"SELECT count(*) FROM {MI}.dicom_ingest_log")
         assert 0 < done < FILES, done
         assert done % BATCH == 0, f"{done} ledger rows: not whole batches"
-        assert scalar(conn, f"SELECT count(DISTINCT sop_instance_id) FROM {MI}.dicom_file_metadata") == done
-        assert scalar(conn, f"SELECT count(DISTINCT image_occurrence_id) FROM {MI}.dicom_file_metadata") == scalar(
-            conn, f"SELECT count(*) FROM {MI}.image_occurrence")
+        assert (
+            scalar(conn, f"SELECT count(DISTINCT sop_instance_id) FROM {MI}.dicom_file_metadata")
+            == done
+        )
+        assert scalar(
+            conn, f"SELECT count(DISTINCT image_occurrence_id) FROM {MI}.dicom_file_metadata"
+        ) == scalar(conn, f"SELECT count(*) FROM {MI}.image_occurrence")
 
     core_ingest(database_url, root, "rerun", workers=2)
     core_ingest(second_database_url, root, "clean", workers=2)
 
-    with psycopg.connect(database_url, autocommit=True) as after, \
-            psycopg.connect(second_database_url, autocommit=True) as clean:
+    with (
+        psycopg.connect(database_url, autocommit=True) as after,
+        psycopg.connect(second_database_url, autocommit=True) as clean,
+    ):
         assert_ids_consistent(after, SCHEMAS)
         assert_ids_consistent(clean, SCHEMAS)
         got, want = table_content(after, SCHEMAS), table_content(clean, SCHEMAS)
         for table in want:
             assert got[table] == want[table], f"{table} differs from one clean run"
-        sops = [r[0] for r in after.execute(f"SELECT sop_instance_uid FROM {MI}.dicom_ingest_log"
-                                             " WHERE status = 'ingested'").fetchall()]
+        sops = [
+            r[0]
+            for r in after.execute(
+                f"SELECT sop_instance_uid FROM {MI}.dicom_ingest_log WHERE status = 'ingested'"
+            ).fetchall()
+        ]
         assert len(sops) == len(set(sops)) == FILES
         assert scalar(after, f"SELECT count(*) FROM {MI}.dicom_file_metadata") == sum(
-            expected_metadata_rows(p) for p in files)
+            expected_metadata_rows(p) for p in files
+        )
         assert scalar(after, f"SELECT count(*) FROM {MI}.image_occurrence") == FILES // BATCH
-        assert scalar(after, "SELECT count(*) FROM cdmdefault.procedure_occurrence") == FILES // (BATCH * 3)
+        assert scalar(after, "SELECT count(*) FROM cdmdefault.procedure_occurrence") == FILES // (
+            BATCH * 3
+        )
         for conn in (after, clean):
-            twice = scalar(conn, f"SELECT count(*) FROM (SELECT sop_instance_id FROM {MI}.dicom_file_metadata"
-                                 " WHERE metadata_source_tag = '(0008,0018)' AND parent_sequence_id IS NULL"
-                                 " GROUP BY 1 HAVING count(*) > 1) d")
+            twice = scalar(
+                conn,
+                f"SELECT count(*) FROM (SELECT sop_instance_id FROM {MI}.dicom_file_metadata"
+                " WHERE metadata_source_tag = '(0008,0018)' AND parent_sequence_id IS NULL"
+                " GROUP BY 1 HAVING count(*) > 1) d",
+            )
             FIGURES["duplicates_found"] += twice
             assert twice == 0
 
@@ -220,18 +276,23 @@ def test_sigkill_mid_ingest_then_rerun_equals_one_clean_run(moment, database_url
 def own_server():
     """A PostgreSQL of this test's own: restarting the session's shared server is not an option."""
     import pgserver
-
     from pgserver import _commands
 
-    server = pgserver.get_server(Path(tempfile.mkdtemp(prefix="dicom_etl_restart_pg_")), cleanup_mode="delete")
+    server = pgserver.get_server(
+        Path(tempfile.mkdtemp(prefix="dicom_etl_restart_pg_")), cleanup_mode="delete"
+    )
     try:
         yield server
     finally:
         # pgserver only stops the postmaster it started; after the restart that is another
         # process, so stop the server here, then let pgserver delete the data folder.
         try:
-            _commands.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user,
-                             timeout=TIMEOUT)
+            _commands.pg_ctl(
+                ["-w", "-m", "fast", "stop"],
+                pgdata=server.pgdata,
+                user=server.system_user,
+                timeout=TIMEOUT,
+            )
         except subprocess.CalledProcessError:
             pass  # not running
         server.cleanup()
@@ -240,8 +301,12 @@ def own_server():
 def _restart(server) -> None:
     from pgserver import _commands
 
-    _commands.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user,
-                     timeout=TIMEOUT)
+    _commands.pg_ctl(
+        ["-w", "-m", "fast", "restart"],
+        pgdata=server.pgdata,
+        user=server.system_user,
+        timeout=TIMEOUT,
+    )
 
 
 def _step_failure_message(result) -> str:
@@ -265,7 +330,10 @@ def restart_run(own_server, big_folder):
             wait_for(lambda: ledger_rows(url) >= BATCH, "a committed batch", alive=lambda: None)
             lock = psycopg.connect(url)
             lock.execute(f"LOCK TABLE {MI}.dicom_ingest_log IN EXCLUSIVE MODE")
-            wait_for(lambda: blocked_on_ledger_lock(url, "dicom_etl_dagster"), "the run to block on the ledger")
+            wait_for(
+                lambda: blocked_on_ledger_lock(url, "dicom_etl_dagster"),
+                "the run to block on the ledger",
+            )
             injected["ledger_rows_before"] = ledger_rows(url)
             _restart(own_server)
             injected["restarted"] = True
@@ -288,26 +356,44 @@ def restart_run(own_server, big_folder):
 
 
 def test_postgres_restart_mid_run_fails_then_rerun_completes(restart_run):
-    first, second, url, files = restart_run["first"], restart_run["second"], restart_run["url"], restart_run["files"]
+    first, second, url, files = (
+        restart_run["first"],
+        restart_run["second"],
+        restart_run["url"],
+        restart_run["files"],
+    )
     assert not first.success, "the run went on as if nothing happened"
     assert second.success, _step_failure_message(second)
     with psycopg.connect(url, autocommit=True) as conn:
-        statuses = dict(conn.execute(f"SELECT status, count(*) FROM {MI}.dicom_ingest_log GROUP BY 1").fetchall())
+        statuses = dict(
+            conn.execute(
+                f"SELECT status, count(*) FROM {MI}.dicom_ingest_log GROUP BY 1"
+            ).fetchall()
+        )
         assert statuses == {"ingested": FILES}
-        assert scalar(conn, f"SELECT count(DISTINCT sop_instance_uid) FROM {MI}.dicom_ingest_log") == FILES
+        assert (
+            scalar(conn, f"SELECT count(DISTINCT sop_instance_uid) FROM {MI}.dicom_ingest_log")
+            == FILES
+        )
         assert scalar(conn, f"SELECT count(*) FROM {MI}.dicom_file_metadata") == sum(
-            expected_metadata_rows(p) for p in files)
+            expected_metadata_rows(p) for p in files
+        )
         assert scalar(conn, f"SELECT count(*) FROM {MI}.image_occurrence") == FILES // BATCH
-        assert scalar(conn, "SELECT count(*) FROM cdmdefault.procedure_occurrence") == FILES // (BATCH * 3)
+        assert scalar(conn, "SELECT count(*) FROM cdmdefault.procedure_occurrence") == FILES // (
+            BATCH * 3
+        )
         assert_ids_consistent(conn, SCHEMAS)
 
 
 def test_postgres_restart_failure_message_is_clear(restart_run):
-    failure = [e for e in restart_run["first"].all_events if e.event_type_value == "STEP_FAILURE"][0]
+    failure = [e for e in restart_run["first"].all_events if e.event_type_value == "STEP_FAILURE"][
+        0
+    ]
     error = failure.step_failure_data.error
     message = error.message.strip()
     assert "\n" not in message, f"not one line: {message!r}"
     assert "postgresql" in message.lower(), f"the message does not say what failed: {message!r}"
-    assert error.cause is None or not error.cause.cls_name.startswith(("AdminShutdown", "OperationalError")), \
-        f"raw driver error: {error.cause.message!r}"
+    assert error.cause is None or not error.cause.cls_name.startswith(
+        ("AdminShutdown", "OperationalError")
+    ), f"raw driver error: {error.cause.message!r}"
     assert "re-run to finish" in message

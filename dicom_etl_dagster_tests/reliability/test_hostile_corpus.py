@@ -23,10 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dicom_etl_dagster.core.dicom.reader import DicomReadError, read_instance
-
 from dicom_etl_dagster_tests.conftest import scalar
 from dicom_etl_dagster_tests.dicom_samples import expected_metadata_rows
-from dicom_etl_dagster_tests.helpers import ledger as read_ledger, options, run_job
+from dicom_etl_dagster_tests.helpers import ledger as read_ledger
+from dicom_etl_dagster_tests.helpers import options, run_job
 from dicom_etl_dagster_tests.reliability import hostile
 from dicom_etl_dagster_tests.reliability.figures import FIGURES, reason_class
 
@@ -34,8 +34,11 @@ MI = "cdmmedicalimaging"
 
 
 def _materialization(result, asset: str) -> dict:
-    found = [m for m in result.asset_materializations_for_node("ingest_dicom_folder")
-             if m.asset_key.to_user_string() == asset]
+    found = [
+        m
+        for m in result.asset_materializations_for_node("ingest_dicom_folder")
+        if m.asset_key.to_user_string() == asset
+    ]
     assert len(found) == 1
     return {k: v.value for k, v in found[0].metadata.items()}
 
@@ -52,15 +55,21 @@ def corpus_run(tmp_path_factory, postgres_server):
         warnings.simplefilter("ignore")
         corpus = hostile.hostile_corpus(root)
     with fresh_database(postgres_server, "t_hostile") as url:
-        result = run_job("ingest_metadata", url, options(dicom_files_abs_path=str(root), ingest_batch_size=25,
-                                                         parse_workers=2), raise_on_error=False)
+        result = run_job(
+            "ingest_metadata",
+            url,
+            options(dicom_files_abs_path=str(root), ingest_batch_size=25, parse_workers=2),
+            raise_on_error=False,
+        )
         with psycopg.connect(url, autocommit=True) as conn:
             yield {"root": root, "corpus": corpus, "result": result, "conn": conn}
 
 
 def ledger(conn) -> dict[str, tuple]:
-    rows = conn.execute(f"SELECT file_path, status, error_message, sop_instance_uid, image_occurrence_id"
-                        f" FROM {MI}.dicom_ingest_log").fetchall()
+    rows = conn.execute(
+        f"SELECT file_path, status, error_message, sop_instance_uid, image_occurrence_id"
+        f" FROM {MI}.dicom_ingest_log"
+    ).fetchall()
     paths = [r[0] for r in rows]
     assert len(paths) == len(set(paths)), "a path has more than one ledger row"
     return {r[0]: r[1:] for r in rows}
@@ -84,7 +93,9 @@ def test_the_run_completes_and_every_file_has_one_reasoned_outcome(corpus_run):
     FIGURES["files_ingested"] += statuses["ingested"]
     FIGURES["files_duplicate"] += statuses["duplicate"]
     FIGURES["files_failed"] += statuses["failed"]
-    FIGURES["failures_by_reason"].update(reason_class(r) for s, r, *_ in ledger.values() if s == "failed")
+    FIGURES["failures_by_reason"].update(
+        reason_class(r) for s, r, *_ in ledger.values() if s == "failed"
+    )
 
 
 def test_expected_outcomes_of_the_generated_variants(corpus_run):
@@ -107,13 +118,16 @@ def test_counts_reconcile_exactly(corpus_run):
     figures = _materialization(result, "dicom_file_metadata")
     assert figures["files_seen"] == len(corpus_run["corpus"]) == len(ledger)
     assert (figures["files_ingested"], figures["files_duplicate"], figures["files_failed"]) == (
-        statuses["ingested"], statuses["duplicate"], statuses["failed"])
+        statuses["ingested"],
+        statuses["duplicate"],
+        statuses["failed"],
+    )
     assert figures["files_already_done"] == 0
     assert figures["rows_written"] == scalar(conn, f"SELECT count(*) FROM {MI}.dicom_file_metadata")
 
     # One ingested path per SOP instance; duplicates point at the ingested one's series.
     by_sop = defaultdict(list)
-    for path, (status, _reason, sop, image_id) in ledger.items():
+    for status, _reason, sop, image_id in ledger.values():
         if status != "failed":
             by_sop[sop].append((status, image_id))
     duplicates_found = 0
@@ -122,46 +136,79 @@ def test_counts_reconcile_exactly(corpus_run):
         duplicates_found += max(0, len(ingested) - 1)
         assert len(ingested) == 1, (sop, group)
         assert {g[1] for g in group} == {ingested[0][1]}, sop
-    assert scalar(conn, f"SELECT count(DISTINCT sop_instance_id) FROM {MI}.dicom_file_metadata") == statuses["ingested"]
-    twice = scalar(conn, f"SELECT count(*) FROM (SELECT sop_instance_id FROM {MI}.dicom_file_metadata"
-                         " WHERE metadata_source_tag = '(0008,0018)' AND parent_sequence_id IS NULL"
-                         " GROUP BY 1 HAVING count(*) > 1) d")
+    assert (
+        scalar(conn, f"SELECT count(DISTINCT sop_instance_id) FROM {MI}.dicom_file_metadata")
+        == statuses["ingested"]
+    )
+    twice = scalar(
+        conn,
+        f"SELECT count(*) FROM (SELECT sop_instance_id FROM {MI}.dicom_file_metadata"
+        " WHERE metadata_source_tag = '(0008,0018)' AND parent_sequence_id IS NULL"
+        " GROUP BY 1 HAVING count(*) > 1) d",
+    )
     duplicates_found += twice
     FIGURES["duplicates_found"] += duplicates_found
     assert twice == 0
 
     # Metadata rows: exactly what plain pydicom counts, for every ingested unmutated file.
-    clean = [p for p, e in corpus_run["corpus"].items()
-             if ledger[str(p)][0] == "ingested" and "c_flipped" not in p.parts and "b_truncated" not in p.parts
-             and "e_structures" not in p.parts]
+    clean = [
+        p
+        for p, e in corpus_run["corpus"].items()
+        if ledger[str(p)][0] == "ingested"
+        and "c_flipped" not in p.parts
+        and "b_truncated" not in p.parts
+        and "e_structures" not in p.parts
+    ]
     assert len(clean) > 50
-    counts = dict(conn.execute(f"SELECT sop_instance_id, count(*) FROM {MI}.dicom_file_metadata GROUP BY 1").fetchall())
-    mismatched = {p.name: (counts.get(ledger[str(p)][2]), expected_metadata_rows(p)) for p in clean
-                  if counts.get(ledger[str(p)][2]) != expected_metadata_rows(p)}
+    counts = dict(
+        conn.execute(
+            f"SELECT sop_instance_id, count(*) FROM {MI}.dicom_file_metadata GROUP BY 1"
+        ).fetchall()
+    )
+    mismatched = {
+        p.name: (counts.get(ledger[str(p)][2]), expected_metadata_rows(p))
+        for p in clean
+        if counts.get(ledger[str(p)][2]) != expected_metadata_rows(p)
+    }
     assert not mismatched, mismatched
     # series / studies reconcile with the ledger
     assert scalar(conn, f"SELECT count(*) FROM {MI}.image_occurrence") == scalar(
-        conn, f"SELECT count(DISTINCT image_occurrence_id) FROM {MI}.dicom_ingest_log WHERE status = 'ingested'")
+        conn,
+        f"SELECT count(DISTINCT image_occurrence_id) FROM {MI}.dicom_ingest_log WHERE status = 'ingested'",
+    )
 
 
 def test_structures_are_stored_whole(corpus_run):
     conn, root = corpus_run["conn"], corpus_run["root"]
     ledger = read_ledger(conn)
     huge = ledger[str(root / "e_structures" / "huge_sequence_3000_items.dcm")]
-    rows = scalar(conn, f"SELECT count(*) FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s", [huge[2]])
+    rows = scalar(
+        conn, f"SELECT count(*) FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s", [huge[2]]
+    )
     assert rows == expected_metadata_rows(root / "e_structures" / "huge_sequence_3000_items.dcm")
-    assert scalar(conn, f"SELECT sequence_length FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s"
-                        " AND is_sequence", [huge[2]]) == 3000
+    assert (
+        scalar(
+            conn,
+            f"SELECT sequence_length FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s"
+            " AND is_sequence",
+            [huge[2]],
+        )
+        == 3000
+    )
     nested = ledger[str(root / "e_structures" / "nested_depth_40.dcm")]
     # 40 sequence rows + the leaf + the top-level elements
-    depth_rows = scalar(conn, f"SELECT count(*) FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s"
-                              " AND is_sequence", [nested[2]])
+    depth_rows = scalar(
+        conn,
+        f"SELECT count(*) FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s AND is_sequence",
+        [nested[2]],
+    )
     assert depth_rows == 40
     # Deeper than Python's recursion allows: the file fails with that reason, the run goes on.
     for depth in (400, 5000):
         status, reason, *_ = ledger[str(root / "e_structures" / f"nested_depth_{depth}.dcm")]
-        assert status == "failed" and ("RecursionError" in reason or "nested too deeply" in reason), (
-            depth, status, reason)
+        assert status == "failed" and (
+            "RecursionError" in reason or "nested too deeply" in reason
+        ), (depth, status, reason)
 
 
 def test_values_from_hostile_files(corpus_run):
@@ -172,19 +219,29 @@ def test_values_from_hostile_files(corpus_run):
         status, _r, sop, image_id = ledger[str(root / "f_values" / f"{name}.dcm")]
         assert (status, sop, image_id) == ("duplicate", original[2], original[3]), name
     long_sop = ledger[str(root / "f_values" / "long_values.dcm")][2]
-    source_value = scalar(conn, f"SELECT p.procedure_source_value FROM cdmdefault.procedure_occurrence p JOIN"
-                                f" {MI}.image_occurrence i USING (procedure_occurrence_id) JOIN {MI}.dicom_ingest_log l"
-                                " ON l.image_occurrence_id = i.image_occurrence_id WHERE l.sop_instance_uid = %s",
-                          [long_sop])
+    source_value = scalar(
+        conn,
+        f"SELECT p.procedure_source_value FROM cdmdefault.procedure_occurrence p JOIN"
+        f" {MI}.image_occurrence i USING (procedure_occurrence_id) JOIN {MI}.dicom_ingest_log l"
+        " ON l.image_occurrence_id = i.image_occurrence_id WHERE l.sop_instance_uid = %s",
+        [long_sop],
+    )
     assert source_value == "S" * 50
-    date = scalar(conn, f"SELECT p.procedure_date FROM cdmdefault.procedure_occurrence p JOIN {MI}.image_occurrence i"
-                        f" USING (procedure_occurrence_id) JOIN {MI}.dicom_ingest_log l ON l.image_occurrence_id ="
-                        " i.image_occurrence_id WHERE l.file_path = %s",
-                  [str(root / "f_values" / "bad_date_study_only.dcm")])
+    date = scalar(
+        conn,
+        f"SELECT p.procedure_date FROM cdmdefault.procedure_occurrence p JOIN {MI}.image_occurrence i"
+        f" USING (procedure_occurrence_id) JOIN {MI}.dicom_ingest_log l ON l.image_occurrence_id ="
+        " i.image_occurrence_id WHERE l.file_path = %s",
+        [str(root / "f_values" / "bad_date_study_only.dcm")],
+    )
     assert str(date) == "2023-06-15"
     utf8_sop = ledger[str(root / "f_values" / "charset_utf8.dcm")][2]
-    stored = scalar(conn, f"SELECT metadata_source_value FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s"
-                          " AND metadata_source_tag = '(0008,1030)'", [utf8_sop])
+    stored = scalar(
+        conn,
+        f"SELECT metadata_source_value FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s"
+        " AND metadata_source_tag = '(0008,1030)'",
+        [utf8_sop],
+    )
     assert "Ünïcødé ☢ 検査" in stored
 
 
@@ -192,10 +249,21 @@ def test_values_from_hostile_files(corpus_run):
 # Property test: structural mutations (extends core/test_dicom_reader.py's byte-overwrite test
 # with insertions, deletions and extreme values written over length fields)
 # --------------------------------------------------------------------------
-MUTATION_SOURCES = {p.name: p.read_bytes() for p in (hostile.CT_SMALL, hostile.RTPLAN,
-                                                     hostile.TEST_FILES_DIR / "test-SR.dcm")}
-EXTREMES = [b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\xfe\xff\xff\x7f", b"\xff\xff", b"\x00\x00",
-            b"\xfe\xff\x00\xe0", b"\xfe\xff\xdd\xe0", b"SQ\x00\x00", b"UN\x00\x00"]
+MUTATION_SOURCES = {
+    p.name: p.read_bytes()
+    for p in (hostile.CT_SMALL, hostile.RTPLAN, hostile.TEST_FILES_DIR / "test-SR.dcm")
+}
+EXTREMES = [
+    b"\xff\xff\xff\xff",
+    b"\x00\x00\x00\x00",
+    b"\xfe\xff\xff\x7f",
+    b"\xff\xff",
+    b"\x00\x00",
+    b"\xfe\xff\x00\xe0",
+    b"\xfe\xff\xdd\xe0",
+    b"SQ\x00\x00",
+    b"UN\x00\x00",
+]
 
 
 @st.composite
@@ -207,16 +275,19 @@ def structurally_mutated(draw: st.DrawFn) -> bytes:
         if kind == "insert":
             data[at:at] = draw(st.binary(min_size=1, max_size=16))
         elif kind == "delete":
-            del data[at:at + draw(st.integers(1, 64))]
+            del data[at : at + draw(st.integers(1, 64))]
         else:
             value = draw(st.sampled_from(EXTREMES))
-            data[at:at + len(value)] = value
+            data[at : at + len(value)] = value
     return bytes(data)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                   HealthCheck.function_scoped_fixture],
-          database=None)
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    database=None,
+)
 @given(data=structurally_mutated())
 def test_structural_mutations_give_rows_or_a_clear_error(tmp_path_factory, data):
     path = tmp_path_factory.getbasetemp() / "mutated.dcm"

@@ -26,7 +26,11 @@ from urllib.parse import urlsplit, urlunsplit
 import dagster as dg
 import pytest
 
-from dicom_etl_dagster.core.db.identifiers import InvalidIdentifierError, Schemas, validate_identifier
+from dicom_etl_dagster.core.db.identifiers import (
+    InvalidIdentifierError,
+    Schemas,
+    validate_identifier,
+)
 from dicom_etl_dagster.definitions import build_definitions
 from dicom_etl_dagster.resources.database import PostgresResource
 from dicom_etl_dagster.resources.dicom_server import DicomServerResource
@@ -78,8 +82,12 @@ def test_schema_name_injection_is_refused_before_any_sql(job, field, postgres_se
     # A database that does not exist: had anything connected, the error would say so.
     missing_db = _with_database(postgres_server.get_uri(), "no_such_database_reliability")
     value = 'x"; DROP SCHEMA public CASCADE; --'
-    result = run_job(job, missing_db, options(dicom_files_abs_path=str(folder), **{field: value}),
-                     raise_on_error=False)
+    result = run_job(
+        job,
+        missing_db,
+        options(dicom_files_abs_path=str(folder), **{field: value}),
+        raise_on_error=False,
+    )
     assert not result.success
     message = _step_failure_message(result)
     assert "is not a plain SQL identifier" in message and field in message, message
@@ -92,12 +100,21 @@ def test_schema_name_injection_is_refused_before_any_sql(job, field, postgres_se
 # --------------------------------------------------------------------------
 NASTY = {
     # keyword: (VR, value written, JSON value expected in dicom_file_metadata)
-    "StudyDescription": ("LO", "Robert'); DROP TABLE cdmdefault.person;--",
-                         ["Robert'); DROP TABLE cdmdefault.person;--"]),
-    "PatientComments": ("LT", "it's \"quoted\" \\ back\\slash $$ dollar $$ E'\\x00' \x00 after NUL; COPY x FROM STDIN",
-                        ["it's \"quoted\" \\ back\\slash $$ dollar $$ E'\\x00' \x00 after NUL; COPY x FROM STDIN"]),
-    "ImageComments": ("LT", "tab\tnew\nline\r\\N \\. end-of-copy marker",
-                      ["tab\tnew\nline\r\\N \\. end-of-copy marker"]),
+    "StudyDescription": (
+        "LO",
+        "Robert'); DROP TABLE cdmdefault.person;--",
+        ["Robert'); DROP TABLE cdmdefault.person;--"],
+    ),
+    "PatientComments": (
+        "LT",
+        "it's \"quoted\" \\ back\\slash $$ dollar $$ E'\\x00' \x00 after NUL; COPY x FROM STDIN",
+        ["it's \"quoted\" \\ back\\slash $$ dollar $$ E'\\x00' \x00 after NUL; COPY x FROM STDIN"],
+    ),
+    "ImageComments": (
+        "LT",
+        "tab\tnew\nline\r\\N \\. end-of-copy marker",
+        ["tab\tnew\nline\r\\N \\. end-of-copy marker"],
+    ),
     "SeriesDescription": ("LO", "a\\b", ["a", "b"]),  # backslash is the DICOM value separator
     "InstitutionName": ("LO", "' OR '1'='1", ["' OR '1'='1"]),
 }
@@ -111,22 +128,35 @@ def test_hostile_values_are_stored_verbatim(database_url, db, tmp_path):
     db.execute(f"CREATE SCHEMA {MI}")
     db.execute(f"CREATE TABLE {MI}.mappingtable (source_person_id int, source_patient_id text)")
     db.execute(f"INSERT INTO {MI}.mappingtable VALUES (7, 'REAL-PATIENT')")
-    result = run_job("ingest_metadata", database_url, options(dicom_files_abs_path=str(folder), parse_workers=1))
+    result = run_job(
+        "ingest_metadata", database_url, options(dicom_files_abs_path=str(folder), parse_workers=1)
+    )
     assert result.success
     sop = str(ds.SOPInstanceUID)
     assert scalar(db, f"SELECT status FROM {MI}.dicom_ingest_log") == "ingested"
-    for keyword, (vr, _value, expected) in NASTY.items():
-        stored = scalar(db, f"SELECT metadata_source_value FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s"
-                            " AND metadata_source_keyword = %s AND parent_sequence_id IS NULL", [sop, keyword])
+    for keyword, (_vr, _value, expected) in NASTY.items():
+        stored = scalar(
+            db,
+            f"SELECT metadata_source_value FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s"
+            " AND metadata_source_keyword = %s AND parent_sequence_id IS NULL",
+            [sop, keyword],
+        )
         assert json.loads(stored) == expected, keyword
         FIGURES["verbatim_values_checked"] += 1
-    assert json.loads(scalar(db, f"SELECT metadata_source_value FROM {MI}.dicom_file_metadata"
-                                 " WHERE sop_instance_id = %s AND metadata_source_keyword = 'PatientID'"
-                                 " AND parent_sequence_id IS NULL",  # not the one in OtherPatientIDsSequence
-                             [sop])) == ["' OR '1'='1"]
+    assert json.loads(
+        scalar(
+            db,
+            f"SELECT metadata_source_value FROM {MI}.dicom_file_metadata"
+            " WHERE sop_instance_id = %s AND metadata_source_keyword = 'PatientID'"
+            " AND parent_sequence_id IS NULL",  # not the one in OtherPatientIDsSequence
+            [sop],
+        )
+    ) == ["' OR '1'='1"]
     # OMOP columns: the study description as is (cut to 50), the person not matched.
-    assert scalar(db, "SELECT procedure_source_value FROM cdmdefault.procedure_occurrence") == NASTY[
-        "StudyDescription"][1][:50]
+    assert (
+        scalar(db, "SELECT procedure_source_value FROM cdmdefault.procedure_occurrence")
+        == NASTY["StudyDescription"][1][:50]
+    )
     assert scalar(db, f"SELECT person_id FROM {MI}.image_occurrence") == 0
     assert scalar(db, "SELECT to_regclass('cdmdefault.person')") is not None  # not dropped
     assert scalar(db, f"SELECT count(*) FROM {MI}.mappingtable") == 1
@@ -136,11 +166,18 @@ def test_nul_in_omop_text_column_is_removed_deliberately(database_url, db, tmp_p
     """PostgreSQL text cannot hold NUL: procedure_source_value drops it, the EAV row keeps it (JSON-escaped)."""
     folder = tmp_path / "dicom"
     ds = hostile.clone(hostile.CT_SMALL, folder / "nul.dcm", StudyDescription="be\x00fore")
-    assert run_job("ingest_metadata", database_url, options(dicom_files_abs_path=str(folder),
-                                                            parse_workers=1)).success
-    assert scalar(db, "SELECT procedure_source_value FROM cdmdefault.procedure_occurrence") == "before"
-    stored = scalar(db, f"SELECT metadata_source_value FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s"
-                        " AND metadata_source_keyword = 'StudyDescription'", [str(ds.SOPInstanceUID)])
+    assert run_job(
+        "ingest_metadata", database_url, options(dicom_files_abs_path=str(folder), parse_workers=1)
+    ).success
+    assert (
+        scalar(db, "SELECT procedure_source_value FROM cdmdefault.procedure_occurrence") == "before"
+    )
+    stored = scalar(
+        db,
+        f"SELECT metadata_source_value FROM {MI}.dicom_file_metadata WHERE sop_instance_id = %s"
+        " AND metadata_source_keyword = 'StudyDescription'",
+        [str(ds.SOPInstanceUID)],
+    )
     assert "\\u0000" in stored and json.loads(stored) == ["be\x00fore"]
     FIGURES["verbatim_values_checked"] += 1
 
@@ -171,28 +208,41 @@ def _everything_said(result, instance: dg.DagsterInstance) -> str:
     return "\n".join(texts)
 
 
-def test_secrets_never_appear_in_events_logs_metadata_or_run_config(database_url, tmp_path, monkeypatch, caplog,
-                                                                    capfd):
+def test_secrets_never_appear_in_events_logs_metadata_or_run_config(
+    database_url, tmp_path, monkeypatch, caplog, capfd
+):
     folder = tmp_path / "dicom"
     hostile.clone(hostile.CT_SMALL, folder / "ok.dcm")
     (folder / "broken.dcm").write_bytes(b"not dicom")
     url = _with_password(database_url, DB_PASSWORD)  # the test server trusts: any password connects
     monkeypatch.setenv("DICOM_ETL_DATABASE_URL", url)
-    monkeypatch.setenv("DICOM_ETL_DICOM_SERVER_URL", f"http://uploader:{SERVER_URL_PASSWORD}@127.0.0.1:9")
+    monkeypatch.setenv(
+        "DICOM_ETL_DICOM_SERVER_URL", f"http://uploader:{SERVER_URL_PASSWORD}@127.0.0.1:9"
+    )
     monkeypatch.setenv("DICOM_ETL_DICOM_SERVER_USER", "uploader")
     monkeypatch.setenv("DICOM_ETL_DICOM_SERVER_PASSWORD", SERVER_PASSWORD)
-    server = DicomServerResource(url=dg.EnvVar("DICOM_ETL_DICOM_SERVER_URL"),
-                                 username=dg.EnvVar("DICOM_ETL_DICOM_SERVER_USER"),
-                                 password=dg.EnvVar("DICOM_ETL_DICOM_SERVER_PASSWORD"),
-                                 retries=0, connect_timeout_seconds=2.0, backoff_seconds=0.1)
-    defs = build_definitions(PostgresResource(database_url=dg.EnvVar("DICOM_ETL_DATABASE_URL")), server)
+    server = DicomServerResource(
+        url=dg.EnvVar("DICOM_ETL_DICOM_SERVER_URL"),
+        username=dg.EnvVar("DICOM_ETL_DICOM_SERVER_USER"),
+        password=dg.EnvVar("DICOM_ETL_DICOM_SERVER_PASSWORD"),
+        retries=0,
+        connect_timeout_seconds=2.0,
+        backoff_seconds=0.1,
+    )
+    defs = build_definitions(
+        PostgresResource(database_url=dg.EnvVar("DICOM_ETL_DATABASE_URL")), server
+    )
     caplog.set_level(logging.DEBUG)
     said = []
     for upload in (False, True):
         instance = dg.DagsterInstance.ephemeral()
         result = defs.resolve_job_def("ingest_metadata").execute_in_process(
-            run_config=options(dicom_files_abs_path=str(folder), parse_workers=1, upload_files=upload),
-            instance=instance, raise_on_error=False)
+            run_config=options(
+                dicom_files_abs_path=str(folder), parse_workers=1, upload_files=upload
+            ),
+            instance=instance,
+            raise_on_error=False,
+        )
         if not upload:
             assert result.success
         said.append(_everything_said(result, instance))
@@ -210,7 +260,12 @@ def test_secrets_never_appear_in_events_logs_metadata_or_run_config(database_url
 # --------------------------------------------------------------------------
 # PHI
 # --------------------------------------------------------------------------
-PHI = (hostile.PHI_NAME, hostile.PHI_NAME.replace("^", " "), hostile.PHI_BIRTH_DATE, hostile.PHI_PATIENT_ID)
+PHI = (
+    hostile.PHI_NAME,
+    hostile.PHI_NAME.replace("^", " "),
+    hostile.PHI_BIRTH_DATE,
+    hostile.PHI_PATIENT_ID,
+)
 
 
 def test_phi_never_logged_above_debug(database_url, db, tmp_path, caplog):
@@ -221,27 +276,51 @@ def test_phi_never_logged_above_debug(database_url, db, tmp_path, caplog):
     db.execute(f"INSERT INTO {MI}.mappingtable VALUES (7, 'SOMEONE-ELSE')")
     caplog.set_level(logging.DEBUG)
     instance = dg.DagsterInstance.ephemeral()
-    job = build_definitions(PostgresResource(database_url=database_url)).resolve_job_def("ingest_metadata")
+    job = build_definitions(PostgresResource(database_url=database_url)).resolve_job_def(
+        "ingest_metadata"
+    )
     result = job.execute_in_process(
-        run_config=options(dicom_files_abs_path=str(folder), parse_workers=1, missing_person_id_options="skip"),
-        instance=instance, raise_on_error=False)
+        run_config=options(
+            dicom_files_abs_path=str(folder), parse_workers=1, missing_person_id_options="skip"
+        ),
+        instance=instance,
+        raise_on_error=False,
+    )
     assert not result.success  # the skip miss makes the run red, by design
     statuses = dict(db.execute(f"SELECT file_path, status FROM {MI}.dicom_ingest_log").fetchall())
     assert set(statuses) == {str(p) for p in files.values()}
     assert statuses[str(files["intact"])] == "failed"  # no person under skip
     # The PHI is in the database (that is the point of the EAV table) ...
-    assert scalar(db, f"SELECT count(*) FROM {MI}.dicom_file_metadata WHERE metadata_source_value LIKE %s",
-                  [f"%{hostile.PHI_PATIENT_ID}%"]) == 0  # ... except that a skipped file writes no rows
+    assert (
+        scalar(
+            db,
+            f"SELECT count(*) FROM {MI}.dicom_file_metadata WHERE metadata_source_value LIKE %s",
+            [f"%{hostile.PHI_PATIENT_ID}%"],
+        )
+        == 0
+    )  # ... except that a skipped file writes no rows
     above_debug = []
     for entry in instance.all_logs(result.run_id):
         if entry.level >= logging.INFO:
             above_debug += [entry.user_message or "", repr(entry.dagster_event)]
     # Materialization metadata and step failures are shown in the UI whatever their level.
     for event in result.all_events:
-        if event.is_step_materialization or event.is_failure or event.event_type_value == "ASSET_CHECK_EVALUATION":
+        if (
+            event.is_step_materialization
+            or event.is_failure
+            or event.event_type_value == "ASSET_CHECK_EVALUATION"
+        ):
             above_debug.append(repr(event))
-    above_debug.append(repr([[r[0], r[1]] for r in db.execute(
-        f"SELECT status, error_message FROM {MI}.dicom_ingest_log").fetchall()]))
+    above_debug.append(
+        repr(
+            [
+                [r[0], r[1]]
+                for r in db.execute(
+                    f"SELECT status, error_message FROM {MI}.dicom_ingest_log"
+                ).fetchall()
+            ]
+        )
+    )
     above_debug += [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     text = "\n".join(above_debug)
     assert "sha256:" in text  # the skip miss is reported, by reference

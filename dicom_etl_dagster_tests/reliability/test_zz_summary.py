@@ -8,10 +8,14 @@ from dicom_etl_dagster_tests.reliability.figures import FIGURES
 
 def test_print_reliability_figures(capsys):
     lines = ["", "=" * 72, "Reliability suite: figures reached", "=" * 72]
-    lines.append(f"files tried: {FIGURES['files_tried']} in the hostile corpus run"
-                 f" + {FIGURES['property_examples']} property-test mutations")
-    lines.append(f"  corpus outcome: {FIGURES['files_ingested']} ingested, {FIGURES['files_duplicate']} duplicate, "
-                 f"{FIGURES['files_failed']} failed")
+    lines.append(
+        f"files tried: {FIGURES['files_tried']} in the hostile corpus run"
+        f" + {FIGURES['property_examples']} property-test mutations"
+    )
+    lines.append(
+        f"  corpus outcome: {FIGURES['files_ingested']} ingested, {FIGURES['files_duplicate']} duplicate, "
+        f"{FIGURES['files_failed']} failed"
+    )
     lines.append("failures by reason:")
     for reason, n in sorted(FIGURES["failures_by_reason"].items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"  {n:6d}  {reason}")

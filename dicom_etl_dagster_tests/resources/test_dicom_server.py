@@ -13,11 +13,21 @@ import requests
 
 from dicom_etl_dagster.core.upload.uploader import FileRejectedError, ServerUnavailableError
 from dicom_etl_dagster.resources.dicom_server import (
-    SERVER_KIND_ENV, SERVER_PASSWORD_ENV, SERVER_URL_ENV, SERVER_USER_ENV, DICOMWEB_URL_ENV,
-    DicomServerConfigError, DicomServerResource, split_credentials,
+    DICOMWEB_URL_ENV,
+    SERVER_KIND_ENV,
+    SERVER_PASSWORD_ENV,
+    SERVER_URL_ENV,
+    SERVER_USER_ENV,
+    DicomServerConfigError,
+    DicomServerResource,
+    split_credentials,
 )
 from dicom_etl_dagster_tests.orthanc import (
-    ORTHANC_PASSWORD, ORTHANC_USER, free_port, pydicom_test_file, start_orthanc,
+    ORTHANC_PASSWORD,
+    ORTHANC_USER,
+    free_port,
+    pydicom_test_file,
+    start_orthanc,
 )
 
 CT = pydicom_test_file("CT_small.dcm")
@@ -42,7 +52,9 @@ def test_orthanc_upload_returns_instance_id_and_stored_file_name(orthanc):
 def test_dicomweb_upload_is_stow_rs(orthanc):
     resource = DicomServerResource(kind="dicomweb", dicomweb_url=orthanc.dicomweb_url + "/", **FAST)
     with resource.client() as client:
-        assert client.server_url == orthanc.dicomweb_url  # trailing slash dropped: one identity per server
+        assert (
+            client.server_url == orthanc.dicomweb_url
+        )  # trailing slash dropped: one identity per server
         stored = client.upload(str(CT), CT_SOP)
 
     assert orthanc.sop_instance_uids() == [CT_SOP]
@@ -56,7 +68,9 @@ def test_dicomweb_upload_is_stow_rs(orthanc):
 def test_rejected_file_is_a_clear_error_naming_the_file(kind, orthanc, tmp_path):
     bad = tmp_path / "not-really.dcm"
     bad.write_bytes(b"DICM but not really" * 10)
-    resource = DicomServerResource(kind=kind, url=orthanc.url, dicomweb_url=orthanc.dicomweb_url, **FAST)
+    resource = DicomServerResource(
+        kind=kind, url=orthanc.url, dicomweb_url=orthanc.dicomweb_url, **FAST
+    )
     with resource.client() as client, pytest.raises(FileRejectedError) as raised:
         client.upload(str(bad), "1.2.3")
     message = str(raised.value)
@@ -78,7 +92,10 @@ def test_unreachable_server_fails_after_retries(kind):
 
 
 def test_missing_file_is_a_file_error(orthanc, tmp_path):
-    with DicomServerResource(url=orthanc.url, **FAST).client() as client, pytest.raises(FileRejectedError) as raised:
+    with (
+        DicomServerResource(url=orthanc.url, **FAST).client() as client,
+        pytest.raises(FileRejectedError) as raised,
+    ):
         client.upload(str(tmp_path / "gone.dcm"), "1.2.3")
     assert "gone.dcm" in str(raised.value) and "cannot read file" in str(raised.value)
 
@@ -134,14 +151,20 @@ def test_5xx_is_retried_with_backoff(stub_server):
 
 def test_5xx_that_persists_is_unavailable(stub_server):
     _Stub.script = [500, 500, 500]
-    with DicomServerResource(url=stub_server, **FAST).client() as client, pytest.raises(ServerUnavailableError) as raised:
+    with (
+        DicomServerResource(url=stub_server, **FAST).client() as client,
+        pytest.raises(ServerUnavailableError) as raised,
+    ):
         client.upload(str(CT), CT_SOP)
     assert "HTTP 500" in str(raised.value) and str(CT) in str(raised.value)
 
 
 def test_4xx_is_not_retried(stub_server):
     _Stub.script = [413]
-    with DicomServerResource(url=stub_server, **FAST).client() as client, pytest.raises(FileRejectedError) as raised:
+    with (
+        DicomServerResource(url=stub_server, **FAST).client() as client,
+        pytest.raises(FileRejectedError) as raised,
+    ):
         client.upload(str(CT), CT_SOP)
     assert _Stub.requests_seen == ["/instances"]
     assert "HTTP 413" in str(raised.value) and str(CT) in str(raised.value)
@@ -149,14 +172,17 @@ def test_4xx_is_not_retried(stub_server):
 
 def test_wrong_password_stops_with_a_message_that_hides_it(orthanc_with_auth):
     wrong = "wrong-pw-Zx81"
-    resource = DicomServerResource(url=orthanc_with_auth.url, username=ORTHANC_USER, password=wrong, **FAST)
+    resource = DicomServerResource(
+        url=orthanc_with_auth.url, username=ORTHANC_USER, password=wrong, **FAST
+    )
     with resource.client() as client, pytest.raises(ServerUnavailableError) as raised:
         client.upload(str(CT), CT_SOP)
     assert "refused the credentials (HTTP 401)" in str(raised.value)
     assert wrong not in str(raised.value)
 
-    with DicomServerResource(url=orthanc_with_auth.url, username=ORTHANC_USER, password=ORTHANC_PASSWORD,
-                             **FAST).client() as client:
+    with DicomServerResource(
+        url=orthanc_with_auth.url, username=ORTHANC_USER, password=ORTHANC_PASSWORD, **FAST
+    ).client() as client:
         client.upload(str(CT), CT_SOP)
     assert orthanc_with_auth.sop_instance_uids() == [CT_SOP]
 
@@ -172,14 +198,20 @@ def test_credentials_in_the_url_are_moved_out_of_it(orthanc_with_auth):
 
 
 def test_split_credentials():
-    assert split_credentials("https://u:p%40ss@host:8042/dicom-web/") == ("https://host:8042/dicom-web", "u", "p@ss")
+    assert split_credentials("https://u:p%40ss@host:8042/dicom-web/") == (
+        "https://host:8042/dicom-web",
+        "u",
+        "p@ss",
+    )
     assert split_credentials("http://host") == ("http://host", None, None)
 
 
 def test_dicomweb_root_is_found_on_orthanc_with_the_plugin_only(orthanc, tmp_path):
     with DicomServerResource(url=orthanc.url, **FAST).client() as client:
         assert client.dicomweb_root() == orthanc.dicomweb_url
-    with DicomServerResource(url=orthanc.url, dicomweb_url="http://web.example/dw/", **FAST).client() as client:
+    with DicomServerResource(
+        url=orthanc.url, dicomweb_url="http://web.example/dw/", **FAST
+    ).client() as client:
         assert client.dicomweb_root() == "http://web.example/dw"
     plain = start_orthanc(tmp_path / "plain", dicomweb=False)
     try:
@@ -190,7 +222,13 @@ def test_dicomweb_root_is_found_on_orthanc_with_the_plugin_only(orthanc, tmp_pat
 
 
 def test_from_environment_wires_every_variable_through_envvar(monkeypatch):
-    for name in (SERVER_URL_ENV, SERVER_KIND_ENV, DICOMWEB_URL_ENV, SERVER_USER_ENV, SERVER_PASSWORD_ENV):
+    for name in (
+        SERVER_URL_ENV,
+        SERVER_KIND_ENV,
+        DICOMWEB_URL_ENV,
+        SERVER_USER_ENV,
+        SERVER_PASSWORD_ENV,
+    ):
         monkeypatch.delenv(name, raising=False)
     assert DicomServerResource.from_environment() == DicomServerResource()
     assert not DicomServerResource.from_environment().is_configured()
@@ -204,19 +242,26 @@ def test_from_environment_wires_every_variable_through_envvar(monkeypatch):
     assert resource.username is None
 
 
-@pytest.mark.parametrize("settings, expected", [
-    ({}, f"set {SERVER_URL_ENV}"),
-    ({"kind": "dicomweb"}, f"set {DICOMWEB_URL_ENV}"),
-    ({"kind": "pacs", "url": "http://x"}, "must be one of orthanc, dicomweb"),
-    ({"url": "ftp://x"}, "is not an http(s) URL"),
-])
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        ({}, f"set {SERVER_URL_ENV}"),
+        ({"kind": "dicomweb"}, f"set {DICOMWEB_URL_ENV}"),
+        ({"kind": "pacs", "url": "http://x"}, "must be one of orthanc, dicomweb"),
+        ({"url": "ftp://x"}, "is not an http(s) URL"),
+    ],
+)
 def test_configuration_errors_say_what_to_set(settings, expected):
-    with pytest.raises(DicomServerConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        DicomServerConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")
+    ):
         DicomServerResource(**settings).client()
 
 
 def test_kind_is_case_insensitive(orthanc):
-    with DicomServerResource(kind=" DICOMweb ", url=orthanc.dicomweb_url, **FAST).client() as client:
+    with DicomServerResource(
+        kind=" DICOMweb ", url=orthanc.dicomweb_url, **FAST
+    ).client() as client:
         assert client.kind == "dicomweb"
 
 

@@ -14,10 +14,6 @@ from dicom_etl_dagster.core.dicom.reader import read_instance
 from dicom_etl_dagster.core.ingest.file_scan import iter_files
 from dicom_etl_dagster_tests.helpers import load_script
 
-
-
-
-
 make_corpus = load_script("make_corpus")
 
 # 30 files, 4 per series -> 8 series (the last has 2 files), 2 per study -> 4 studies,
@@ -26,7 +22,7 @@ SHAPE = dict(files_per_series=4, series_per_study=2, studies_per_patient=2)
 UID = re.compile(r"[12](\.(0|[1-9][0-9]*))+")
 
 
-def _spec(files: int = 30, seed: int = 7, **shape) -> "make_corpus.CorpusSpec":
+def _spec(files: int = 30, seed: int = 7, **shape) -> make_corpus.CorpusSpec:
     return make_corpus.CorpusSpec(files, seed, **{**SHAPE, **shape})
 
 
@@ -46,7 +42,12 @@ def _read_all(out: Path) -> dict[Path, object]:
 
 def test_manifest_counts(corpus) -> None:
     out, manifest = corpus
-    assert (manifest["files"], manifest["series"], manifest["studies"], manifest["patients"]) == (30, 8, 4, 2)
+    assert (manifest["files"], manifest["series"], manifest["studies"], manifest["patients"]) == (
+        30,
+        8,
+        4,
+        2,
+    )
     assert json.loads((out / "corpus.json").read_text()) == manifest
     assert sum(manifest["files_by_template"].values()) == 30
     assert len(_files(out)) == 30
@@ -103,18 +104,28 @@ def test_same_seed_same_bytes(tmp_path: Path, corpus) -> None:
     first, manifest = corpus
     make_corpus.generate(tmp_path / "again", _spec())
     again = _files(tmp_path / "again")
-    assert [p.relative_to(tmp_path / "again") for p in again] == [p.relative_to(first) for p in _files(first)]
+    assert [p.relative_to(tmp_path / "again") for p in again] == [
+        p.relative_to(first) for p in _files(first)
+    ]
     for mine, theirs in zip(again, _files(first)):
         assert mine.read_bytes() == theirs.read_bytes(), mine
     repeated = json.loads((tmp_path / "again" / "corpus.json").read_text())
-    assert {k: v for k, v in repeated.items() if k != "seconds"} == {k: v for k, v in manifest.items() if k != "seconds"}
+    assert {k: v for k, v in repeated.items() if k != "seconds"} == {
+        k: v for k, v in manifest.items() if k != "seconds"
+    }
 
 
 def test_another_seed_gives_other_uids(tmp_path: Path, corpus) -> None:
     first, _ = corpus
     make_corpus.generate(tmp_path / "other", _spec(seed=8))
-    uids = lambda out: {u for i in _read_all(out).values()  # noqa: E731
-                        for u in (i.sop_instance_uid, i.study_instance_uid, i.series_instance_uid)}
+
+    def uids(out):
+        return {
+            u
+            for i in _read_all(out).values()
+            for u in (i.sop_instance_uid, i.study_instance_uid, i.series_instance_uid)
+        }
+
     assert not uids(first) & uids(tmp_path / "other")
 
 
@@ -128,16 +139,29 @@ def test_every_template_is_readable_and_keeps_its_character(tmp_path: Path) -> N
         kind = path.parent.name.split("_", 2)[2]
         seen.setdefault(kind, read_instance(path))
     assert {k: i.modality for k, i in seen.items()} == {
-        "ct": "CT", "ctpriv": "CT", "mr": "MR", "nm": "NM", "seg": "SEG", "rtplan": "RTPLAN",
-        "rtdose": "RTDOSE", "sr": "SR"}
+        "ct": "CT",
+        "ctpriv": "CT",
+        "mr": "MR",
+        "nm": "NM",
+        "seg": "SEG",
+        "rtplan": "RTPLAN",
+        "rtdose": "RTDOSE",
+        "sr": "SR",
+    }
     rows = seen["ctpriv"].elements
     private_sequences = [r for r in rows if r.is_private and r.is_sequence]
-    assert len(private_sequences) == 4  # one top-level private sequence, a nested one in each of its 3 items
+    assert (
+        len(private_sequences) == 4
+    )  # one top-level private sequence, a nested one in each of its 3 items
     nested = [r for r in private_sequences if r.parent_sequence_index is not None]
     assert len(nested) == 3 and all(rows[r.parent_sequence_index].is_private for r in nested)
-    assert {r.private_creator for r in rows if r.is_private and r.group == "0051"} == {"DICOM_ETL_BENCH"}
+    assert {r.private_creator for r in rows if r.is_private and r.group == "0051"} == {
+        "DICOM_ETL_BENCH"
+    }
     assert sum(r.is_private for r in seen["ct"].elements) > 100  # the GE private tags of CT_small
-    assert max(sum(r.is_sequence for r in i.elements) for i in seen.values()) >= 30  # SR content tree
+    assert (
+        max(sum(r.is_sequence for r in i.elements) for i in seen.values()) >= 30
+    )  # SR content tree
 
 
 def test_refuses_to_overwrite_a_corpus(corpus) -> None:
@@ -153,7 +177,12 @@ def test_uids_are_valid_and_stable() -> None:
 
 
 def test_command_line(tmp_path: Path, capsys) -> None:
-    assert make_corpus.main([str(tmp_path / "cli"), "--files", "5", "--seed", "3", "--files-per-series", "2"]) == 0
+    assert (
+        make_corpus.main(
+            [str(tmp_path / "cli"), "--files", "5", "--seed", "3", "--files-per-series", "2"]
+        )
+        == 0
+    )
     assert "5 files" in capsys.readouterr().out
     assert len(_files(tmp_path / "cli")) == 5
 
@@ -163,9 +192,30 @@ def test_the_corpus_goes_through_the_benchmark(tmp_path: Path, database_url: str
     benchmark = load_script("benchmark")
     results = tmp_path / "results.json"
     report = tmp_path / "report.md"
-    assert benchmark.main(["--files", "24", "--corpus", str(tmp_path / "corpus"), "--workers", "1",
-                           "--batch-size", "10", "--baseline-files", "4", "--skip-orthanc",
-                           "--database-url", database_url, "--json", str(results), "--output", str(report)]) == 0
+    assert (
+        benchmark.main(
+            [
+                "--files",
+                "24",
+                "--corpus",
+                str(tmp_path / "corpus"),
+                "--workers",
+                "1",
+                "--batch-size",
+                "10",
+                "--baseline-files",
+                "4",
+                "--skip-orthanc",
+                "--database-url",
+                database_url,
+                "--json",
+                str(results),
+                "--output",
+                str(report),
+            ]
+        )
+        == 0
+    )
     phases = {p["name"].split(" (")[0]: p for p in json.loads(results.read_text())["phases"]}
     parse, etl, baseline = phases["parse-only"], phases["ETL"], phases["row-at-a-time baseline"]
     assert parse["files_ok"] == etl["files_ok"] == 24

@@ -38,15 +38,23 @@ def _table_blocks(sql_file: str) -> list[tuple[str, str]]:
 
 
 def _table_exists(conn: psycopg.Connection, schema: str, table: str) -> bool:
-    row = conn.execute("SELECT to_regclass(%s)", [sql.Identifier(schema, table).as_string(conn)]).fetchone()
+    row = conn.execute(
+        "SELECT to_regclass(%s)", [sql.Identifier(schema, table).as_string(conn)]
+    ).fetchone()
     return row[0] is not None
 
 
 def _schema_for_table(schemas: Schemas) -> dict[str, str]:
-    return {"vocabulary.sql": schemas.vocab, "cdm.sql": schemas.cdm, "medical_imaging.sql": schemas.medical_imaging}
+    return {
+        "vocabulary.sql": schemas.vocab,
+        "cdm.sql": schemas.cdm,
+        "medical_imaging.sql": schemas.medical_imaging,
+    }
 
 
-def ensure_tables(conn: psycopg.Connection, schemas: Schemas, files: tuple[str, ...] | None = None) -> list[str]:
+def ensure_tables(
+    conn: psycopg.Connection, schemas: Schemas, files: tuple[str, ...] | None = None
+) -> list[str]:
     """Create missing schemas, tables and ETL sequences; return the tables created.
 
     Runs in one transaction under an advisory lock so that two runs starting together do
@@ -81,7 +89,9 @@ def _ensure_sequences(conn: psycopg.Connection, schemas: Schemas) -> None:
         schema = schemas.cdm if table == "procedure_occurrence" else schemas.medical_imaging
         if _numeric_column(conn, schema, table, column):
             conn.execute(
-                sql.SQL("SELECT setval({seq}, coalesce((SELECT max({col}) FROM {tbl}), 0) + 1, false)").format(
+                sql.SQL(
+                    "SELECT setval({seq}, coalesce((SELECT max({col}) FROM {tbl}), 0) + 1, false)"
+                ).format(
                     seq=sql.Literal(seq.as_string(conn)),
                     col=sql.Identifier(column),
                     tbl=sql.Identifier(schema, table),

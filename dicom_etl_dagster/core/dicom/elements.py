@@ -10,7 +10,12 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import NamedTuple
 
-from pydicom.datadict import DicomDictionary, RepeatersDictionary, mask_match, private_dictionary_description
+from pydicom.datadict import (
+    DicomDictionary,
+    RepeatersDictionary,
+    mask_match,
+    private_dictionary_description,
+)
 
 #: PixelData, FloatPixelData, DoubleFloatPixelData: never stored as metadata rows.
 PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})

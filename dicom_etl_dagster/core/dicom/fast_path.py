@@ -26,7 +26,13 @@ from typing import Any, BinaryIO
 from pydicom.charset import python_encoding
 from pydicom.datadict import DicomDictionary, RepeatersDictionary, mask_match
 
-from dicom_etl_dagster.core.dicom.elements import PIXEL_DATA_TAGS, ElementRow, fmt_tag, private_name, public_info
+from dicom_etl_dagster.core.dicom.elements import (
+    PIXEL_DATA_TAGS,
+    ElementRow,
+    fmt_tag,
+    private_name,
+    public_info,
+)
 
 __all__ = ["NeedsPydicom", "read_fast"]
 
@@ -52,15 +58,44 @@ _RLE = "1.2.840.10008.1.2.5"
 
 # Character sets that decode with one single-byte codec or UTF-8 (pydicom: a plain
 # ``bytes.decode``); ISO 2022 code extensions and multi-byte Asian sets stay with pydicom.
-_CHARSETS = {None: python_encoding[""], **{name: python_encoding[name] for name in (
-    "", "ISO_IR 6", "ISO_IR 100", "ISO_IR 101", "ISO_IR 109", "ISO_IR 110", "ISO_IR 126", "ISO_IR 127",
-    "ISO_IR 138", "ISO_IR 144", "ISO_IR 148", "ISO_IR 166", "ISO_IR 192")}}
+_CHARSETS = {
+    None: python_encoding[""],
+    **{
+        name: python_encoding[name]
+        for name in (
+            "",
+            "ISO_IR 6",
+            "ISO_IR 100",
+            "ISO_IR 101",
+            "ISO_IR 109",
+            "ISO_IR 110",
+            "ISO_IR 126",
+            "ISO_IR 127",
+            "ISO_IR 138",
+            "ISO_IR 144",
+            "ISO_IR 148",
+            "ISO_IR 166",
+            "ISO_IR 192",
+        )
+    },
+}
 
 _EXPLICIT_HEADER = struct.Struct("<HH2sH")
 _IMPLICIT_HEADER = struct.Struct("<HHL")
 _UINT32 = struct.Struct("<L")
-_NUMBER_FORMATS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "SV": "q", "UV": "Q"}
-_LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+_NUMBER_FORMATS = {
+    "US": "H",
+    "SS": "h",
+    "UL": "L",
+    "SL": "l",
+    "FL": "f",
+    "FD": "d",
+    "SV": "q",
+    "UV": "Q",
+}
+_LONG_LENGTH_VRS = frozenset(
+    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+)
 
 # JSON string escaping is needed only for these characters (json.dumps, ensure_ascii=False).
 _NEEDS_JSON_ESCAPE = re.compile(r'[\x00-\x1f"\\]').search
@@ -160,7 +195,11 @@ def _integer_string(raw: bytes, encoding: str):
     if not all(_INTEGER(item) for item in items):
         raise NeedsPydicom
     numbers = [int(item) for item in items]
-    return str(len(items)), "[" + ", ".join(map(str, numbers)) + "]", numbers[0] if len(numbers) == 1 else numbers
+    return (
+        str(len(items)),
+        "[" + ", ".join(map(str, numbers)) + "]",
+        numbers[0] if len(numbers) == 1 else numbers,
+    )
 
 
 def _number_converter(code: str):
@@ -196,17 +235,29 @@ def _binary(raw: bytes, encoding: str):  # OB OD OF OL OV OW: InlineBinary
 
 
 _CONVERTERS = {
-    "AE": _ae, "AS": _plain_string, "CS": _plain_string, "DA": _plain_string, "DT": _plain_string,
-    "TM": _plain_string, "UI": _ui, "SH": _text, "LO": _text, "UC": _text, "LT": _single_text,
-    "ST": _single_text, "UT": _single_text, "PN": _person_name, "DS": _decimal_string,
-    "IS": _integer_string, "AT": _attribute_tag,
+    "AE": _ae,
+    "AS": _plain_string,
+    "CS": _plain_string,
+    "DA": _plain_string,
+    "DT": _plain_string,
+    "TM": _plain_string,
+    "UI": _ui,
+    "SH": _text,
+    "LO": _text,
+    "UC": _text,
+    "LT": _single_text,
+    "ST": _single_text,
+    "UT": _single_text,
+    "PN": _person_name,
+    "DS": _decimal_string,
+    "IS": _integer_string,
+    "AT": _attribute_tag,
     **{vr: _number_converter(code) for vr, code in _NUMBER_FORMATS.items()},
-    **{vr: _binary for vr in ("OB", "OD", "OF", "OL", "OV", "OW")},
+    **dict.fromkeys(("OB", "OD", "OF", "OL", "OV", "OW"), _binary),
 }
 # Explicit VR: the two VR bytes -> (VR, header length), for the VRs handled here.
 _EXPLICIT_VRS = {
-    vr.encode(): (vr, 12 if vr in _LONG_LENGTH_VRS else 8)
-    for vr in (*_CONVERTERS, "SQ")
+    vr.encode(): (vr, 12 if vr in _LONG_LENGTH_VRS else 8) for vr in (*_CONVERTERS, "SQ")
 }
 
 
@@ -237,6 +288,7 @@ _PRIVATE_TAG_TEXT: dict[int, str] = {}
 _NAME_CACHE_LIMIT = 100_000
 # ElementRow's own __new__ is a Python function; tuple.__new__ builds the same row in C.
 _new_row = tuple.__new__
+
 
 class _FastWalker:
     """One file's walk: rows in file order, sequence rows before their items' rows, as dicom_reader."""
@@ -270,7 +322,9 @@ class _FastWalker:
         """(tag text, group text, dictionary tag, keyword, name) of a public tag, cached per process."""
         names = _PUBLIC_NAMES.get(tag)
         if names is None:
-            if len(_PUBLIC_NAMES) > _NAME_CACHE_LIMIT:  # hostile files can invent any number of tags
+            if (
+                len(_PUBLIC_NAMES) > _NAME_CACHE_LIMIT
+            ):  # hostile files can invent any number of tags
                 _PUBLIC_NAMES.clear()
             names = _PUBLIC_NAMES[tag] = (fmt_tag(tag), f"{tag >> 16:04X}", *public_info(tag))
         return names
@@ -286,7 +340,7 @@ class _FastWalker:
             self.explicit = False
             if len(buf) >= pos + 6 and 0x40 < buf[pos + 4] < 0x5B and 0x40 < buf[pos + 5] < 0x5B:
                 raise NeedsPydicom  # looks explicit: pydicom switches and warns
-        elif not (syntax == _EXPLICIT_LE or syntax == _RLE or syntax.startswith(_ENCAPSULATED_PREFIX)):
+        elif not (syntax in (_EXPLICIT_LE, _RLE) or syntax.startswith(_ENCAPSULATED_PREFIX)):
             raise NeedsPydicom  # big endian, deflate, unknown
         if pos >= self.file_size:
             raise NeedsPydicom  # no dataset after the meta: pydicom checks the meta bytes
@@ -294,8 +348,15 @@ class _FastWalker:
         if end != self.file_size:
             raise NeedsPydicom  # trailing bytes: pydicom's path decides whether that is truncation
 
-    def dataset(self, pos: int, end: int, parent_sequence: int | None, parent_item: int | None,
-                top: bool = False, meta: bool = False) -> int:
+    def dataset(
+        self,
+        pos: int,
+        end: int,
+        parent_sequence: int | None,
+        parent_item: int | None,
+        top: bool = False,
+        meta: bool = False,
+    ) -> int:
         """Walk elements from pos to end (or to an item delimiter when end is None); return the end."""
         buf = self.buf
         rows = self.rows
@@ -353,13 +414,47 @@ class _FastWalker:
                 self._set_charset(value, top)
             if group & 1:
                 names = self._private_names(tag, vr, value, creators)
-                rows.append(ElementRow(len(rows), parent_sequence, parent_item, *names[:5], vr, vm, value_json,
-                                       False, None, True, names[5]))
+                rows.append(
+                    ElementRow(
+                        len(rows),
+                        parent_sequence,
+                        parent_item,
+                        *names[:5],
+                        vr,
+                        vm,
+                        value_json,
+                        False,
+                        None,
+                        True,
+                        names[5],
+                    )
+                )
             else:
-                tag_text, group_text, dictionary_tag, keyword, name = _PUBLIC_NAMES.get(tag) or self._names(tag)
-                rows.append(_new_row(ElementRow, (len(rows), parent_sequence, parent_item, tag_text, group_text,
-                                                  dictionary_tag, keyword, name, vr, vm, value_json, False, None,
-                                                  False, None)))
+                tag_text, group_text, dictionary_tag, keyword, name = _PUBLIC_NAMES.get(
+                    tag
+                ) or self._names(tag)
+                rows.append(
+                    _new_row(
+                        ElementRow,
+                        (
+                            len(rows),
+                            parent_sequence,
+                            parent_item,
+                            tag_text,
+                            group_text,
+                            dictionary_tag,
+                            keyword,
+                            name,
+                            vr,
+                            vm,
+                            value_json,
+                            False,
+                            None,
+                            False,
+                            None,
+                        ),
+                    )
+                )
                 if top and tag in self.instance_tags:
                     self.instance_values[tag] = value
                 if meta and tag == _TRANSFER_SYNTAX_TAG:
@@ -385,7 +480,9 @@ class _FastWalker:
         if 0x0010 <= element <= 0x00FF:
             if vr != "LO":
                 raise NeedsPydicom  # a creator that is not text: pydicom's path decides
-            creator = ("\\".join(value) if isinstance(value, list) else value).strip(" \x00") or None
+            creator = ("\\".join(value) if isinstance(value, list) else value).strip(
+                " \x00"
+            ) or None
             creators[tag] = creator
             name = "Private Creator"
         elif element >> 8 >= 0x10:
@@ -397,13 +494,23 @@ class _FastWalker:
     def _set_charset(self, value: Any, top: bool) -> None:
         if not top or isinstance(value, list) or value not in _CHARSETS:
             raise NeedsPydicom  # ISO 2022, other character sets, a character set inside an item
-        if any(row.vr in ("SH", "LO", "UC", "LT", "ST", "UT", "PN") for row in self.rows
-               if row.parent_sequence_index is None and row.group != "0002"):
+        if any(
+            row.vr in ("SH", "LO", "UC", "LT", "ST", "UT", "PN")
+            for row in self.rows
+            if row.parent_sequence_index is None and row.group != "0002"
+        ):
             raise NeedsPydicom  # text decoded before the character set was known
         self.encoding = _CHARSETS[value]
 
-    def _sequence(self, tag: int, start: int, length: int, parent_sequence: int | None,
-                  parent_item: int | None, creators: dict) -> int:
+    def _sequence(
+        self,
+        tag: int,
+        start: int,
+        length: int,
+        parent_sequence: int | None,
+        parent_item: int | None,
+        creators: dict,
+    ) -> int:
         """Append the sequence's row, then its items' rows; return the position after it."""
         rows = self.rows
         index = len(rows)
@@ -438,8 +545,19 @@ class _FastWalker:
             names = self._private_names(tag, "SQ", None, creators)
         else:
             names = (*self._names(tag), None)
-        rows[index] = ElementRow(index, parent_sequence, parent_item, *names[:5], "SQ", "1", None, True, items,
-                                 is_private, names[5])
+        rows[index] = ElementRow(
+            index,
+            parent_sequence,
+            parent_item,
+            *names[:5],
+            "SQ",
+            "1",
+            None,
+            True,
+            items,
+            is_private,
+            names[5],
+        )
         return pos
 
     def _skip_pixel_data(self, start: int, length: int) -> int:
@@ -459,7 +577,9 @@ class _FastWalker:
             pos += 8 + fragment_length
 
 
-def read_fast(fp: BinaryIO, file_size: int, instance_tags: frozenset[int]) -> tuple[list[ElementRow], dict[int, Any]]:
+def read_fast(
+    fp: BinaryIO, file_size: int, instance_tags: frozenset[int]
+) -> tuple[list[ElementRow], dict[int, Any]]:
     """(rows, values of instance_tags at the top level) of an open file; NeedsPydicom if out of scope."""
     walker = _FastWalker(fp, file_size, instance_tags)
     try:

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from pydicom import dcmread
-from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.datadict import DicomDictionary
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.fileutil import read_undefined_length_value
@@ -46,10 +46,10 @@ from pydicom.multival import MultiValue
 from pydicom.tag import SequenceDelimiterTag
 
 from dicom_etl_dagster.core.dicom.elements import PIXEL_DATA_TAGS, ElementRow
-from dicom_etl_dagster.core.dicom.fast_path import NeedsPydicom, read_fast
 from dicom_etl_dagster.core.dicom.elements import fmt_tag as _fmt_tag
 from dicom_etl_dagster.core.dicom.elements import private_name as _private_name
 from dicom_etl_dagster.core.dicom.elements import public_info as _public_info
+from dicom_etl_dagster.core.dicom.fast_path import NeedsPydicom, read_fast
 
 __all__ = [
     "PIXEL_DATA_TAGS",
@@ -134,9 +134,7 @@ _EXPLICIT_VRS = frozenset(
     b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST "
     b"SV TM UC UI UL UN UR US UT UV".split()
 )
-_EXPLICIT_VRS_32BIT_LENGTH = frozenset(
-    b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split()
-)
+_EXPLICIT_VRS_32BIT_LENGTH = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 # A dataset without preamble must start with command (0000), file meta
 # (0002), directory (0004) or identifying (0008) elements: every instance we
 # accept has SOPInstanceUID (0008,0018), and elements are sorted by tag.
@@ -361,9 +359,7 @@ def _declared_length_from_header(
     return None
 
 
-def _check_top_level_end(
-    ds: Dataset, source: BinaryIO, stream_size: int, deflated: bool
-) -> None:
+def _check_top_level_end(ds: Dataset, source: BinaryIO, stream_size: int, deflated: bool) -> None:
     """The last top-level element must end exactly at the end of the stream.
 
     pydicom stops silently when fewer than 8 bytes are left for an element
@@ -757,7 +753,9 @@ def _instance_from(rows: list[ElementRow], values: dict[int, Any]) -> DicomInsta
     # OMOP columns (varchar(250)), failing the whole batch instead of this file.
     too_long = [kw for kw, tag in _REQUIRED_UIDS if len(uids[tag]) > _MAX_UID_LENGTH]
     if too_long:
-        raise DicomReadError(f"invalid UID(s) longer than {_MAX_UID_LENGTH} characters: {', '.join(too_long)}")
+        raise DicomReadError(
+            f"invalid UID(s) longer than {_MAX_UID_LENGTH} characters: {', '.join(too_long)}"
+        )
 
     dates = {tag: _parse_date(values.get(tag)) for tag in _PROCEDURE_DATE_ORDER}
     procedure_date = next((dates[t] for t in _PROCEDURE_DATE_ORDER if dates[t]), None)

@@ -57,8 +57,10 @@ class ConceptResolver:
 
     def __init__(self, conn: psycopg.Connection, schemas: Schemas) -> None:
         self._conn = conn
-        names = {"concept": sql.Identifier(schemas.vocab, "concept"),
-                 "relationship": sql.Identifier(schemas.vocab, "concept_relationship")}
+        names = {
+            "concept": sql.Identifier(schemas.vocab, "concept"),
+            "relationship": sql.Identifier(schemas.vocab, "concept_relationship"),
+        }
         self._modality_sql = sql.SQL(_MODALITY_SQL).format(**names)
         self._maps_to_sql = sql.SQL(_BODY_PART_MAPS_TO_SQL).format(**names)
         self._entire_sql = sql.SQL(_BODY_PART_ENTIRE_SQL).format(**names)
@@ -67,7 +69,9 @@ class ConceptResolver:
 
     def _unique_matches(self, query: sql.Composed, params: dict) -> dict[str, int]:
         # A value that matches more than one concept is ambiguous and stays unmapped.
-        return {key: concept_id for key, concept_id, n in self._conn.execute(query, params) if n == 1}
+        return {
+            key: concept_id for key, concept_id, n in self._conn.execute(query, params) if n == 1
+        }
 
     def prepare(self, modalities: set[str | None], body_parts: set[str | None]) -> None:
         new_modalities = {m for m in map(_normalise, modalities) if m and m not in self._modalities}
@@ -80,7 +84,9 @@ class ConceptResolver:
             found = self._unique_matches(self._maps_to_sql, {"codes": sorted(new_parts)})
             rest = new_parts - found.keys()
             if rest:
-                entire = self._unique_matches(self._entire_sql, {"names": [f"ENTIRE {b}" for b in sorted(rest)]})
+                entire = self._unique_matches(
+                    self._entire_sql, {"names": [f"ENTIRE {b}" for b in sorted(rest)]}
+                )
                 found.update(entire)
             self._body_parts.update({b: found.get(b, 0) for b in new_parts})
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 
 class FileEntry(NamedTuple):
@@ -36,7 +37,12 @@ def iter_files(root: str | os.PathLike) -> Iterator[FileEntry]:
                     subfolders.append(entry.path)
                 elif entry.is_file():
                     stat = entry.stat()
-                    yield FileEntry(os.path.abspath(entry.path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+                    yield FileEntry(
+                        os.path.abspath(entry.path),
+                        stat.st_size,
+                        stat.st_mtime_ns,
+                        stat.st_ctime_ns,
+                    )
             except OSError:
                 continue  # vanished between listing and stat
         stack.extend(reversed(subfolders))

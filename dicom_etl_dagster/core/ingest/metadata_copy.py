@@ -31,11 +31,25 @@ from dicom_etl_dagster.core.dicom.reader import DicomInstance, ElementRow
 
 #: The COPY column list matching the template's column order.
 COLUMNS = (
-    "metadata_id", "parent_sequence_id", "parent_dataset_id", "data_element_id",
-    "metadata_source_keyword", "metadata_source_tag", "metadata_source_group_number",
-    "metadata_source_value_representation", "metadata_source_value_multiplicity", "metadata_source_value",
-    "is_sequence", "sequence_length", "is_private", "private_creator", "sop_instance_id", "instance_number",
-    "image_occurrence_id", "etl_created_datetime", "etl_modified_datetime",
+    "metadata_id",
+    "parent_sequence_id",
+    "parent_dataset_id",
+    "data_element_id",
+    "metadata_source_keyword",
+    "metadata_source_tag",
+    "metadata_source_group_number",
+    "metadata_source_value_representation",
+    "metadata_source_value_multiplicity",
+    "metadata_source_value",
+    "is_sequence",
+    "sequence_length",
+    "is_private",
+    "private_creator",
+    "sop_instance_id",
+    "instance_number",
+    "image_occurrence_id",
+    "etl_created_datetime",
+    "etl_modified_datetime",
 )
 
 NULL = "\\N"  # COPY text format's NULL
@@ -43,7 +57,9 @@ TEXT_COLUMN_LENGTH = 255  # private_creator, data_element_name, data_element_key
 
 # COPY text escapes and str.format's brace doubling in one pass. A NUL is left as it is:
 # storable_text removes it where the writer always did; elsewhere PostgreSQL refuses it, as before.
-_TEMPLATE_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "{": "{{", "}": "}}"})
+_TEMPLATE_ESCAPES = str.maketrans(
+    {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "{": "{{", "}": "}}"}
+)
 _NEEDS_ESCAPING = re.compile(r"[\\\t\n\r{}]")
 
 
@@ -90,17 +106,28 @@ def render_metadata(instance: DicomInstance) -> RenderedMetadata:
             item_count = row.parent_item_index + 1
         if row.dictionary_tag not in candidates:
             candidates[row.dictionary_tag] = _tag_candidate(
-                row.dictionary_tag, row.name, row.keyword, row.vr, row.is_private)
-    return RenderedMetadata("".join(lines), row_count, item_count, _shared(tuple(candidates.values())))
+                row.dictionary_tag, row.name, row.keyword, row.vr, row.is_private
+            )
+    return RenderedMetadata(
+        "".join(lines), row_count, item_count, _shared(tuple(candidates.values()))
+    )
 
 
-def fill(rendered: RenderedMetadata, metadata_id: int, dataset_id: int, image_occurrence_id: int,
-         data_elements: DataElementIds, timestamp_text: str) -> str:
+def fill(
+    rendered: RenderedMetadata,
+    metadata_id: int,
+    dataset_id: int,
+    image_occurrence_id: int,
+    data_elements: DataElementIds,
+    timestamp_text: str,
+) -> str:
     """The file's rows as COPY text, given the first of its reserved metadata and dataset ids."""
     return rendered.template.format(
         *range(metadata_id, metadata_id + rendered.row_count),
         *range(dataset_id, dataset_id + rendered.item_count),
-        d=data_elements, o=image_occurrence_id, t=timestamp_text,
+        d=data_elements,
+        o=image_occurrence_id,
+        t=timestamp_text,
     )
 
 
@@ -108,34 +135,50 @@ def _check_numbering(row: ElementRow, position: int, row_count: int) -> None:
     """The reader's numbering is what the template's positional fields stand for; a row that
     broke it would silently take another row's id (or a dataset id), so it stops the run."""
     if row.index != position:
-        raise ValueError(f"element rows must be numbered in order: row {position} has index {row.index}")
+        raise ValueError(
+            f"element rows must be numbered in order: row {position} has index {row.index}"
+        )
     if row.parent_sequence_index is not None and not 0 <= row.parent_sequence_index < row_count:
-        raise ValueError(f"row {position}: parent sequence row {row.parent_sequence_index} does not exist")
+        raise ValueError(
+            f"row {position}: parent sequence row {row.parent_sequence_index} does not exist"
+        )
     if row.parent_item_index is not None and row.parent_item_index < 0:
         raise ValueError(f"row {position}: negative item index {row.parent_item_index}")
 
 
 def _render_row(row: ElementRow, row_count: int) -> str:
     """The row up to private_creator; the caller appends the per-file rest of the line."""
-    return "\t".join((
-        f"{{{row.index}}}",
-        NULL if row.parent_sequence_index is None else f"{{{row.parent_sequence_index}}}",
-        NULL if row.parent_item_index is None else f"{{{row_count + row.parent_item_index}}}",
-        _element_columns(row.dictionary_tag, row.keyword, row.tag, row.group, row.vr, row.vm),
-        _text(row.value_json),
-        "t" if row.is_sequence else "f",
-        _number(row.sequence_length),
-        "t" if row.is_private else "f",
-        _text(storable_text(row.private_creator, TEXT_COLUMN_LENGTH)),
-    ))
+    return "\t".join(
+        (
+            f"{{{row.index}}}",
+            NULL if row.parent_sequence_index is None else f"{{{row.parent_sequence_index}}}",
+            NULL if row.parent_item_index is None else f"{{{row_count + row.parent_item_index}}}",
+            _element_columns(row.dictionary_tag, row.keyword, row.tag, row.group, row.vr, row.vm),
+            _text(row.value_json),
+            "t" if row.is_sequence else "f",
+            _number(row.sequence_length),
+            "t" if row.is_private else "f",
+            _text(storable_text(row.private_creator, TEXT_COLUMN_LENGTH)),
+        )
+    )
 
 
 @lru_cache(maxsize=65536)
-def _element_columns(dictionary_tag: str, keyword: str | None, tag: str, group: str, vr: str, vm: str) -> str:
+def _element_columns(
+    dictionary_tag: str, keyword: str | None, tag: str, group: str, vr: str, vm: str
+) -> str:
     """data_element_id's field to metadata_source_value_multiplicity: the same few hundred
     combinations recur in every file, so each is rendered once per worker."""
-    return "\t".join((_data_element_field(dictionary_tag), _text(keyword), _text(tag), _text(group), _text(vr),
-                      _text(vm)))
+    return "\t".join(
+        (
+            _data_element_field(dictionary_tag),
+            _text(keyword),
+            _text(tag),
+            _text(group),
+            _text(vr),
+            _text(vm),
+        )
+    )
 
 
 def _text(value: str | None) -> str:
@@ -176,10 +219,16 @@ class _KeyEcho(dict):
 # chunk of results at once: files with the same tags (a series, a modality) then cost the
 # main process one back-reference for their candidates instead of ~200 tuples to rebuild.
 @lru_cache(maxsize=65536)
-def _tag_candidate(dictionary_tag: str, name: str | None, keyword: str | None, vr: str,
-                   is_private: bool) -> TagCandidate:
-    return (dictionary_tag, storable_text(name, TEXT_COLUMN_LENGTH), storable_text(keyword, TEXT_COLUMN_LENGTH),
-            vr, is_private)
+def _tag_candidate(
+    dictionary_tag: str, name: str | None, keyword: str | None, vr: str, is_private: bool
+) -> TagCandidate:
+    return (
+        dictionary_tag,
+        storable_text(name, TEXT_COLUMN_LENGTH),
+        storable_text(keyword, TEXT_COLUMN_LENGTH),
+        vr,
+        is_private,
+    )
 
 
 @lru_cache(maxsize=1024)

@@ -30,8 +30,14 @@ class Plan:
     files_deferred: int = 0  # settled but beyond this tick's run limit
 
 
-def plan_batches(root: str | Path, watermark_ns: int, now_ns: int, settle_ns: int,
-                 max_files_per_batch: int, max_batches: int) -> Plan:
+def plan_batches(
+    root: str | Path,
+    watermark_ns: int,
+    now_ns: int,
+    settle_ns: int,
+    max_files_per_batch: int,
+    max_batches: int,
+) -> Plan:
     """Batches of at most ``max_files_per_batch`` settled files changed after ``watermark_ns``.
 
     A file counts as settled when it has not changed for ``settle_ns`` (a file still being

@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from typing import Iterable, Iterator, NamedTuple
+from typing import NamedTuple
 
 from dicom_etl_dagster.core.dicom.reader import DicomInstance, DicomReadError, read_instance
 from dicom_etl_dagster.core.ingest.file_scan import FileEntry
@@ -35,7 +36,9 @@ def parse_file(entry: FileEntry) -> ParseOutcome:
         return ParseOutcome(entry, None, str(exc), None)
     except OSError as exc:  # unreadable, vanished: a reason, not a crash
         return ParseOutcome(entry, None, f"cannot read file: {exc.strerror or exc}", None)
-    return ParseOutcome(entry, dataclasses.replace(instance, elements=[]), None, render_metadata(instance))
+    return ParseOutcome(
+        entry, dataclasses.replace(instance, elements=[]), None, render_metadata(instance)
+    )
 
 
 def parse_batches(batches: Iterable[list[FileEntry]], workers: int) -> Iterator[list[ParseOutcome]]:

@@ -14,7 +14,6 @@ out of it before the URL is used for anything else; messages and recorded URLs n
 hold a password, and every error message is scrubbed of the password once more.
 """
 
-
 from __future__ import annotations
 
 import json
@@ -23,12 +22,16 @@ import re
 import threading
 import time
 import uuid
-from typing import Iterator, Optional
+from collections.abc import Iterator
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import requests
 
-from dicom_etl_dagster.core.upload.uploader import FileRejectedError, ServerUnavailableError, StoredInstance
+from dicom_etl_dagster.core.upload.uploader import (
+    FileRejectedError,
+    ServerUnavailableError,
+    StoredInstance,
+)
 
 SERVER_URL_ENV = "DICOM_ETL_DICOM_SERVER_URL"
 SERVER_KIND_ENV = "DICOM_ETL_DICOM_SERVER_KIND"
@@ -43,9 +46,14 @@ MAX_DETAIL_CHARS = 200
 
 # STOW-RS Failure Reason (0008,1197) codes, PS3.18 Table I.2-1 / PS3.4 Annex GG.
 _STOW_FAILURES = {
-    0xA700: "out of resources", 0xA900: "data set does not match SOP class", 0xC000: "cannot understand",
-    0xC122: "transfer syntax not supported", 0x0110: "processing failure", 0x0122: "SOP class not supported",
-    0x0111: "duplicate SOP instance", 0x0112: "no such object instance",
+    0xA700: "out of resources",
+    0xA900: "data set does not match SOP class",
+    0xC000: "cannot understand",
+    0xC122: "transfer syntax not supported",
+    0x0110: "processing failure",
+    0x0122: "SOP class not supported",
+    0x0111: "duplicate SOP instance",
+    0x0112: "no such object instance",
 }
 _ERRNO_REASON = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
 
@@ -54,7 +62,7 @@ class DicomServerConfigError(Exception):
     """The resource cannot make a client (no URL, unknown kind); the message says what to set."""
 
 
-def split_credentials(url: str) -> tuple[str, Optional[str], Optional[str]]:
+def split_credentials(url: str) -> tuple[str, str | None, str | None]:
     """(url without user info and trailing slash, user, password) from ``http://user:pw@host/...``."""
     parts = urlsplit(url.strip())
     user = unquote(parts.username) if parts.username else None
@@ -91,8 +99,15 @@ class _HttpClient:
 
     kind = ""
 
-    def __init__(self, server_url: str, auth: Optional[tuple[str, str]], connect_timeout: float,
-                 read_timeout: float, retries: int, backoff_seconds: float) -> None:
+    def __init__(
+        self,
+        server_url: str,
+        auth: tuple[str, str] | None,
+        connect_timeout: float,
+        read_timeout: float,
+        retries: int,
+        backoff_seconds: float,
+    ) -> None:
         self.server_url = server_url
         self._auth = auth
         self._timeout = (connect_timeout, read_timeout)
@@ -157,7 +172,9 @@ class _HttpClient:
                 return failure
         return json.dumps(body)[:MAX_DETAIL_CHARS]
 
-    def _request(self, method: str, path_or_url: str, what: str, body_factory=None, **kwargs) -> requests.Response:
+    def _request(
+        self, method: str, path_or_url: str, what: str, body_factory=None, **kwargs
+    ) -> requests.Response:
         """One HTTP exchange with retries on connection errors and 5xx.
 
         ``what`` names the file (or action) for messages. 401/403/404/405 mean the
@@ -176,12 +193,17 @@ class _HttpClient:
                     handle, kwargs["data"], extra_headers = body_factory()
                     kwargs["headers"] = {**kwargs.get("headers", {}), **extra_headers}
                 response = self._session().request(method, url, timeout=self._timeout, **kwargs)
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+            except (
+                requests.ConnectionError,
+                requests.Timeout,
+                requests.exceptions.ChunkedEncodingError,
+            ) as exc:
                 last = self._reason(exc)
                 continue
             except requests.RequestException as exc:
-                raise ServerUnavailableError(self._scrub(
-                    f"cannot send {what} to {shown}: {self._reason(exc)}")) from None
+                raise ServerUnavailableError(
+                    self._scrub(f"cannot send {what} to {shown}: {self._reason(exc)}")
+                ) from None
             finally:
                 if handle is not None:
                     handle.close()
@@ -190,20 +212,32 @@ class _HttpClient:
                 last = f"HTTP {status} {self._detail(response)}".strip()
                 continue
             if status in (401, 403):
-                raise ServerUnavailableError(self._scrub(
-                    f"DICOM server {self.server_url} refused the credentials (HTTP {status}) while sending {what}: "
-                    f"check {SERVER_USER_ENV} / {SERVER_PASSWORD_ENV}"))
+                raise ServerUnavailableError(
+                    self._scrub(
+                        f"DICOM server {self.server_url} refused the credentials (HTTP {status}) while sending {what}: "
+                        f"check {SERVER_USER_ENV} / {SERVER_PASSWORD_ENV}"
+                    )
+                )
             if status in (404, 405):
-                raise ServerUnavailableError(self._scrub(
-                    f"{shown} answered HTTP {status} while sending {what}: is the {self.kind} server URL right "
-                    f"({SERVER_URL_ENV}{' / ' + DICOMWEB_URL_ENV if self.kind == 'dicomweb' else ''})?"))
+                raise ServerUnavailableError(
+                    self._scrub(
+                        f"{shown} answered HTTP {status} while sending {what}: is the {self.kind} server URL right "
+                        f"({SERVER_URL_ENV}{' / ' + DICOMWEB_URL_ENV if self.kind == 'dicomweb' else ''})?"
+                    )
+                )
             if status >= 400:
-                raise FileRejectedError(self._scrub(
-                    f"{what}: rejected by {self.server_url} (HTTP {status}: {self._detail(response)})"))
+                raise FileRejectedError(
+                    self._scrub(
+                        f"{what}: rejected by {self.server_url} (HTTP {status}: {self._detail(response)})"
+                    )
+                )
             return response
         tries = f"{self._retries + 1} attempt{'s' if self._retries else ''}"
-        raise ServerUnavailableError(self._scrub(
-            f"DICOM server {self.server_url} is unavailable ({last}, {tries}) while sending {what}"))
+        raise ServerUnavailableError(
+            self._scrub(
+                f"DICOM server {self.server_url} is unavailable ({last}, {tries}) while sending {what}"
+            )
+        )
 
     def _json(self, response: requests.Response, path: str):
         try:
@@ -216,10 +250,12 @@ class _HttpClient:
     @staticmethod
     def _open(path: str):
         try:
-            handle = open(path, "rb")
+            handle = open(path, "rb")  # noqa: SIM115 (closed by the request that streams it)
             return handle, os.fstat(handle.fileno()).st_size
         except OSError as exc:
-            raise FileRejectedError(f"{path}: cannot read file: {exc.strerror or type(exc).__name__}") from None
+            raise FileRejectedError(
+                f"{path}: cannot read file: {exc.strerror or type(exc).__name__}"
+            ) from None
 
 
 def _first(item: dict, tag: str):
@@ -227,7 +263,7 @@ def _first(item: dict, tag: str):
     return ((item.get(tag) or {}).get("Value") or [None])[0]
 
 
-def _stow_failure(body) -> Optional[str]:
+def _stow_failure(body) -> str | None:
     """The failure reason of a STOW-RS answer (dict in the DICOM JSON model), if any."""
     failed = ((body or {}).get("00081198") or {}).get("Value") or []
     for item in failed:
@@ -244,20 +280,24 @@ class OrthancClient(_HttpClient):
 
     kind = "orthanc"
 
-    def __init__(self, server_url: str, dicomweb_url: Optional[str], **kwargs) -> None:
+    def __init__(self, server_url: str, dicomweb_url: str | None, **kwargs) -> None:
         super().__init__(server_url, **kwargs)
         self._dicomweb_url = dicomweb_url
-        self._probed: Optional[tuple[Optional[str]]] = None
+        self._probed: tuple[str | None] | None = None
 
-    def dicomweb_root(self) -> Optional[str]:
+    def dicomweb_root(self) -> str | None:
         """The configured DICOMweb root; else Orthanc's plugin root if it answers a QIDO query."""
         if self._dicomweb_url:
             return self._dicomweb_url
         if self._probed is None:
             root = self.server_url + ORTHANC_DICOMWEB_PATH
             try:
-                response = self._session().get(root + "/studies", params={"limit": "1"}, timeout=self._timeout,
-                                               headers={"Accept": "application/dicom+json"})
+                response = self._session().get(
+                    root + "/studies",
+                    params={"limit": "1"},
+                    timeout=self._timeout,
+                    headers={"Accept": "application/dicom+json"},
+                )
                 self._probed = (root if response.status_code == 200 else None,)
             except requests.RequestException:
                 self._probed = (None,)
@@ -272,19 +312,35 @@ class OrthancClient(_HttpClient):
             return handle, handle, {"Content-Type": "application/dicom"}
 
         answer = self._json(self._request("POST", "/instances", path, body_factory=body), path)
-        if isinstance(answer, list):  # Orthanc answers a list for archives; one file gives one entry
+        if isinstance(
+            answer, list
+        ):  # Orthanc answers a list for archives; one file gives one entry
             answer = answer[0] if len(answer) == 1 else {}
         if not isinstance(answer, dict):
             answer = {}
         status, instance_id = answer.get("Status"), answer.get("ID")
         if status not in ("Success", "AlreadyStored") or not instance_id:
-            raise FileRejectedError(f"{path}: not stored by {self.server_url} (Orthanc status {status or 'missing'})")
-        info = self._json(self._request("GET", f"/instances/{quote(instance_id)}/attachments/dicom/info",
-                                        f"{path} (stored file info)"), path)
+            raise FileRejectedError(
+                f"{path}: not stored by {self.server_url} (Orthanc status {status or 'missing'})"
+            )
+        info = self._json(
+            self._request(
+                "GET",
+                f"/instances/{quote(instance_id)}/attachments/dicom/info",
+                f"{path} (stored file info)",
+            ),
+            path,
+        )
         if not isinstance(info, dict) or not info.get("Uuid"):
-            raise ServerUnavailableError(f"{self.server_url} gave no stored file uuid for {path}: is it Orthanc?")
-        return StoredInstance(instance_id=instance_id, uploaded_filename=f"{info['Uuid']}.dcm",
-                              already_present=status == "AlreadyStored", bytes_sent=size)
+            raise ServerUnavailableError(
+                f"{self.server_url} gave no stored file uuid for {path}: is it Orthanc?"
+            )
+        return StoredInstance(
+            instance_id=instance_id,
+            uploaded_filename=f"{info['Uuid']}.dcm",
+            already_present=status == "AlreadyStored",
+            bytes_sent=size,
+        )
 
 
 class DicomWebClient(_HttpClient):
@@ -292,7 +348,7 @@ class DicomWebClient(_HttpClient):
 
     kind = "dicomweb"
 
-    def dicomweb_root(self) -> Optional[str]:
+    def dicomweb_root(self) -> str | None:
         return self.server_url
 
     def upload(self, path: str, sop_instance_uid: str) -> StoredInstance:
@@ -302,9 +358,14 @@ class DicomWebClient(_HttpClient):
             nonlocal size
             handle, size = self._open(path)
             multipart = _MultipartBody(handle, size)
-            return handle, multipart, {
-                "Content-Type": f'multipart/related; type="application/dicom"; boundary={multipart.boundary}',
-                "Accept": "application/dicom+json"}
+            return (
+                handle,
+                multipart,
+                {
+                    "Content-Type": f'multipart/related; type="application/dicom"; boundary={multipart.boundary}',
+                    "Accept": "application/dicom+json",
+                },
+            )
 
         response = self._request("POST", "/studies", path, body_factory=body)
         try:
@@ -315,12 +376,16 @@ class DicomWebClient(_HttpClient):
         if failure:
             raise FileRejectedError(f"{path}: rejected by {self.server_url} ({failure})")
         retrieve_url = None
-        referenced = ((answer.get("00081199") or {}).get("Value") or []) if isinstance(answer, dict) else []
+        referenced = (
+            ((answer.get("00081199") or {}).get("Value") or []) if isinstance(answer, dict) else []
+        )
         for item in referenced:
             if _first(item, "00081155") == sop_instance_uid or len(referenced) == 1:
                 retrieve_url = _first(item, "00081190")  # RetrieveURL
                 break
-        return StoredInstance(instance_id=sop_instance_uid, uploaded_filename=retrieve_url or sop_instance_uid,
-                              already_present=False, bytes_sent=size)
-
-
+        return StoredInstance(
+            instance_id=sop_instance_uid,
+            uploaded_filename=retrieve_url or sop_instance_uid,
+            already_present=False,
+            bytes_sent=size,
+        )

@@ -18,9 +18,10 @@ from __future__ import annotations
 import datetime as dt
 import os
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Protocol
+from typing import Protocol
 
 import psycopg
 from psycopg import sql
@@ -55,7 +56,9 @@ class StoredInstance:
     """What the server says about one stored file."""
 
     instance_id: str  # Orthanc: its instance id; DICOMweb: the SOP Instance UID
-    uploaded_filename: str  # Orthanc: attachment uuid + ".dcm"; DICOMweb: the instance's RetrieveURL
+    uploaded_filename: (
+        str  # Orthanc: attachment uuid + ".dcm"; DICOMweb: the instance's RetrieveURL
+    )
     already_present: bool  # the server held this instance before (Orthanc "AlreadyStored")
     bytes_sent: int
 
@@ -64,7 +67,7 @@ class UploadClient(Protocol):
     kind: str
     server_url: str  # identifies the server in file_upload_metadata; never carries credentials
 
-    def dicomweb_root(self) -> Optional[str]:
+    def dicomweb_root(self) -> str | None:
         """The DICOMweb root for wadors_uri, or None when the server does not speak DICOMweb."""
 
     def upload(self, path: str, sop_instance_uid: str) -> StoredInstance:
@@ -75,8 +78,8 @@ class UploadClient(Protocol):
 class PendingFile:
     ingest_log_id: int
     path: str
-    size: Optional[int]
-    mtime_ns: Optional[int]
+    size: int | None
+    mtime_ns: int | None
     sop_instance_uid: str
     image_occurrence_id: int
 
@@ -85,7 +88,7 @@ class PendingFile:
 class UploadReport:
     server_url: str
     kind: str
-    dicomweb_root: Optional[str] = None
+    dicomweb_root: str | None = None
     pending_at_start: int = 0
     already_recorded: int = 0  # ingested files this server already had a row for: not sent
     uploaded: int = 0  # stored by this run (new on the server)
@@ -94,9 +97,11 @@ class UploadReport:
     bytes_sent: int = 0
     seconds: float = 0.0
     series_with_wadors_uri: int = 0
-    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), first MAX_FAILURES_KEPT
+    failures: list[tuple[str, str]] = field(
+        default_factory=list
+    )  # (path, reason), first MAX_FAILURES_KEPT
     failed: int = 0
-    aborted: Optional[str] = None  # why the run stopped early (server unavailable)
+    aborted: str | None = None  # why the run stopped early (server unavailable)
     not_attempted: int = 0  # files left for the next run after an abort
 
     @property
@@ -127,13 +132,18 @@ _NOT_UPLOADED = (
 def count_pending(conn: psycopg.Connection, schemas: Schemas, server_url: str) -> tuple[int, int]:
     """(ingested files not yet on this server, ingested files already recorded for it)."""
     t = _tables(schemas)
-    pending = conn.execute(sql.SQL("SELECT count(*) " + _NOT_UPLOADED).format(**t), {"server": server_url}).fetchone()[0]
-    ingested = conn.execute(sql.SQL("SELECT count(*) FROM {ledger} WHERE status = 'ingested'").format(**t)).fetchone()[0]
+    pending = conn.execute(
+        sql.SQL("SELECT count(*) " + _NOT_UPLOADED).format(**t), {"server": server_url}
+    ).fetchone()[0]
+    ingested = conn.execute(
+        sql.SQL("SELECT count(*) FROM {ledger} WHERE status = 'ingested'").format(**t)
+    ).fetchone()[0]
     return pending, ingested - pending
 
 
-def iter_pending(conn: psycopg.Connection, schemas: Schemas, server_url: str,
-                 page_size: int = PAGE_SIZE) -> Iterator[PendingFile]:
+def iter_pending(
+    conn: psycopg.Connection, schemas: Schemas, server_url: str, page_size: int = PAGE_SIZE
+) -> Iterator[PendingFile]:
     """Ledger rows to upload, in ledger order, a page at a time (keyset on ingest_log_id).
 
     Each page is read when the previous one has been handed out, so rows recorded in the
@@ -143,10 +153,13 @@ def iter_pending(conn: psycopg.Connection, schemas: Schemas, server_url: str,
     query = sql.SQL(
         "SELECT l.ingest_log_id, l.file_path, l.file_size, l.file_mtime_ns, l.sop_instance_uid,"
         " l.image_occurrence_id " + _NOT_UPLOADED + " AND l.ingest_log_id > %(after)s"
-        " ORDER BY l.ingest_log_id LIMIT %(limit)s").format(**t)
+        " ORDER BY l.ingest_log_id LIMIT %(limit)s"
+    ).format(**t)
     after = -1
     while True:
-        rows = conn.execute(query, {"server": server_url, "after": after, "limit": page_size}).fetchall()
+        rows = conn.execute(
+            query, {"server": server_url, "after": after, "limit": page_size}
+        ).fetchall()
         if not rows:
             return
         for row in rows:
@@ -154,7 +167,7 @@ def iter_pending(conn: psycopg.Connection, schemas: Schemas, server_url: str,
         after = rows[-1][0]
 
 
-def _check_unchanged(item: PendingFile) -> Optional[str]:
+def _check_unchanged(item: PendingFile) -> str | None:
     """Why this file cannot be uploaded as ingested, or None if it is still the ingested file."""
     try:
         stat = os.stat(item.path)
@@ -162,7 +175,11 @@ def _check_unchanged(item: PendingFile) -> Optional[str]:
         return "file no longer exists"
     except OSError as exc:
         return f"cannot read file: {exc.strerror or type(exc).__name__}"
-    if item.size is not None and item.mtime_ns is not None and (stat.st_size, stat.st_mtime_ns) != (item.size, item.mtime_ns):
+    if (
+        item.size is not None
+        and item.mtime_ns is not None
+        and (stat.st_size, stat.st_mtime_ns) != (item.size, item.mtime_ns)
+    ):
         return "file changed since it was ingested; run ingest_metadata again first"
     return None
 
@@ -183,8 +200,18 @@ def _upload_one(client: UploadClient, item: PendingFile) -> _Done:
 
 
 _UPLOAD_COLUMNS = (
-    "task_run_id", "flow_run_id", "original_filename", "original_file_path", "instance_id", "uploaded_filename",
-    "uploaded_datetime", "image_occurrence_id", "sop_instance_id", "server_url", "server_kind", "file_size",
+    "task_run_id",
+    "flow_run_id",
+    "original_filename",
+    "original_file_path",
+    "instance_id",
+    "uploaded_filename",
+    "uploaded_datetime",
+    "image_occurrence_id",
+    "sop_instance_id",
+    "server_url",
+    "server_kind",
+    "file_size",
 )
 #: Columns this ETL adds to the original plugin's table; a table created by the original has none.
 _OPTIONAL_COLUMNS = ("server_kind", "file_size")
@@ -192,14 +219,26 @@ _OPTIONAL_COLUMNS = ("server_kind", "file_size")
 
 def upload_columns(conn: psycopg.Connection, schemas: Schemas) -> tuple[str, ...]:
     """The columns to write: all of ours, less the optional ones an existing table lacks."""
-    present = {row[0] for row in conn.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_schema = %s"
-        " AND table_name = 'file_upload_metadata'", [schemas.medical_imaging])}
+    present = {
+        row[0]
+        for row in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = %s"
+            " AND table_name = 'file_upload_metadata'",
+            [schemas.medical_imaging],
+        )
+    }
     return tuple(c for c in _UPLOAD_COLUMNS if c in present or c not in _OPTIONAL_COLUMNS)
 
 
-def _record(conn: psycopg.Connection, schemas: Schemas, report: UploadReport, done: list[_Done],
-            run_id: str, task_run_id: str, columns: tuple[str, ...]) -> None:
+def _record(
+    conn: psycopg.Connection,
+    schemas: Schemas,
+    report: UploadReport,
+    done: list[_Done],
+    run_id: str,
+    task_run_id: str,
+    columns: tuple[str, ...],
+) -> None:
     """One short transaction: the upload rows and the wadors_uri of their series.
 
     Under a transaction-level advisory lock, an instance already recorded for this server
@@ -211,49 +250,88 @@ def _record(conn: psycopg.Connection, schemas: Schemas, report: UploadReport, do
     t = _tables(schemas)
     insert = sql.SQL(
         "INSERT INTO {uploads} (file_upload_id, {columns}) SELECT nextval({seq}::regclass), {values}"
-        " WHERE NOT EXISTS (SELECT 1 FROM {uploads} WHERE server_url = %s AND sop_instance_id = %s)").format(
-        uploads=t["uploads"], columns=sql.SQL(", ").join(map(sql.Identifier, columns)),
-        seq=sql.Literal(t["seq"].as_string(conn)), values=sql.SQL(", ").join(sql.Placeholder() * len(columns)))
+        " WHERE NOT EXISTS (SELECT 1 FROM {uploads} WHERE server_url = %s AND sop_instance_id = %s)"
+    ).format(
+        uploads=t["uploads"],
+        columns=sql.SQL(", ").join(map(sql.Identifier, columns)),
+        seq=sql.Literal(t["seq"].as_string(conn)),
+        values=sql.SQL(", ").join(sql.Placeholder() * len(columns)),
+    )
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('dicom_etl_dagster.file_upload_metadata'))")
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('dicom_etl_dagster.file_upload_metadata'))"
+        )
         with conn.cursor() as cur:
             for d in done:
-                row = {"task_run_id": task_run_id, "flow_run_id": run_id,
-                       "original_filename": os.path.basename(d.item.path), "original_file_path": d.item.path,
-                       "instance_id": d.stored.instance_id, "uploaded_filename": d.stored.uploaded_filename,
-                       "uploaded_datetime": d.uploaded_at, "image_occurrence_id": d.item.image_occurrence_id,
-                       "sop_instance_id": d.item.sop_instance_uid, "server_url": report.server_url,
-                       "server_kind": report.kind, "file_size": d.stored.bytes_sent}
-                cur.execute(insert, [*(row[c] for c in columns), report.server_url, d.item.sop_instance_uid])
+                row = {
+                    "task_run_id": task_run_id,
+                    "flow_run_id": run_id,
+                    "original_filename": os.path.basename(d.item.path),
+                    "original_file_path": d.item.path,
+                    "instance_id": d.stored.instance_id,
+                    "uploaded_filename": d.stored.uploaded_filename,
+                    "uploaded_datetime": d.uploaded_at,
+                    "image_occurrence_id": d.item.image_occurrence_id,
+                    "sop_instance_id": d.item.sop_instance_uid,
+                    "server_url": report.server_url,
+                    "server_kind": report.kind,
+                    "file_size": d.stored.bytes_sent,
+                }
+                cur.execute(
+                    insert, [*(row[c] for c in columns), report.server_url, d.item.sop_instance_uid]
+                )
                 report.recorded += max(cur.rowcount, 0)
         if report.dicomweb_root:
             report.series_with_wadors_uri += set_wadors_uri(
-                conn, schemas, report.dicomweb_root, sorted({d.item.image_occurrence_id for d in done}))
+                conn,
+                schemas,
+                report.dicomweb_root,
+                sorted({d.item.image_occurrence_id for d in done}),
+            )
 
 
-def set_wadors_uri(conn: psycopg.Connection, schemas: Schemas, root: str, image_occurrence_ids: list[int]) -> int:
+def set_wadors_uri(
+    conn: psycopg.Connection, schemas: Schemas, root: str, image_occurrence_ids: list[int]
+) -> int:
     """Point each series at ``{root}/studies/{study}/series/{series}``; returns rows changed."""
     t = _tables(schemas)
     uri = sql.SQL("%(root)s || '/studies/' || image_study_uid || '/series/' || image_series_uid")
-    return conn.execute(sql.SQL(
-        "UPDATE {images} SET wadors_uri = {uri} WHERE image_occurrence_id = ANY(%(ids)s)"
-        " AND wadors_uri IS DISTINCT FROM {uri}").format(images=t["images"], uri=uri),
-        {"root": root.rstrip("/"), "ids": image_occurrence_ids}).rowcount
+    return conn.execute(
+        sql.SQL(
+            "UPDATE {images} SET wadors_uri = {uri} WHERE image_occurrence_id = ANY(%(ids)s)"
+            " AND wadors_uri IS DISTINCT FROM {uri}"
+        ).format(images=t["images"], uri=uri),
+        {"root": root.rstrip("/"), "ids": image_occurrence_ids},
+    ).rowcount
 
 
-def set_missing_wadors_uris(conn: psycopg.Connection, schemas: Schemas, server_url: str, root: str) -> int:
+def set_missing_wadors_uris(
+    conn: psycopg.Connection, schemas: Schemas, server_url: str, root: str
+) -> int:
     """Series uploaded to this server earlier (before its DICOMweb root was known) without a wadors_uri."""
     t = _tables(schemas)
-    ids = [row[0] for row in conn.execute(sql.SQL(
-        "SELECT i.image_occurrence_id FROM {images} i WHERE i.wadors_uri IS NULL AND EXISTS"
-        " (SELECT 1 FROM {uploads} u WHERE u.server_url = %s AND u.image_occurrence_id = i.image_occurrence_id)"
-    ).format(**t), [server_url]).fetchall()]
+    ids = [
+        row[0]
+        for row in conn.execute(
+            sql.SQL(
+                "SELECT i.image_occurrence_id FROM {images} i WHERE i.wadors_uri IS NULL AND EXISTS"
+                " (SELECT 1 FROM {uploads} u WHERE u.server_url = %s AND u.image_occurrence_id = i.image_occurrence_id)"
+            ).format(**t),
+            [server_url],
+        ).fetchall()
+    ]
     return set_wadors_uri(conn, schemas, root, ids) if ids else 0
 
 
-def upload_pending(conn: psycopg.Connection, schemas: Schemas, client: UploadClient, run_id: str,
-                   task_run_id: str, concurrency: int = 4,
-                   log: Callable[[str], None] = lambda message: None) -> UploadReport:
+def upload_pending(
+    conn: psycopg.Connection,
+    schemas: Schemas,
+    client: UploadClient,
+    run_id: str,
+    task_run_id: str,
+    concurrency: int = 4,
+    log: Callable[[str], None] = lambda message: None,
+) -> UploadReport:
     """Upload every ingested file this server has no record of; returns what happened.
 
     Never raises for a file the server rejects (it is counted in ``failures``); when the
@@ -261,10 +339,16 @@ def upload_pending(conn: psycopg.Connection, schemas: Schemas, client: UploadCli
     ``aborted`` set. Only the calling thread uses ``conn``.
     """
     concurrency = max(1, int(concurrency))
-    report = UploadReport(server_url=client.server_url, kind=client.kind, dicomweb_root=client.dicomweb_root())
-    report.pending_at_start, report.already_recorded = count_pending(conn, schemas, client.server_url)
-    log(f"{report.pending_at_start} file(s) to upload to {client.server_url} ({client.kind}), "
-        f"{report.already_recorded} already recorded there; {concurrency} uploads at a time")
+    report = UploadReport(
+        server_url=client.server_url, kind=client.kind, dicomweb_root=client.dicomweb_root()
+    )
+    report.pending_at_start, report.already_recorded = count_pending(
+        conn, schemas, client.server_url
+    )
+    log(
+        f"{report.pending_at_start} file(s) to upload to {client.server_url} ({client.kind}), "
+        f"{report.already_recorded} already recorded there; {concurrency} uploads at a time"
+    )
 
     columns = upload_columns(conn, schemas)
     done: list[_Done] = []
@@ -309,13 +393,20 @@ def upload_pending(conn: psycopg.Connection, schemas: Schemas, client: UploadCli
                 in_flight[executor.submit(_upload_one, client, item)] = item
             if not in_flight:
                 break
-            finished, _ = wait(list(in_flight), timeout=RECORD_EVERY_SECONDS, return_when=FIRST_COMPLETED)
+            finished, _ = wait(
+                list(in_flight), timeout=RECORD_EVERY_SECONDS, return_when=FIRST_COMPLETED
+            )
             collect(finished)
             if time.monotonic() - last_progress >= PROGRESS_EVERY_SECONDS:
                 last_progress = time.monotonic()
-                log(f"{report.files_sent} of {report.pending_at_start} file(s) sent, {report.failed} failed, "
-                    f"{report.bytes_sent} bytes, {report.files_sent / (last_progress - started):.1f} files/s")
-            if done and (len(done) >= RECORD_BATCH_SIZE or time.monotonic() - last_record >= RECORD_EVERY_SECONDS):
+                log(
+                    f"{report.files_sent} of {report.pending_at_start} file(s) sent, {report.failed} failed, "
+                    f"{report.bytes_sent} bytes, {report.files_sent / (last_progress - started):.1f} files/s"
+                )
+            if done and (
+                len(done) >= RECORD_BATCH_SIZE
+                or time.monotonic() - last_record >= RECORD_EVERY_SECONDS
+            ):
                 _record(conn, schemas, report, done, run_id, task_run_id, columns)
                 done, last_record = [], time.monotonic()
     finally:
@@ -332,5 +423,7 @@ def upload_pending(conn: psycopg.Connection, schemas: Schemas, client: UploadCli
         remaining, _ = count_pending(conn, schemas, client.server_url)
         report.not_attempted = max(0, remaining - report.failed)
     elif report.dicomweb_root:
-        report.series_with_wadors_uri += set_missing_wadors_uris(conn, schemas, client.server_url, report.dicomweb_root)
+        report.series_with_wadors_uri += set_missing_wadors_uris(
+            conn, schemas, client.server_url, report.dicomweb_root
+        )
     return report

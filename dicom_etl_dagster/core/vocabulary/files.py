@@ -94,7 +94,11 @@ def ensure_file(spec: VocabularyFile, folder: Path | None = None) -> Path:
 
         folder.mkdir(parents=True, exist_ok=True)
         fetched = pooch.retrieve(
-            spec.url, known_hash=f"sha256:{spec.sha256}", fname=spec.name, path=folder, progressbar=False
+            spec.url,
+            known_hash=f"sha256:{spec.sha256}",
+            fname=spec.name,
+            path=folder,
+            progressbar=False,
         )
     except Exception as exc:  # network down, folder read-only, hash mismatch: all end the same way
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -113,4 +117,7 @@ def clean_text(value: str) -> str:
 def read_rows(spec: VocabularyFile, folder: Path | None = None) -> list[dict[str, str]]:
     """Rows of a verified vocabulary CSV, with zero-width characters removed from every value."""
     with ensure_file(spec, folder).open(newline="", encoding="utf-8-sig") as handle:
-        return [{key: clean_text(value or "") for key, value in row.items()} for row in csv.DictReader(handle)]
+        return [
+            {key: clean_text(value or "") for key, value in row.items()}
+            for row in csv.DictReader(handle)
+        ]

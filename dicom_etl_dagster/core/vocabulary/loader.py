@@ -11,16 +11,16 @@ loads running at once cannot both insert the same missing row.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import psycopg
 from psycopg import sql
 
-from dicom_etl_dagster.core.vocabulary import files
 from dicom_etl_dagster.core.db.ddl import sequence_name
 from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.vocabulary import files
 
 VALID_START = dt.date(1993, 1, 1)
 VALID_END = dt.date(2099, 12, 31)
@@ -57,8 +57,13 @@ class LoadResult:
 
 def vocabulary_rows(folder: Path | None = None) -> list[tuple]:
     return [
-        ("DICOM", DICOM_VOCABULARY_NAME, "https://www.dicomstandard.org/current",
-         f"{files.SOURCE_VERSION} (NEMA PS3)", VOCABULARY_CONCEPT_ID)
+        (
+            "DICOM",
+            DICOM_VOCABULARY_NAME,
+            "https://www.dicomstandard.org/current",
+            f"{files.SOURCE_VERSION} (NEMA PS3)",
+            VOCABULARY_CONCEPT_ID,
+        )
     ]
 
 
@@ -69,26 +74,63 @@ def concept_class_rows(folder: Path | None = None) -> list[tuple]:
 def concept_rows(folder: Path | None = None) -> list[tuple]:
     """The 8,811 DICOM2OMOP concepts plus the vocabulary and concept-class concepts."""
     metadata_concepts = [
-        (VOCABULARY_CONCEPT_ID, DICOM_VOCABULARY_NAME, "Metadata", "Vocabulary", "Vocabulary", None,
-         "OMOP generated", VALID_START, VALID_END, None),
+        (
+            VOCABULARY_CONCEPT_ID,
+            DICOM_VOCABULARY_NAME,
+            "Metadata",
+            "Vocabulary",
+            "Vocabulary",
+            None,
+            "OMOP generated",
+            VALID_START,
+            VALID_END,
+            None,
+        ),
         *[
-            (concept_id, name, "Metadata", "Concept Class", "Concept Class", None, "OMOP generated",
-             VALID_START, VALID_END, None)
+            (
+                concept_id,
+                name,
+                "Metadata",
+                "Concept Class",
+                "Concept Class",
+                None,
+                "OMOP generated",
+                VALID_START,
+                VALID_END,
+                None,
+            )
             for name, concept_id in CONCEPT_CLASSES
         ],
     ]
     # Upstream dates and empty flags are not trusted: the contract fixes them (the original
     # plugin swapped the dates and wrote ' ' into the flag columns).
     return metadata_concepts + [
-        (int(r["concept_id"]), r["concept_name"][:255], r["domain_id"], r["vocabulary_id"],
-         r["concept_class_id"], None, r["concept_code"], VALID_START, VALID_END, None)
+        (
+            int(r["concept_id"]),
+            r["concept_name"][:255],
+            r["domain_id"],
+            r["vocabulary_id"],
+            r["concept_class_id"],
+            None,
+            r["concept_code"],
+            VALID_START,
+            VALID_END,
+            None,
+        )
         for r in files.read_rows(files.CONCEPTS, folder)
     ]
 
 
 def concept_relationship_rows(folder: Path | None = None) -> list[tuple]:
     return [
-        (int(r["concept_id_1"]), int(r["concept_id_2"]), r["relationship_id"], VALID_START, VALID_END, None)
+        (
+            int(r["concept_id_1"]),
+            int(r["concept_id_2"]),
+            r["relationship_id"],
+            VALID_START,
+            VALID_END,
+            None,
+        )
         for spec in (files.MAPS_TO, files.MAPS_TO_VALUE)
         for r in files.read_rows(spec, folder)
     ]
@@ -97,8 +139,16 @@ def concept_relationship_rows(folder: Path | None = None) -> list[tuple]:
 def data_element_rows(folder: Path | None = None) -> list[tuple]:
     """PS3.6 dictionary rows; keywords and names without zero-width spaces."""
     return [
-        (r["Tag"], r["Name"] or None, r["Keyword"] or None, r["VR"] or None, r["VM"] or None, False,
-         r["Remarks"].startswith("RET"), r["Remarks"] or None)
+        (
+            r["Tag"],
+            r["Name"] or None,
+            r["Keyword"] or None,
+            r["VR"] or None,
+            r["VM"] or None,
+            False,
+            r["Remarks"].startswith("RET"),
+            r["Remarks"] or None,
+        )
         for r in files.read_rows(files.DATA_ELEMENTS, folder)
     ]
 
@@ -118,7 +168,13 @@ class TableSpec:
 
 VOCABULARY = TableSpec(
     "vocabulary",
-    ("vocabulary_id", "vocabulary_name", "vocabulary_reference", "vocabulary_version", "vocabulary_concept_id"),
+    (
+        "vocabulary_id",
+        "vocabulary_name",
+        "vocabulary_reference",
+        "vocabulary_version",
+        "vocabulary_concept_id",
+    ),
     ("vocabulary_id",),
     vocabulary_rows,
     "vocabulary_id = 'DICOM'",
@@ -132,15 +188,32 @@ CONCEPT_CLASS = TableSpec(
 )
 CONCEPT = TableSpec(
     "concept",
-    ("concept_id", "concept_name", "domain_id", "vocabulary_id", "concept_class_id", "standard_concept",
-     "concept_code", "valid_start_date", "valid_end_date", "invalid_reason"),
+    (
+        "concept_id",
+        "concept_name",
+        "domain_id",
+        "vocabulary_id",
+        "concept_class_id",
+        "standard_concept",
+        "concept_code",
+        "valid_start_date",
+        "valid_end_date",
+        "invalid_reason",
+    ),
     ("concept_id",),
     concept_rows,
     "vocabulary_id = 'DICOM' OR concept_id IN (2128000000, 2128000001, 2128000002)",
 )
 CONCEPT_RELATIONSHIP = TableSpec(
     "concept_relationship",
-    ("concept_id_1", "concept_id_2", "relationship_id", "valid_start_date", "valid_end_date", "invalid_reason"),
+    (
+        "concept_id_1",
+        "concept_id_2",
+        "relationship_id",
+        "valid_start_date",
+        "valid_end_date",
+        "invalid_reason",
+    ),
     ("concept_id_1", "concept_id_2", "relationship_id"),
     concept_relationship_rows,
     # The DICOM vocabulary owns the 'Maps to' / 'Maps to value' rows leaving its concepts.
@@ -150,17 +223,25 @@ CONCEPT_RELATIONSHIP = TableSpec(
 VOCABULARY_TABLES = (VOCABULARY, CONCEPT_CLASS, CONCEPT, CONCEPT_RELATIONSHIP)
 
 _DATA_ELEMENT_COLUMNS = (
-    "data_element_tag", "data_element_name", "data_element_keyword", "value_representation",
-    "value_multiplicity", "is_private", "is_retired", "retired_remarks",
+    "data_element_tag",
+    "data_element_name",
+    "data_element_keyword",
+    "value_representation",
+    "value_multiplicity",
+    "is_private",
+    "is_retired",
+    "retired_remarks",
 )
 
 
-def _stage(conn: psycopg.Connection, target: sql.Identifier, columns: tuple[str, ...], rows: list[tuple]) -> None:
+def _stage(
+    conn: psycopg.Connection, target: sql.Identifier, columns: tuple[str, ...], rows: list[tuple]
+) -> None:
     cols = sql.SQL(", ").join(map(sql.Identifier, columns))
     conn.execute(
-        sql.SQL("CREATE TEMP TABLE stage ON COMMIT DROP AS SELECT {cols} FROM {target} WITH NO DATA").format(
-            cols=cols, target=target
-        )
+        sql.SQL(
+            "CREATE TEMP TABLE stage ON COMMIT DROP AS SELECT {cols} FROM {target} WITH NO DATA"
+        ).format(cols=cols, target=target)
     )
     with conn.cursor().copy(sql.SQL("COPY stage ({cols}) FROM STDIN").format(cols=cols)) as copy:
         for row in rows:
@@ -168,13 +249,16 @@ def _stage(conn: psycopg.Connection, target: sql.Identifier, columns: tuple[str,
 
 
 def _key_match(key: tuple[str, ...]) -> sql.Composable:
-    return sql.SQL(" AND ").join(
-        sql.SQL("t.{k} = s.{k}").format(k=sql.Identifier(k)) for k in key
-    )
+    return sql.SQL(" AND ").join(sql.SQL("t.{k} = s.{k}").format(k=sql.Identifier(k)) for k in key)
 
 
-def load_table(conn: psycopg.Connection, schemas: Schemas, spec: TableSpec, truncate: bool,
-               folder: Path | None = None) -> LoadResult:
+def load_table(
+    conn: psycopg.Connection,
+    schemas: Schemas,
+    spec: TableSpec,
+    truncate: bool,
+    folder: Path | None = None,
+) -> LoadResult:
     """Synchronise one OMOP vocabulary table with the DICOM2OMOP rows."""
     rows = spec.rows(folder)  # read (and verify) before any transaction is opened
     target = sql.Identifier(schemas.vocab, spec.table)
@@ -184,7 +268,9 @@ def load_table(conn: psycopg.Connection, schemas: Schemas, spec: TableSpec, trun
         conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(target))
         _stage(conn, target, spec.columns, rows)
         if truncate:
-            removed = conn.execute(sql.SQL("DELETE FROM {} WHERE " + spec.dicom_rows).format(target)).rowcount
+            removed = conn.execute(
+                sql.SQL("DELETE FROM {} WHERE " + spec.dicom_rows).format(target)
+            ).rowcount
         written = conn.execute(
             sql.SQL(
                 "INSERT INTO {target} ({cols}) SELECT DISTINCT {cols} FROM stage s"
@@ -194,8 +280,9 @@ def load_table(conn: psycopg.Connection, schemas: Schemas, spec: TableSpec, trun
     return LoadResult(spec.table, len(rows), written, len(rows) - written, removed)
 
 
-def load_data_elements(conn: psycopg.Connection, schemas: Schemas, truncate: bool,
-                       folder: Path | None = None) -> LoadResult:
+def load_data_elements(
+    conn: psycopg.Connection, schemas: Schemas, truncate: bool, folder: Path | None = None
+) -> LoadResult:
     """Synchronise dicom_data_element with the PS3.6 dictionary.
 
     Ingested metadata rows point at data_element_id, so rows are never deleted here:
@@ -218,9 +305,15 @@ def load_data_elements(conn: psycopg.Connection, schemas: Schemas, truncate: boo
                     " AND ({old}) IS DISTINCT FROM ({new})"
                 ).format(
                     target=target,
-                    assign=sql.SQL(", ").join(sql.SQL("{c} = s.{c}").format(c=sql.Identifier(c)) for c in settable),
-                    old=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in settable),
-                    new=sql.SQL(", ").join(sql.SQL("s.{}").format(sql.Identifier(c)) for c in settable),
+                    assign=sql.SQL(", ").join(
+                        sql.SQL("{c} = s.{c}").format(c=sql.Identifier(c)) for c in settable
+                    ),
+                    old=sql.SQL(", ").join(
+                        sql.SQL("t.{}").format(sql.Identifier(c)) for c in settable
+                    ),
+                    new=sql.SQL(", ").join(
+                        sql.SQL("s.{}").format(sql.Identifier(c)) for c in settable
+                    ),
                 )
             ).rowcount
         # ctid order is the COPY order, so fresh ids follow the dictionary's order.
@@ -230,8 +323,13 @@ def load_data_elements(conn: psycopg.Connection, schemas: Schemas, truncate: boo
                 " SELECT nextval({seq}), {cols}, now(), now() FROM (SELECT * FROM stage ORDER BY ctid) s"
                 " WHERE NOT EXISTS (SELECT 1 FROM {target} t WHERE t.data_element_tag = s.data_element_tag)"
             ).format(
-                target=target, cols=cols,
-                seq=sql.Literal(sequence_name(schemas, "dicom_etl_data_element_id_seq").as_string(conn)),
+                target=target,
+                cols=cols,
+                seq=sql.Literal(
+                    sequence_name(schemas, "dicom_etl_data_element_id_seq").as_string(conn)
+                ),
             )
         ).rowcount
-    return LoadResult("dicom_data_element", len(rows), written, len(rows) - written, rows_refreshed=refreshed)
+    return LoadResult(
+        "dicom_data_element", len(rows), written, len(rows) - written, rows_refreshed=refreshed
+    )

@@ -32,10 +32,14 @@ from pydicom.uid import (
 
 from dicom_etl_dagster.core.dicom.fast_path import NeedsPydicom, read_fast
 from dicom_etl_dagster.core.dicom.reader import _INSTANCE_TAGS, DicomReadError, read_instance
-from dicom_etl_dagster_tests.dicom_samples import PYDICOM_DATA, PYDICOM_TEST_FILES, SAMPLE_FILES, read_rows
+from dicom_etl_dagster_tests.dicom_samples import (
+    PYDICOM_DATA,
+    PYDICOM_TEST_FILES,
+    SAMPLE_FILES,
+    read_rows,
+)
 from dicom_etl_dagster_tests.helpers import load_script
 from dicom_etl_dagster_tests.reliability.hostile import hostile_corpus
-
 
 
 def outcome(path: Path, fast_path: bool, read=read_instance):
@@ -83,10 +87,22 @@ def test_the_fast_path_takes_the_common_encodings():
     taken = {p.name for p in SAMPLE_FILES if takes_fast_path(p)}
     # explicit VR LE with GE private tags and ISO_IR 100, implicit VR LE with nested
     # sequences, encapsulated JPEG, SR content tree, SEG with 32 sequences, UTF-8, Cyrillic, Greek.
-    for name in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "rtdose.dcm", "JPEG-lossy.dcm",
-                 "test-SR.dcm", "liver_1frame.dcm", "chrX1.dcm", "chrRuss.dcm", "chrGreek.dcm"):
+    for name in (
+        "CT_small.dcm",
+        "MR_small.dcm",
+        "rtplan.dcm",
+        "rtdose.dcm",
+        "JPEG-lossy.dcm",
+        "test-SR.dcm",
+        "liver_1frame.dcm",
+        "chrX1.dcm",
+        "chrRuss.dcm",
+        "chrGreek.dcm",
+    ):
         assert name in taken, name
-    assert len(taken) >= 140, f"only {len(taken)} of {len(SAMPLE_FILES)} sample files took the fast path"
+    assert len(taken) >= 140, (
+        f"only {len(taken)} of {len(SAMPLE_FILES)} sample files took the fast path"
+    )
 
 
 def test_every_benchmark_corpus_template_takes_the_fast_path_with_identical_rows(tmp_path):
@@ -189,21 +205,31 @@ def _save(ds: Dataset, path: Path, syntax: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("charset, suffix", [(None, b""), ("ISO_IR 100", b" \xe9"), ("ISO_IR 192", b" \xc3\xa9")])
+@pytest.mark.parametrize(
+    "charset, suffix", [(None, b""), ("ISO_IR 100", b" \xe9"), ("ISO_IR 192", b" \xc3\xa9")]
+)
 def test_edge_values_explicit_vr_read_the_same(tmp_path, charset, suffix):
     path = _save(_edge_dataset(charset, suffix), tmp_path / "edge.dcm", ExplicitVRLittleEndian)
     assert takes_fast_path(path)
     assert_same_outcome(path)
-    by_keyword = {r.keyword: r for r in read_instance(path).elements if r.parent_sequence_index is None}
+    by_keyword = {
+        r.keyword: r for r in read_instance(path).elements if r.parent_sequence_index is None
+    }
     assert by_keyword["PatientName"].value_json == (
-        '[{"Alphabetic": "Doe^John", "Ideographic": "Ideo^Graphic", "Phonetic": "Pho^Netic"}]')
-    assert (by_keyword["ImageType"].vm, by_keyword["ImageType"].value_json) == ("4", '["ORIGINAL", "PRIMARY", "", "AXIAL"]')
+        '[{"Alphabetic": "Doe^John", "Ideographic": "Ideo^Graphic", "Phonetic": "Pho^Netic"}]'
+    )
+    assert (by_keyword["ImageType"].vm, by_keyword["ImageType"].value_json) == (
+        "4",
+        '["ORIGINAL", "PRIMARY", "", "AXIAL"]',
+    )
     assert by_keyword["PixelSpacing"].value_json == "[0.5, -0.001]"
 
 
 def test_edge_values_implicit_vr_read_the_same(tmp_path):
     # Private tags in implicit VR take their VR from pydicom's private dictionary: declined.
-    path = _save(_edge_dataset(None, b"", private=False), tmp_path / "edge.dcm", ImplicitVRLittleEndian)
+    path = _save(
+        _edge_dataset(None, b"", private=False), tmp_path / "edge.dcm", ImplicitVRLittleEndian
+    )
     assert takes_fast_path(path)
     assert_same_outcome(path)
 
@@ -224,24 +250,47 @@ def _raw_file(path: Path, elements: list[tuple[int, str, bytes]], explicit: bool
     """A Part 10 file written byte by byte: values reach the readers exactly as given."""
     sop = generate_uid().encode()
     syntax = (ExplicitVRLittleEndian if explicit else ImplicitVRLittleEndian).encode()
-    meta = b"".join(_raw_element(t, vr, v, True) for t, vr, v in [
-        (0x00020001, "OB", b"\x00\x01"), (0x00020002, "UI", b"1.2.840.10008.5.1.4.1.1.7"),
-        (0x00020003, "UI", sop), (0x00020010, "UI", syntax)])
+    meta = b"".join(
+        _raw_element(t, vr, v, True)
+        for t, vr, v in [
+            (0x00020001, "OB", b"\x00\x01"),
+            (0x00020002, "UI", b"1.2.840.10008.5.1.4.1.1.7"),
+            (0x00020003, "UI", sop),
+            (0x00020010, "UI", syntax),
+        ]
+    )
     meta = _raw_element(0x00020000, "UL", struct.pack("<L", len(meta)), True) + meta
-    required = [(0x00080016, "UI", b"1.2.840.10008.5.1.4.1.1.7"), (0x00080018, "UI", sop),
-                (0x00080020, "DA", b"20240102"), (0x0020000D, "UI", generate_uid().encode()),
-                (0x0020000E, "UI", generate_uid().encode())]
+    required = [
+        (0x00080016, "UI", b"1.2.840.10008.5.1.4.1.1.7"),
+        (0x00080018, "UI", sop),
+        (0x00080020, "DA", b"20240102"),
+        (0x0020000D, "UI", generate_uid().encode()),
+        (0x0020000E, "UI", generate_uid().encode()),
+    ]
     dataset = b"".join(_raw_element(t, vr, v, explicit) for t, vr, v in sorted(required + elements))
     path.write_bytes(b"\x00" * 128 + b"DICM" + meta + dataset)
     return path
 
 
 @pytest.mark.parametrize("explicit", [True, False], ids=["explicit", "implicit"])
-@pytest.mark.parametrize("charset, suffix", [(b"", b""), (b"ISO_IR 100", b" \xe9"), (b"ISO_IR 192", b" \xc3\xa9"),
-                                             (b"ISO_IR 144", b" \xd0")])
+@pytest.mark.parametrize(
+    "charset, suffix",
+    [
+        (b"", b""),
+        (b"ISO_IR 100", b" \xe9"),
+        (b"ISO_IR 192", b" \xc3\xa9"),
+        (b"ISO_IR 144", b" \xd0"),
+    ],
+)
 def test_raw_edge_values_read_the_same(tmp_path, explicit, charset, suffix):
-    elements = [(int(Tag(keyword)), vr, raw + (suffix if vr in ("LO", "LT") or keyword == "PatientName" else b""))
-                for keyword, vr, raw in EDGE_VALUES]
+    elements = [
+        (
+            int(Tag(keyword)),
+            vr,
+            raw + (suffix if vr in ("LO", "LT") or keyword == "PatientName" else b""),
+        )
+        for keyword, vr, raw in EDGE_VALUES
+    ]
     if charset:
         elements.append((0x00080005, "CS", charset))
     path = _raw_file(tmp_path / "raw.dcm", elements, explicit)
@@ -263,7 +312,9 @@ def test_other_transfer_syntaxes_are_declined_and_read_by_pydicom(tmp_path, synt
     assert read_instance(path).sop_instance_uid == ds.SOPInstanceUID
 
 
-@pytest.mark.parametrize("charset", ["ISO 2022 IR 87", "GB18030", ["ISO 2022 IR 6", "ISO 2022 IR 100"]])
+@pytest.mark.parametrize(
+    "charset", ["ISO 2022 IR 87", "GB18030", ["ISO 2022 IR 6", "ISO 2022 IR 100"]]
+)
 def test_other_character_sets_are_declined_and_read_by_pydicom(tmp_path, charset):
     ds = _edge_dataset(None, b"", private=False)
     for keyword, _, _ in EDGE_VALUES:  # raw bytes that are not valid in these character sets
@@ -279,24 +330,46 @@ def test_other_character_sets_are_declined_and_read_by_pydicom(tmp_path, charset
 # Any value of any handled VR: both paths agree (or the fast path declines)
 # --------------------------------------------------------------------------
 VR_EXAMPLE_KEYWORDS = {
-    "AE": "RetrieveAETitle", "AS": "PatientAge", "CS": "ImageType", "DA": "ContentDate", "DS": "SliceThickness",
-    "DT": "AcquisitionDateTime", "IS": "SeriesNumber", "LO": "SeriesDescription", "LT": "ImageComments",
-    "PN": "ReferringPhysicianName", "SH": "StationName", "ST": "InstitutionAddress", "TM": "StudyTime",
-    "UI": "FrameOfReferenceUID", "UT": "TextValue", "US": "Rows", "SS": "TagAngleSecondAxis",
-    "UL": "NumberOfWaveformSamples", "SL": "ReferencePixelX0", "FL": "RecommendedDisplayFrameRateInFloat",
-    "FD": "PhysicalDeltaX", "AT": "FrameIncrementPointer", "OB": "EncapsulatedDocument",
+    "AE": "RetrieveAETitle",
+    "AS": "PatientAge",
+    "CS": "ImageType",
+    "DA": "ContentDate",
+    "DS": "SliceThickness",
+    "DT": "AcquisitionDateTime",
+    "IS": "SeriesNumber",
+    "LO": "SeriesDescription",
+    "LT": "ImageComments",
+    "PN": "ReferringPhysicianName",
+    "SH": "StationName",
+    "ST": "InstitutionAddress",
+    "TM": "StudyTime",
+    "UI": "FrameOfReferenceUID",
+    "UT": "TextValue",
+    "US": "Rows",
+    "SS": "TagAngleSecondAxis",
+    "UL": "NumberOfWaveformSamples",
+    "SL": "ReferencePixelX0",
+    "FL": "RecommendedDisplayFrameRateInFloat",
+    "FD": "PhysicalDeltaX",
+    "AT": "FrameIncrementPointer",
+    "OB": "EncapsulatedDocument",
 }
 # Bytes that matter to DICOM value parsing, mixed with arbitrary bytes.
 VALUES = st.one_of(
     st.binary(max_size=48),
-    st.text(alphabet="0123456789.+-eE \\=^\x00aZ{}\"\t\xe9\u00c3", max_size=24).map(
-        lambda text: text.encode("utf-8")),
+    st.text(alphabet='0123456789.+-eE \\=^\x00aZ{}"\t\xe9\u00c3', max_size=24).map(
+        lambda text: text.encode("utf-8")
+    ),
 )
 
 
 @settings(max_examples=400, deadline=None)
-@given(vr=st.sampled_from(sorted(VR_EXAMPLE_KEYWORDS)), value=VALUES, explicit=st.booleans(),
-       charset=st.sampled_from([b"", b"ISO_IR 100", b"ISO_IR 192"]))
+@given(
+    vr=st.sampled_from(sorted(VR_EXAMPLE_KEYWORDS)),
+    value=VALUES,
+    explicit=st.booleans(),
+    charset=st.sampled_from([b"", b"ISO_IR 100", b"ISO_IR 192"]),
+)
 def test_any_value_reads_the_same_on_both_paths(vr, value, explicit, charset):
     elements = [(int(Tag(VR_EXAMPLE_KEYWORDS[vr])), vr, value)]
     if charset:
@@ -308,17 +381,28 @@ def test_any_value_reads_the_same_on_both_paths(vr, value, explicit, charset):
 # --------------------------------------------------------------------------
 # Corrupted real headers: both paths agree (or the fast path declines)
 # --------------------------------------------------------------------------
-MUTATION_SOURCES = ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "rtdose.dcm", "test-SR.dcm", "liver_1frame.dcm",
-                    "JPEG-lossy.dcm")
+MUTATION_SOURCES = (
+    "CT_small.dcm",
+    "MR_small.dcm",
+    "rtplan.dcm",
+    "rtdose.dcm",
+    "test-SR.dcm",
+    "liver_1frame.dcm",
+    "JPEG-lossy.dcm",
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(name=st.sampled_from(MUTATION_SOURCES), where=st.floats(0, 1), patch=st.binary(min_size=1, max_size=6))
+@given(
+    name=st.sampled_from(MUTATION_SOURCES),
+    where=st.floats(0, 1),
+    patch=st.binary(min_size=1, max_size=6),
+)
 def test_overwritten_header_bytes_read_the_same_on_both_paths(name, where, patch):
     data = bytearray((PYDICOM_TEST_FILES / name).read_bytes())
     header_end = min(len(data), 6000)  # lengths, VRs, tags and values; not the pixel data
     at = 132 + int(where * (header_end - 132 - len(patch)))
-    data[at:at + len(patch)] = patch
+    data[at : at + len(patch)] = patch
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / name
         path.write_bytes(bytes(data))

@@ -260,7 +260,7 @@ def _check_against_reference(path: str | os.PathLike, inst: DicomInstance) -> No
 # Every bundled file
 # --------------------------------------------------------------------------
 def test_module_constants() -> None:
-    assert PIXEL_DATA_TAGS == frozenset(PIXEL_TAGS)
+    assert frozenset(PIXEL_TAGS) == PIXEL_DATA_TAGS
     assert ElementRow._fields == (
         "index",
         "parent_sequence_index",
@@ -706,9 +706,7 @@ def test_cut_exactly_at_element_boundary_is_undetectable(tmp_path: Path) -> None
     out.write_bytes(Path(path).read_bytes()[: pixels.value_tell - 12])
     inst = read_instance(out)
     # everything before the pixel data (CT_small has trailing padding after it)
-    before_pixels = [
-        r[3:] for r in read_instance(path).elements if _tag_int(r.tag) < 0x7FE00010
-    ]
+    before_pixels = [r[3:] for r in read_instance(path).elements if _tag_int(r.tag) < 0x7FE00010]
     assert [r[3:] for r in inst.elements] == before_pixels
 
 
@@ -765,7 +763,9 @@ def _raw_element(tag: int, vr: str, value: bytes) -> RawDataElement:
     return RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
 
 
-def _write_variant(tmp_path: Path, name: str, raw_values: dict[int, tuple[str, bytes] | None]) -> Path:
+def _write_variant(
+    tmp_path: Path, name: str, raw_values: dict[int, tuple[str, bytes] | None]
+) -> Path:
     """CT_small (explicit VR LE) with raw element values replaced or deleted.
 
     Raw values are written as given, so invalid values survive the writer.
@@ -798,7 +798,12 @@ def _dates(**values: str | None) -> dict[int, tuple[str, bytes] | None]:
     ("dates", "procedure", "image"),
     [
         (
-            dict(StudyDate="20231399", SeriesDate="", AcquisitionDate="20200102", ContentDate="20200103"),
+            dict(
+                StudyDate="20231399",
+                SeriesDate="",
+                AcquisitionDate="20200102",
+                ContentDate="20200103",
+            ),
             datetime.date(2020, 1, 2),
             datetime.date(2020, 1, 2),
         ),
@@ -824,7 +829,9 @@ def _dates(**values: str | None) -> dict[int, tuple[str, bytes] | None]:
         ),
     ],
 )
-def test_date_fallbacks(tmp_path: Path, dates: dict, procedure: datetime.date, image: datetime.date) -> None:
+def test_date_fallbacks(
+    tmp_path: Path, dates: dict, procedure: datetime.date, image: datetime.date
+) -> None:
     out = _write_variant(tmp_path, "dates.dcm", _dates(**dates))
     inst = read_instance(out)
     assert inst.procedure_date == procedure
@@ -989,9 +996,7 @@ def damaged_files(draw: st.DrawFn) -> bytes:
     name = draw(st.sampled_from(sorted(FUZZ_SOURCES)))
     data = bytearray(FUZZ_SOURCES[name])
     flips = draw(
-        st.lists(
-            st.tuples(st.integers(0, len(data) - 1), st.integers(0, 255)), max_size=12
-        )
+        st.lists(st.tuples(st.integers(0, len(data) - 1), st.integers(0, 255)), max_size=12)
     )
     for position, value in flips:
         data[position] = value

@@ -25,8 +25,13 @@ import pydicom
 import pytest
 
 from dicom_etl_dagster.core.dicom.reader import ElementRow, read_instance
-from dicom_etl_dagster_tests.dicom_samples import (PYDICOM_DATA, PYDICOM_TEST_FILES, accepted_sample_files,
-                                                   read_rows, sample_files_read_by)
+from dicom_etl_dagster_tests.dicom_samples import (
+    PYDICOM_DATA,
+    PYDICOM_TEST_FILES,
+    accepted_sample_files,
+    read_rows,
+    sample_files_read_by,
+)
 
 SAMPLES = PYDICOM_TEST_FILES
 PIXEL_DATA_KEYS = {"7FE00010", "7FE00008", "7FE00009"}  # never stored
@@ -73,7 +78,9 @@ def rows_as_document(rows: list[ElementRow]) -> tuple[dict, dict]:
         if row.parent_sequence_index is None:
             container = meta if row.group == "0002" else dataset
         else:
-            container = sequences[row.parent_sequence_index].items.setdefault(row.parent_item_index, {})
+            container = sequences[row.parent_sequence_index].items.setdefault(
+                row.parent_item_index, {}
+            )
         assert _key(row) not in container, f"{row.tag} twice in one dataset"
         if row.is_sequence:
             container[_key(row)] = sequences[row.index] = StoredSequence(row)
@@ -108,7 +115,13 @@ def assert_same(expected: dict, actual: dict, where: str) -> None:
 def test_the_bundled_files_cover_the_interesting_cases() -> None:
     names = {p.name for p in ACCEPTED}
     # CT with private tags, big-endian and implicit VR, RT with nested sequences, SR, waveform.
-    assert {"CT_small.dcm", "MR_small_bigendian.dcm", "rtplan.dcm", "test-SR.dcm", "waveform_ecg.dcm"} <= names
+    assert {
+        "CT_small.dcm",
+        "MR_small_bigendian.dcm",
+        "rtplan.dcm",
+        "test-SR.dcm",
+        "waveform_ecg.dcm",
+    } <= names
     assert len(ACCEPTED) > 100
 
 
@@ -134,7 +147,9 @@ def test_a_nested_value_on_the_wrong_item_is_caught() -> None:
     rows = read_instance(SAMPLES / "rtplan.dcm").elements
     nested = [r for r in rows if r.parent_item_index is not None]
     numbers = sorted({r.parent_item_index for r in nested})
-    moved = nested[0]._replace(parent_item_index=next(n for n in numbers if n != nested[0].parent_item_index))
+    moved = nested[0]._replace(
+        parent_item_index=next(n for n in numbers if n != nested[0].parent_item_index)
+    )
     broken = [moved if r is nested[0] else r for r in rows]
     expected_meta, expected_dataset = pydicom_json(SAMPLES / "rtplan.dcm")
     with pytest.raises(AssertionError):

@@ -22,13 +22,23 @@ import pytest
 from psycopg import sql
 
 from dicom_etl_dagster.core.db.ddl import ensure_tables
-from dicom_etl_dagster.core.dicom.reader import DicomInstance, ElementRow, read_instance
 from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.dicom.reader import DicomInstance, ElementRow, read_instance
+from dicom_etl_dagster.core.ingest.metadata_copy import (
+    COLUMNS,
+    DataElementIds,
+    fill,
+    render_metadata,
+)
 from dicom_etl_dagster.core.ingest.run import ingest_folder, prepare_run
-from dicom_etl_dagster.core.ingest.metadata_copy import COLUMNS, DataElementIds, fill, render_metadata
 from dicom_etl_dagster.core.ingest.writer import PersonMapping
 from dicom_etl_dagster_tests.conftest import fresh_database
-from dicom_etl_dagster_tests.dicom_samples import PYDICOM_DATA, PYDICOM_TEST_FILES, accepted_sample_files, clone_instance
+from dicom_etl_dagster_tests.dicom_samples import (
+    PYDICOM_DATA,
+    PYDICOM_TEST_FILES,
+    accepted_sample_files,
+    clone_instance,
+)
 
 SAMPLES = PYDICOM_TEST_FILES
 SCHEMAS = Schemas()
@@ -37,11 +47,25 @@ TABLE = sql.Identifier(SCHEMAS.medical_imaging, "dicom_file_metadata")
 # The old writer's column order, written out here so that the oracle does not share
 # metadata_copy.COLUMNS (whose order is the template's).
 ORACLE_COLUMNS = (
-    "metadata_id", "data_element_id", "metadata_source_keyword", "metadata_source_tag",
-    "metadata_source_group_number", "metadata_source_value_representation",
-    "metadata_source_value_multiplicity", "metadata_source_value", "is_sequence", "sequence_length",
-    "parent_sequence_id", "parent_dataset_id", "is_private", "private_creator", "sop_instance_id",
-    "instance_number", "image_occurrence_id", "etl_created_datetime", "etl_modified_datetime",
+    "metadata_id",
+    "data_element_id",
+    "metadata_source_keyword",
+    "metadata_source_tag",
+    "metadata_source_group_number",
+    "metadata_source_value_representation",
+    "metadata_source_value_multiplicity",
+    "metadata_source_value",
+    "is_sequence",
+    "sequence_length",
+    "parent_sequence_id",
+    "parent_dataset_id",
+    "is_private",
+    "private_creator",
+    "sop_instance_id",
+    "instance_number",
+    "image_occurrence_id",
+    "etl_created_datetime",
+    "etl_modified_datetime",
 )
 # Ids beyond the int4 range: the bigint columns must come out whole.
 FIRST_METADATA_ID = 5_000_000_123
@@ -60,8 +84,14 @@ def _postgres_text(value: str | None, limit: int) -> str | None:
     return None if value is None else value.replace("\x00", "")[:limit]
 
 
-def expected_rows(instance: DicomInstance, metadata_id: int, dataset_id: int, data_elements: dict[str, int],
-                  image_occurrence_id: int, now: dt.datetime) -> list[tuple]:
+def expected_rows(
+    instance: DicomInstance,
+    metadata_id: int,
+    dataset_id: int,
+    data_elements: dict[str, int],
+    image_occurrence_id: int,
+    now: dt.datetime,
+) -> list[tuple]:
     return [
         (
             metadata_id + e.index,
@@ -100,22 +130,39 @@ def some_data_element_ids(instance: DicomInstance) -> DataElementIds:
 @pytest.fixture(scope="module")
 def conn(postgres_server):
     """One database for the module (a fresh one per parametrized case would be slow)."""
-    with fresh_database(postgres_server, "metadata_copy") as url, psycopg.connect(url, autocommit=True) as connection:
+    with (
+        fresh_database(postgres_server, "metadata_copy") as url,
+        psycopg.connect(url, autocommit=True) as connection,
+    ):
         ensure_tables(connection, SCHEMAS)
         yield connection
 
 
-def copy_and_read_back(conn: psycopg.Connection, instance: DicomInstance, data_elements: DataElementIds) -> list[tuple]:
+def copy_and_read_back(
+    conn: psycopg.Connection, instance: DicomInstance, data_elements: DataElementIds
+) -> list[tuple]:
     """What PostgreSQL holds after COPY of the filled template (rolled back afterwards)."""
     rendered = render_metadata(instance)
-    text = fill(rendered, FIRST_METADATA_ID, FIRST_DATASET_ID, IMAGE_OCCURRENCE_ID, data_elements,
-                NOW.isoformat(sep=" "))
+    text = fill(
+        rendered,
+        FIRST_METADATA_ID,
+        FIRST_DATASET_ID,
+        IMAGE_OCCURRENCE_ID,
+        data_elements,
+        NOW.isoformat(sep=" "),
+    )
     with conn.transaction(force_rollback=True):
-        with conn.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN").format(
-                TABLE, sql.SQL(", ").join(map(sql.Identifier, COLUMNS)))) as copy:
+        with conn.cursor().copy(
+            sql.SQL("COPY {} ({}) FROM STDIN").format(
+                TABLE, sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+            )
+        ) as copy:
             copy.write(text)
-        return conn.execute(sql.SQL("SELECT {} FROM {} ORDER BY metadata_id").format(
-            sql.SQL(", ").join(map(sql.Identifier, ORACLE_COLUMNS)), TABLE)).fetchall()
+        return conn.execute(
+            sql.SQL("SELECT {} FROM {} ORDER BY metadata_id").format(
+                sql.SQL(", ").join(map(sql.Identifier, ORACLE_COLUMNS)), TABLE
+            )
+        ).fetchall()
 
 
 def _same(stored, expected) -> bool:
@@ -126,14 +173,22 @@ def _same(stored, expected) -> bool:
 def assert_same_rows(stored: list[tuple], expected: list[tuple]) -> None:
     assert len(stored) == len(expected)
     for got, want in zip(stored, expected):
-        differing = {name: (g, w) for name, g, w in zip(ORACLE_COLUMNS, got, want) if not _same(g, w)}
+        differing = {
+            name: (g, w) for name, g, w in zip(ORACLE_COLUMNS, got, want) if not _same(g, w)
+        }
         assert not differing, f"row {want[3]} (metadata_id {want[0]}): {differing}"
 
 
 def test_the_bundled_files_cover_the_interesting_cases() -> None:
     names = {p.name for p in ACCEPTED}
     # Private tags, big-endian, nested sequences, SR content tree, waveform.
-    assert {"CT_small.dcm", "MR_small_bigendian.dcm", "rtplan.dcm", "test-SR.dcm", "waveform_ecg.dcm"} <= names
+    assert {
+        "CT_small.dcm",
+        "MR_small_bigendian.dcm",
+        "rtplan.dcm",
+        "test-SR.dcm",
+        "waveform_ecg.dcm",
+    } <= names
     assert len(ACCEPTED) > 100
 
 
@@ -141,7 +196,9 @@ def test_the_bundled_files_cover_the_interesting_cases() -> None:
 def test_rows_of_a_sample_file_are_the_old_tuple_rows(conn, path: Path) -> None:
     instance = read_instance(path)
     data_elements = some_data_element_ids(instance)
-    expected = expected_rows(instance, FIRST_METADATA_ID, FIRST_DATASET_ID, data_elements, IMAGE_OCCURRENCE_ID, NOW)
+    expected = expected_rows(
+        instance, FIRST_METADATA_ID, FIRST_DATASET_ID, data_elements, IMAGE_OCCURRENCE_ID, NOW
+    )
     assert_same_rows(copy_and_read_back(conn, instance, data_elements), expected)
 
 
@@ -152,51 +209,133 @@ HOSTILE_TEXT = "tab\there {0} {} }{ {{x}} {d[(0008,0016)]} {o} \\N back\\slash n
 
 
 def _row(index: int, tag: str, **fields) -> ElementRow:
-    values = dict(index=index, parent_sequence_index=None, parent_item_index=None, tag=tag, group=tag[1:5],
-                  dictionary_tag=tag, keyword=None, name=None, vr="LO", vm="1", value_json=None, is_sequence=False,
-                  sequence_length=None, is_private=False, private_creator=None)
+    values = dict(
+        index=index,
+        parent_sequence_index=None,
+        parent_item_index=None,
+        tag=tag,
+        group=tag[1:5],
+        dictionary_tag=tag,
+        keyword=None,
+        name=None,
+        vr="LO",
+        vm="1",
+        value_json=None,
+        is_sequence=False,
+        sequence_length=None,
+        is_private=False,
+        private_creator=None,
+    )
     values.update(fields)
     return ElementRow(**values)
 
 
 def hostile_instance(instance_number: int | None) -> DicomInstance:
-    creator = "ACME\x00 {0}\t\\ Créateur\n" + "x" * 300  # NUL gone and cut to 255, as the writer did
+    creator = (
+        "ACME\x00 {0}\t\\ Créateur\n" + "x" * 300
+    )  # NUL gone and cut to 255, as the writer did
     rows = [
-        _row(0, "(0008,0005)", keyword="SpecificCharacterSet", vr="CS", value_json='["ISO_IR 192"]'),
+        _row(
+            0, "(0008,0005)", keyword="SpecificCharacterSet", vr="CS", value_json='["ISO_IR 192"]'
+        ),
         _row(1, "(0008,0016)", keyword="SOPClassUID", vr="UI", value_json="{0}"),
         _row(2, "(0020,4000)", keyword="ImageComments", vr="LT", value_json=HOSTILE_TEXT),
-        _row(3, "(0010,0010)", keyword="PatientName", vr="PN", vm="1",
-             value_json=json.dumps([{"Alphabetic": "Müller^Jürgen {1}\t\x00"}], ensure_ascii=False)),
+        _row(
+            3,
+            "(0010,0010)",
+            keyword="PatientName",
+            vr="PN",
+            vm="1",
+            value_json=json.dumps([{"Alphabetic": "Müller^Jürgen {1}\t\x00"}], ensure_ascii=False),
+        ),
         _row(4, "(0018,1000)", keyword="Device{Serial}Number", value_json="\\N"),
-        _row(5, "(0008,1115)", keyword="ReferencedSeriesSequence", vr="SQ", vm="1", is_sequence=True,
-             sequence_length=3),
-        _row(6, "(0020,000E)", keyword="SeriesInstanceUID", vr="UI", parent_sequence_index=5, parent_item_index=0,
-             value_json='["1.2.3"]'),
-        _row(7, "(0008,1140)", keyword="ReferencedImageSequence", vr="SQ", is_sequence=True, sequence_length=1,
-             parent_sequence_index=5, parent_item_index=2),
-        _row(8, "(0008,1155)", keyword="ReferencedSOPInstanceUID", vr="UI", parent_sequence_index=7,
-             parent_item_index=3, value_json='["1.2.3.4"]'),
-        _row(9, "(0009,0010)", group="0009", name="Private Creator", is_private=True, private_creator=creator,
-             value_json=json.dumps([creator], ensure_ascii=False)),
-        _row(10, "(0009,1001)", is_private=True, vr="UN", vm="1", private_creator=creator, value_json="",
-             name="Name\twith\\tab {and} braces"),
+        _row(
+            5,
+            "(0008,1115)",
+            keyword="ReferencedSeriesSequence",
+            vr="SQ",
+            vm="1",
+            is_sequence=True,
+            sequence_length=3,
+        ),
+        _row(
+            6,
+            "(0020,000E)",
+            keyword="SeriesInstanceUID",
+            vr="UI",
+            parent_sequence_index=5,
+            parent_item_index=0,
+            value_json='["1.2.3"]',
+        ),
+        _row(
+            7,
+            "(0008,1140)",
+            keyword="ReferencedImageSequence",
+            vr="SQ",
+            is_sequence=True,
+            sequence_length=1,
+            parent_sequence_index=5,
+            parent_item_index=2,
+        ),
+        _row(
+            8,
+            "(0008,1155)",
+            keyword="ReferencedSOPInstanceUID",
+            vr="UI",
+            parent_sequence_index=7,
+            parent_item_index=3,
+            value_json='["1.2.3.4"]',
+        ),
+        _row(
+            9,
+            "(0009,0010)",
+            group="0009",
+            name="Private Creator",
+            is_private=True,
+            private_creator=creator,
+            value_json=json.dumps([creator], ensure_ascii=False),
+        ),
+        _row(
+            10,
+            "(0009,1001)",
+            is_private=True,
+            vr="UN",
+            vm="1",
+            private_creator=creator,
+            value_json="",
+            name="Name\twith\\tab {and} braces",
+        ),
         _row(11, "(60xx,3000)", keyword="OverlayData", vr="OW", value_json='["AAEC"]'),
         _row(12, "(0011,0010)", is_private=True, private_creator="", value_json="[]", vm="0"),
     ]
     return DicomInstance(
-        sop_instance_uid="1.2.{3}\t4\\5", study_instance_uid="1.2", series_instance_uid="1.2.3",
-        patient_id=None, procedure_date=dt.date(2024, 1, 1), image_date=dt.date(2024, 1, 1),
-        study_description=None, modality=None, body_part_examined=None, instance_number=instance_number,
-        elements=rows)
+        sop_instance_uid="1.2.{3}\t4\\5",
+        study_instance_uid="1.2",
+        series_instance_uid="1.2.3",
+        patient_id=None,
+        procedure_date=dt.date(2024, 1, 1),
+        image_date=dt.date(2024, 1, 1),
+        study_description=None,
+        modality=None,
+        body_part_examined=None,
+        instance_number=instance_number,
+        elements=rows,
+    )
 
 
 @pytest.mark.parametrize("instance_number", [None, -7, 2**31 - 1])
 def test_rows_with_special_characters_are_the_old_tuple_rows(conn, instance_number) -> None:
     instance = hostile_instance(instance_number)
-    data_elements = DataElementIds({"(0008,0016)": 16, "(0020,4000)": 4000, "(60xx,3000)": 6000, "(0009,1001)": 91})
+    data_elements = DataElementIds(
+        {"(0008,0016)": 16, "(0020,4000)": 4000, "(60xx,3000)": 6000, "(0009,1001)": 91}
+    )
     stored = copy_and_read_back(conn, instance, data_elements)
-    assert_same_rows(stored, expected_rows(instance, FIRST_METADATA_ID, FIRST_DATASET_ID, data_elements,
-                                           IMAGE_OCCURRENCE_ID, NOW))
+    assert_same_rows(
+        stored,
+        expected_rows(
+            instance, FIRST_METADATA_ID, FIRST_DATASET_ID, data_elements, IMAGE_OCCURRENCE_ID, NOW
+        ),
+    )
     by_tag = {row[3]: row for row in stored}
     assert by_tag["(0020,4000)"][7] == HOSTILE_TEXT
     assert by_tag["(0008,0016)"][7] == "{0}"
@@ -224,13 +363,17 @@ def test_candidates_are_the_distinct_tags_first_seen_wins_cut_to_width() -> None
 def test_counts_are_the_ids_a_file_needs() -> None:
     rendered = render_metadata(hostile_instance(1))
     assert (rendered.row_count, rendered.item_count) == (13, 4)  # items 0..3 (item 1 holds nothing)
-    no_sequences = dataclasses.replace(hostile_instance(1), elements=hostile_instance(1).elements[:5])
+    no_sequences = dataclasses.replace(
+        hostile_instance(1), elements=hostile_instance(1).elements[:5]
+    )
     assert render_metadata(no_sequences).item_count == 0
 
 
 @pytest.mark.parametrize("dictionary_tag", ["", "12345678", "(0008]0016)"])
 def test_a_tag_that_str_format_cannot_look_up_stops_the_worker(dictionary_tag) -> None:
-    instance = dataclasses.replace(hostile_instance(1), elements=[_row(0, "(0008,0016)", dictionary_tag=dictionary_tag)])
+    instance = dataclasses.replace(
+        hostile_instance(1), elements=[_row(0, "(0008,0016)", dictionary_tag=dictionary_tag)]
+    )
     with pytest.raises(ValueError, match="cannot be a str.format field name"):
         render_metadata(instance)
 
@@ -250,11 +393,17 @@ HOSTILE_CREATOR = "ACME {0}\tCREATOR }{"
 
 
 def _hostile_file(target: Path) -> None:
-    ds = clone_instance(SAMPLES / "CT_small.dcm", target, SpecificCharacterSet="ISO_IR 192",
-                        ImageComments=HOSTILE_COMMENT)
+    ds = clone_instance(
+        SAMPLES / "CT_small.dcm",
+        target,
+        SpecificCharacterSet="ISO_IR 192",
+        ImageComments=HOSTILE_COMMENT,
+    )
     with warnings.catch_warnings():  # a tab is not valid in LO: on purpose
         warnings.simplefilter("ignore")
-        ds.private_block(0x0071, HOSTILE_CREATOR, create=True).add_new(0x01, "LO", "private {1}\tvalue")
+        ds.private_block(0x0071, HOSTILE_CREATOR, create=True).add_new(
+            0x01, "LO", "private {1}\tvalue"
+        )
         ds.save_as(target, enforce_file_format=False)
 
 
@@ -264,38 +413,62 @@ def test_ingested_rows_are_the_old_tuple_rows(db, tmp_path) -> None:
     for name in ("CT_small.dcm", "rtplan.dcm", "test-SR.dcm", "MR_small_bigendian.dcm"):
         clone_instance(SAMPLES / name, folder / f"b_{name}")
     ensure_tables(db, SCHEMAS)
-    state = prepare_run(db, SCHEMAS, "run", "use_id_zero", PersonMapping(
-        SCHEMAS.medical_imaging, "mappingtable", "source_person_id", "source_patient_id"), lambda message: None)
+    state = prepare_run(
+        db,
+        SCHEMAS,
+        "run",
+        "use_id_zero",
+        PersonMapping(
+            SCHEMAS.medical_imaging, "mappingtable", "source_person_id", "source_patient_id"
+        ),
+        lambda message: None,
+    )
     report, _ = ingest_folder(db, state, folder, batch_size=2, workers=2)
     assert report.status_counts["ingested"] == 5
 
     # Not the vocabulary's: every tag was added by the run, so every row has its entry.
-    data_elements = dict(db.execute(
-        f"SELECT data_element_tag, data_element_id FROM {SCHEMAS.medical_imaging}.dicom_data_element").fetchall())
+    data_elements = dict(
+        db.execute(
+            f"SELECT data_element_tag, data_element_id FROM {SCHEMAS.medical_imaging}.dicom_data_element"
+        ).fetchall()
+    )
     dataset_ids: list[range] = []
     for path in sorted(folder.iterdir()):
         instance = read_instance(path)
-        stored = db.execute(sql.SQL("SELECT {}, {} FROM {} WHERE sop_instance_id = %s ORDER BY metadata_id").format(
-            sql.SQL(", ").join(map(sql.Identifier, ORACLE_COLUMNS)),
-            sql.SQL("(SELECT image_occurrence_id FROM {} WHERE image_series_uid = %s)").format(
-                sql.Identifier(SCHEMAS.medical_imaging, "image_occurrence")), TABLE),
-            [instance.series_instance_uid, instance.sop_instance_uid]).fetchall()
+        stored = db.execute(
+            sql.SQL("SELECT {}, {} FROM {} WHERE sop_instance_id = %s ORDER BY metadata_id").format(
+                sql.SQL(", ").join(map(sql.Identifier, ORACLE_COLUMNS)),
+                sql.SQL("(SELECT image_occurrence_id FROM {} WHERE image_series_uid = %s)").format(
+                    sql.Identifier(SCHEMAS.medical_imaging, "image_occurrence")
+                ),
+                TABLE,
+            ),
+            [instance.series_instance_uid, instance.sop_instance_uid],
+        ).fetchall()
         series_id = stored[0][-1]
         stored = [row[:-1] for row in stored]
         first_metadata_id = stored[0][0]
         first_dataset_id = _first_dataset_id(instance, stored)
         if first_dataset_id is not None:
-            dataset_ids.append(range(first_dataset_id, first_dataset_id + render_metadata(instance).item_count))
+            dataset_ids.append(
+                range(first_dataset_id, first_dataset_id + render_metadata(instance).item_count)
+            )
         now = stored[0][17]
-        assert_same_rows(stored, expected_rows(instance, first_metadata_id, first_dataset_id, data_elements,
-                                               series_id, now))
+        assert_same_rows(
+            stored,
+            expected_rows(
+                instance, first_metadata_id, first_dataset_id, data_elements, series_id, now
+            ),
+        )
         assert all(row[1] is not None for row in stored)
         if path.name == "a_hostile.dcm":
             by_tag = {row[3]: row for row in stored}
             assert by_tag["(0020,4000)"][7] == json.dumps([HOSTILE_COMMENT], ensure_ascii=False)
             assert by_tag["(0071,1001)"][13] == HOSTILE_CREATOR
     dataset_ids.sort(key=lambda ids: ids.start)
-    assert all(a.stop <= b.start for a, b in zip(dataset_ids, dataset_ids[1:])), "files share dataset ids"
+    assert all(a.stop <= b.start for a, b in zip(dataset_ids, dataset_ids[1:])), (
+        "files share dataset ids"
+    )
     assert len(dataset_ids) >= 3  # rtplan, SR, ...: files with items
 
 

@@ -7,7 +7,6 @@ to the writer), and the constraint is dropped to "fix the cause"."""
 
 from __future__ import annotations
 
-import collections
 import shutil
 import threading
 import warnings
@@ -69,14 +68,21 @@ class Folder:
         self.root = root
         self.study = {"T1": generate_uid(), "T2": generate_uid()}
         self.series = {"S1": generate_uid(), "S2": generate_uid(), "S3": generate_uid()}
-        plan = [("f0", "T1", "S1"), ("f1", "T1", "S1"), ("f2", "T1", "S2"),
-                ("f3", "T2", "S3"), ("f4", "T2", "S3"), ("f5", "T2", "S3")]
+        plan = [
+            ("f0", "T1", "S1"),
+            ("f1", "T1", "S1"),
+            ("f2", "T1", "S2"),
+            ("f3", "T2", "S3"),
+            ("f4", "T2", "S3"),
+            ("f5", "T2", "S3"),
+        ]
         self.sop: dict[str, str] = {}
         self.path: dict[str, str] = {}
         for name, study, series in plan:
             path = root / f"{name}.dcm"
-            self.sop[name] = _write(path, self.study[study], self.series[series], f"study {study}",
-                                    private=name == "f5")
+            self.sop[name] = _write(
+                path, self.study[study], self.series[series], f"study {study}", private=name == "f5"
+            )
             self.path[name] = str(path)
         self.batch1 = ["f0", "f1", "f2"]
         self.batch2 = ["f3", "f4", "f5"]
@@ -86,12 +92,25 @@ def _setup(conn: psycopg.Connection, schemas: Schemas) -> None:
     ensure_tables(conn, schemas)
 
 
-def _run(conn: psycopg.Connection, schemas: Schemas, root: Path, workers: int = 1, batch_size: int = BATCH,
-         run_id: str = "run"):
+def _run(
+    conn: psycopg.Connection,
+    schemas: Schemas,
+    root: Path,
+    workers: int = 1,
+    batch_size: int = BATCH,
+    run_id: str = "run",
+):
     warnings_seen: list[str] = []
-    state = prepare_run(conn, schemas, run_id, "use_id_zero",
-                        PersonMapping(schemas.medical_imaging, "mappingtable", "source_person_id",
-                                      "source_patient_id"), warnings_seen.append)
+    state = prepare_run(
+        conn,
+        schemas,
+        run_id,
+        "use_id_zero",
+        PersonMapping(
+            schemas.medical_imaging, "mappingtable", "source_person_id", "source_patient_id"
+        ),
+        warnings_seen.append,
+    )
     return ingest_folder(conn, state, root, batch_size, workers)[0]
 
 
@@ -101,13 +120,25 @@ def _count(conn, schemas: Schemas, table: str) -> int:
 
 
 def _counts(conn, schemas: Schemas) -> dict[str, int]:
-    return {t: _count(conn, schemas, t) for t in ("procedure_occurrence", "image_occurrence", "dicom_file_metadata",
-                                                  "dicom_ingest_log", "dicom_data_element")}
+    return {
+        t: _count(conn, schemas, t)
+        for t in (
+            "procedure_occurrence",
+            "image_occurrence",
+            "dicom_file_metadata",
+            "dicom_ingest_log",
+            "dicom_data_element",
+        )
+    }
 
 
 # The stage of write_batch at which the second batch fails, and the constraint that makes it fail.
 FAILURES = {
-    "procedure_occurrence": ("cdm", "procedure_occurrence", "procedure_source_value IS DISTINCT FROM 'study T2'"),
+    "procedure_occurrence": (
+        "cdm",
+        "procedure_occurrence",
+        "procedure_source_value IS DISTINCT FROM 'study T2'",
+    ),
     "image_occurrence": ("mi", "image_occurrence", "image_series_uid IS DISTINCT FROM {S3}"),
     "dicom_file_metadata": ("mi", "dicom_file_metadata", "sop_instance_id IS DISTINCT FROM {f4}"),
     "dicom_ingest_log": ("mi", "dicom_ingest_log", "file_path IS DISTINCT FROM {f4_path}"),
@@ -117,20 +148,34 @@ FAILURES = {
 def _poison(conn, folder: Folder, stage: str) -> sql.Composed:
     schema_kind, table, condition = FAILURES[stage]
     schema = MAIN.cdm if schema_kind == "cdm" else MAIN.medical_imaging
-    check = sql.SQL(condition).format(S3=sql.Literal(folder.series["S3"]), f4=sql.Literal(folder.sop["f4"]),
-                                      f4_path=sql.Literal(folder.path["f4"]))
-    conn.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT test_poison CHECK ({})").format(
-        sql.Identifier(schema, table), check))
-    return sql.SQL("ALTER TABLE {} DROP CONSTRAINT test_poison").format(sql.Identifier(schema, table))
+    check = sql.SQL(condition).format(
+        S3=sql.Literal(folder.series["S3"]),
+        f4=sql.Literal(folder.sop["f4"]),
+        f4_path=sql.Literal(folder.path["f4"]),
+    )
+    conn.execute(
+        sql.SQL("ALTER TABLE {} ADD CONSTRAINT test_poison CHECK ({})").format(
+            sql.Identifier(schema, table), check
+        )
+    )
+    return sql.SQL("ALTER TABLE {} DROP CONSTRAINT test_poison").format(
+        sql.Identifier(schema, table)
+    )
 
 
 # --------------------------------------------------------------------------
 # Tests
 # --------------------------------------------------------------------------
-@pytest.mark.parametrize("stage,workers", [
-    ("procedure_occurrence", 1), ("image_occurrence", 1), ("dicom_file_metadata", 1), ("dicom_ingest_log", 1),
-    ("dicom_file_metadata", 2),
-])
+@pytest.mark.parametrize(
+    "stage,workers",
+    [
+        ("procedure_occurrence", 1),
+        ("image_occurrence", 1),
+        ("dicom_file_metadata", 1),
+        ("dicom_ingest_log", 1),
+        ("dicom_file_metadata", 2),
+    ],
+)
 def test_failing_batch_leaves_whole_batches_and_rerun_completes(db, tmp_path, stage, workers):
     folder = Folder(tmp_path / "dicom")
     _setup(db, MAIN)
@@ -146,24 +191,43 @@ def test_failing_batch_leaves_whole_batches_and_rerun_completes(db, tmp_path, st
     ledger = dict(db.execute(f"SELECT file_path, status FROM {mi}.dicom_ingest_log").fetchall())
     assert ledger == {folder.path[n]: "ingested" for n in folder.batch1}
     for name in folder.batch1:
-        assert scalar(db, f"SELECT count(*) FROM {mi}.dicom_file_metadata WHERE sop_instance_id = %s",
-                      [folder.sop[name]]) == expected_metadata_rows(Path(folder.path[name]))
+        assert scalar(
+            db,
+            f"SELECT count(*) FROM {mi}.dicom_file_metadata WHERE sop_instance_id = %s",
+            [folder.sop[name]],
+        ) == expected_metadata_rows(Path(folder.path[name]))
     series = {r[0] for r in db.execute(f"SELECT image_series_uid FROM {mi}.image_occurrence")}
     assert series == {folder.series["S1"], folder.series["S2"]}
     assert scalar(db, "SELECT count(*) FROM cdmdefault.procedure_occurrence") == 1
     assert scalar(db, f"SELECT count(*) FROM {mi}.dicom_file_metadata") == sum(
-        expected_metadata_rows(Path(folder.path[n])) for n in folder.batch1)
+        expected_metadata_rows(Path(folder.path[n])) for n in folder.batch1
+    )
     # Batch 2: nothing at all, not even the dictionary entry of its new private tag.
-    assert scalar(db, f"SELECT count(*) FROM {mi}.dicom_file_metadata WHERE sop_instance_id = ANY(%s)",
-                  [[folder.sop[n] for n in folder.batch2]]) == 0
-    assert scalar(db, f"SELECT count(*) FROM {mi}.dicom_data_element WHERE data_element_tag = %s",
-                  [NEW_PRIVATE_TAG_TEXT]) == 0
+    assert (
+        scalar(
+            db,
+            f"SELECT count(*) FROM {mi}.dicom_file_metadata WHERE sop_instance_id = ANY(%s)",
+            [[folder.sop[n] for n in folder.batch2]],
+        )
+        == 0
+    )
+    assert (
+        scalar(
+            db,
+            f"SELECT count(*) FROM {mi}.dicom_data_element WHERE data_element_tag = %s",
+            [NEW_PRIVATE_TAG_TEXT],
+        )
+        == 0
+    )
     assert_ids_consistent(db, MAIN)
 
     # Fix the cause, run again: the same rows as one clean run (done here in other schemas).
     db.execute(fix)
     report = _run(db, MAIN, folder.root, workers=workers, run_id="rerun")
-    assert (report.files_already_done, report.status_counts["ingested"]) == (len(folder.batch1), len(folder.batch2))
+    assert (report.files_already_done, report.status_counts["ingested"]) == (
+        len(folder.batch1),
+        len(folder.batch2),
+    )
     clean_report = _run(db, CLEAN, folder.root, workers=1, run_id="clean")
     assert clean_report.status_counts["ingested"] == 6
 
@@ -171,16 +235,35 @@ def test_failing_batch_leaves_whole_batches_and_rerun_completes(db, tmp_path, st
     main, clean = table_content(db, MAIN), table_content(db, CLEAN)
     for part in main:
         assert main[part] == clean[part], f"{part} differs from a clean run"
-    assert len(main["ledger"]) == 6 and len(main["image_occurrence"]) == 3 and len(main["procedure_occurrence"]) == 2
-    assert scalar(db, f"SELECT count(*) FROM {mi}.dicom_data_element WHERE data_element_tag = %s",
-                  [NEW_PRIVATE_TAG_TEXT]) == 1
+    assert (
+        len(main["ledger"]) == 6
+        and len(main["image_occurrence"]) == 3
+        and len(main["procedure_occurrence"]) == 2
+    )
+    assert (
+        scalar(
+            db,
+            f"SELECT count(*) FROM {mi}.dicom_data_element WHERE data_element_tag = %s",
+            [NEW_PRIVATE_TAG_TEXT],
+        )
+        == 1
+    )
     assert_ids_consistent(db, MAIN)
     assert_ids_consistent(db, CLEAN)
     # Ids of the re-run come after every id ever handed out, never reused.
-    first_batch_max = scalar(db, f"SELECT max(metadata_id) FROM {mi}.dicom_file_metadata WHERE sop_instance_id"
-                                 " = ANY(%s)", [[folder.sop[n] for n in folder.batch1]])
-    assert scalar(db, f"SELECT min(metadata_id) FROM {mi}.dicom_file_metadata WHERE sop_instance_id = ANY(%s)",
-                  [[folder.sop[n] for n in folder.batch2]]) > first_batch_max
+    first_batch_max = scalar(
+        db,
+        f"SELECT max(metadata_id) FROM {mi}.dicom_file_metadata WHERE sop_instance_id = ANY(%s)",
+        [[folder.sop[n] for n in folder.batch1]],
+    )
+    assert (
+        scalar(
+            db,
+            f"SELECT min(metadata_id) FROM {mi}.dicom_file_metadata WHERE sop_instance_id = ANY(%s)",
+            [[folder.sop[n] for n in folder.batch2]],
+        )
+        > first_batch_max
+    )
 
 
 def test_rerun_after_success_writes_nothing(db, tmp_path):
@@ -189,11 +272,18 @@ def test_rerun_after_success_writes_nothing(db, tmp_path):
     first = _run(db, MAIN, folder.root)
     assert first.status_counts["ingested"] == 6
     before = table_content(db, MAIN)
-    ids = db.execute("SELECT max(metadata_id), count(*) FROM cdmmedicalimaging.dicom_file_metadata").fetchone()
+    ids = db.execute(
+        "SELECT max(metadata_id), count(*) FROM cdmmedicalimaging.dicom_file_metadata"
+    ).fetchone()
     second = _run(db, MAIN, folder.root)
     assert second.files_already_done == 6 and sum(second.status_counts.values()) == 0
     assert table_content(db, MAIN) == before
-    assert db.execute("SELECT max(metadata_id), count(*) FROM cdmmedicalimaging.dicom_file_metadata").fetchone() == ids
+    assert (
+        db.execute(
+            "SELECT max(metadata_id), count(*) FROM cdmmedicalimaging.dicom_file_metadata"
+        ).fetchone()
+        == ids
+    )
 
 
 def test_overlapping_runs_write_what_one_run_writes(database_url, db, tmp_path):
@@ -214,7 +304,7 @@ def test_overlapping_runs_write_what_one_run_writes(database_url, db, tmp_path):
             with psycopg.connect(database_url, autocommit=True) as conn:
                 barrier.wait()
                 _run(conn, MAIN, folder, batch_size=7, run_id=run_id)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(f"run{i}",)) for i in range(2)]

@@ -41,7 +41,9 @@ def test_missing_file_is_downloaded_and_verified(tmp_path, monkeypatch, mirror):
 
 def test_download_with_wrong_content_is_refused(tmp_path, monkeypatch, mirror):
     root, url = mirror
-    (root / files.MAPS_TO.upstream_path).write_text("concept_id_1,concept_id_2,relationship_id\n1,2,Maps to\n")
+    (root / files.MAPS_TO.upstream_path).write_text(
+        "concept_id_1,concept_id_2,relationship_id\n1,2,Maps to\n"
+    )
     monkeypatch.setenv(files.VOCAB_MIRROR_ENV, url)
     target = tmp_path / "vocab"
     with pytest.raises(files.VocabularyFileError) as error:
@@ -51,7 +53,9 @@ def test_download_with_wrong_content_is_refused(tmp_path, monkeypatch, mirror):
 
 
 def test_offline_error_names_the_file_and_both_remedies(tmp_path, monkeypatch):
-    monkeypatch.setenv(files.VOCAB_MIRROR_ENV, "http://127.0.0.1:9/")  # discard port: refused at once
+    monkeypatch.setenv(
+        files.VOCAB_MIRROR_ENV, "http://127.0.0.1:9/"
+    )  # discard port: refused at once
     with pytest.raises(files.VocabularyFileError) as error:
         files.ensure_file(files.CONCEPTS, tmp_path)
     message = str(error.value)
