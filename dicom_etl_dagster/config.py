@@ -5,14 +5,13 @@ each asset also accepts the same options directly (UI launches of single assets)
 field has a default, so a run launched with no config at all runs on the embedded defaults.
 """
 
-import os
 from pathlib import Path
 
 import dagster as dg
 
+from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.core.db.identifiers import Schemas, validate_identifier
 
-FILES_DIR_ENV = "DICOM_ETL_FILES_DIR"
 MISSING_PERSON_CHOICES = ("skip", "use_id_zero")
 
 
@@ -70,8 +69,9 @@ class EtlOptions(dg.Config):
         """The folder to ingest: the option, else DICOM_ETL_FILES_DIR, else pydicom's samples."""
         if self.dicom_files_abs_path:
             return Path(self.dicom_files_abs_path)
-        if os.environ.get(FILES_DIR_ENV):
-            return Path(os.environ[FILES_DIR_ENV])
+        folder = settings.FILES_DIR.value()
+        if folder:
+            return Path(folder)
         import pydicom.data
 
         return Path(pydicom.data.__file__).parent / "test_files"

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 import dagster as dg
 
 from dicom_etl_dagster.assets.imaging import IMAGING_ASSETS
 from dicom_etl_dagster.assets.upload import UPLOAD_ASSETS
 from dicom_etl_dagster.assets.vocabulary import VOCABULARY_ASSETS
+from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.executor import default_executor
 from dicom_etl_dagster.jobs import JOBS
-from dicom_etl_dagster.resources.database import DATABASE_URL_ENV, PostgresResource
+from dicom_etl_dagster.resources.database import PostgresResource
 from dicom_etl_dagster.resources.dicom_server import DicomServerResource
 from dicom_etl_dagster.sensors import new_dicom_files
 
@@ -19,8 +18,8 @@ from dicom_etl_dagster.sensors import new_dicom_files
 def default_database() -> PostgresResource:
     # EnvVar keeps the URL (and its password) out of run config and the UI; without the
     # variable the embedded PostgreSQL is used.
-    if os.environ.get(DATABASE_URL_ENV):
-        return PostgresResource(database_url=dg.EnvVar(DATABASE_URL_ENV))
+    if settings.DATABASE_URL.is_set():
+        return PostgresResource(database_url=dg.EnvVar(settings.DATABASE_URL.name))
     return PostgresResource()
 
 

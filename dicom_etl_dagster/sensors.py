@@ -8,26 +8,15 @@ from pathlib import Path
 
 import dagster as dg
 
-from dicom_etl_dagster.config import FILES_DIR_ENV
+from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.core.ingest.new_files import plan_batches
 from dicom_etl_dagster.jobs import ingest_metadata
-
-SETTLE_SECONDS_ENV = "DICOM_ETL_SENSOR_SETTLE_SECONDS"
-MAX_FILES_PER_RUN_ENV = "DICOM_ETL_SENSOR_MAX_FILES_PER_RUN"
-MAX_RUNS_PER_TICK_ENV = "DICOM_ETL_SENSOR_MAX_RUNS_PER_TICK"
-OPTIONS_FILE_ENV = "DICOM_ETL_SENSOR_OPTIONS"
-
-DEFAULTS = {SETTLE_SECONDS_ENV: 60, MAX_FILES_PER_RUN_ENV: 5000, MAX_RUNS_PER_TICK_ENV: 20}
 
 
 def watched_roots() -> list[str]:
     """DICOM_ETL_FILES_DIR: one folder, or several separated by ':'."""
-    value = os.environ.get(FILES_DIR_ENV, "")
+    value = settings.FILES_DIR.value() or ""
     return [str(Path(p).resolve()) for p in value.split(os.pathsep) if p.strip()]
-
-
-def _setting(name: str) -> int:
-    return int(os.environ.get(name) or DEFAULTS[name])
 
 
 def _root_key(root: str) -> str:
@@ -36,7 +25,7 @@ def _root_key(root: str) -> str:
 
 def _base_options() -> dict:
     """The options every sensor run starts from: DICOM_ETL_SENSOR_OPTIONS (a JSON options document) or defaults."""
-    path = os.environ.get(OPTIONS_FILE_ENV)
+    path = settings.SENSOR_OPTIONS.value()
     if not path:
         return {}
     return dict(json.loads(Path(path).read_text()).get("options", {}))
@@ -49,18 +38,18 @@ def _base_options() -> dict:
     default_status=dg.DefaultSensorStatus.RUNNING
     if watched_roots()
     else dg.DefaultSensorStatus.STOPPED,
-    description=f"Watches {FILES_DIR_ENV} and requests one ingest_metadata run per batch of new or changed files.",
+    description=f"Watches {settings.FILES_DIR.name} and requests one ingest_metadata run per batch of new or changed files.",
 )
 def new_dicom_files(context: dg.SensorEvaluationContext):
     roots = watched_roots()
     if not roots:
         return dg.SkipReason(
-            f"no folder to watch: set {FILES_DIR_ENV} (several folders separated by ':')"
+            f"no folder to watch: set {settings.FILES_DIR.name} (several folders separated by ':')"
         )
     cursor = json.loads(context.cursor) if context.cursor else {}
     now_ns = time.time_ns()
-    settle_ns = _setting(SETTLE_SECONDS_ENV) * 1_000_000_000
-    runs_left = _setting(MAX_RUNS_PER_TICK_ENV)
+    settle_ns = settings.SENSOR_SETTLE_SECONDS.as_int() * 1_000_000_000
+    runs_left = settings.SENSOR_MAX_RUNS_PER_TICK.as_int()
     requests, notes = [], []
     for root in roots:
         key = _root_key(root)
@@ -70,7 +59,7 @@ def new_dicom_files(context: dg.SensorEvaluationContext):
             int(cursor.get(key, 0)),
             now_ns,
             settle_ns,
-            _setting(MAX_FILES_PER_RUN_ENV),
+            settings.SENSOR_MAX_FILES_PER_RUN.as_int(),
             runs_left,
         )
         runs_left -= len(plan.batches)

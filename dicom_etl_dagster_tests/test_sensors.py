@@ -11,13 +11,9 @@ import dagster as dg
 import pydicom.data
 import pytest
 
+from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.core.ingest.new_files import plan_batches
-from dicom_etl_dagster.sensors import (
-    MAX_FILES_PER_RUN_ENV,
-    MAX_RUNS_PER_TICK_ENV,
-    SETTLE_SECONDS_ENV,
-    new_dicom_files,
-)
+from dicom_etl_dagster.sensors import new_dicom_files
 from dicom_etl_dagster_tests.conftest import scalar
 from dicom_etl_dagster_tests.helpers import run_job
 
@@ -42,9 +38,9 @@ def watched(tmp_path, monkeypatch):
     folder = tmp_path / "incoming"
     folder.mkdir()
     monkeypatch.setenv("DICOM_ETL_FILES_DIR", str(folder))
-    monkeypatch.setenv(SETTLE_SECONDS_ENV, "0")
-    monkeypatch.setenv(MAX_FILES_PER_RUN_ENV, "3")
-    monkeypatch.setenv(MAX_RUNS_PER_TICK_ENV, "20")
+    monkeypatch.setenv(settings.SENSOR_SETTLE_SECONDS.name, "0")
+    monkeypatch.setenv(settings.SENSOR_MAX_FILES_PER_RUN.name, "3")
+    monkeypatch.setenv(settings.SENSOR_MAX_RUNS_PER_TICK.name, "20")
     return folder
 
 
@@ -91,7 +87,7 @@ def test_ticks_first_no_change_and_new_files(watched):
 
 def test_file_still_being_written_waits_until_it_settles(watched, monkeypatch):
     shutil.copy(_sample("CT_small.dcm"), watched / "done.dcm")
-    monkeypatch.setenv(SETTLE_SECONDS_ENV, "2")
+    monkeypatch.setenv(settings.SENSOR_SETTLE_SECONDS.name, "2")
     time.sleep(2.1)
     with (watched / "growing.dcm").open("wb") as handle:  # half-written: changed just now
         handle.write(Path(_sample("MR_small.dcm")).read_bytes()[:1000])
@@ -107,7 +103,7 @@ def test_file_still_being_written_waits_until_it_settles(watched, monkeypatch):
 
 
 def test_runs_per_tick_are_capped_and_the_rest_comes_next_tick(watched, monkeypatch):
-    monkeypatch.setenv(MAX_RUNS_PER_TICK_ENV, "1")
+    monkeypatch.setenv(settings.SENSOR_MAX_RUNS_PER_TICK.name, "1")
     for name in SAMPLES:
         shutil.copy(_sample(name), watched / name)
         time.sleep(0.002)
@@ -149,9 +145,9 @@ def test_cursor_stays_small_and_a_tick_over_100k_files_is_reported(tmp_path, mon
         for i in range(1000):
             (sub / f"{i:04d}.dcm").write_bytes(b"x")
     monkeypatch.setenv("DICOM_ETL_FILES_DIR", str(folder))
-    monkeypatch.setenv(SETTLE_SECONDS_ENV, "0")
-    monkeypatch.setenv(MAX_FILES_PER_RUN_ENV, "5000")
-    monkeypatch.setenv(MAX_RUNS_PER_TICK_ENV, "10")
+    monkeypatch.setenv(settings.SENSOR_SETTLE_SECONDS.name, "0")
+    monkeypatch.setenv(settings.SENSOR_MAX_FILES_PER_RUN.name, "5000")
+    monkeypatch.setenv(settings.SENSOR_MAX_RUNS_PER_TICK.name, "10")
     started = time.perf_counter()
     result = _tick()
     first_tick = time.perf_counter() - started

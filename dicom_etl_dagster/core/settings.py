@@ -3,8 +3,8 @@
 Each setting has its name, its default and what it means; the README's configuration
 tables are checked against ``SETTINGS`` by a test, so a variable cannot be added without
 being documented. Secrets (the database URL, the server and source passwords) are marked:
-the Dagster layer hands them to resources through ``dg.EnvVar`` (``dagster_env_var``), so
-their values never appear in run config, the UI or logs; nothing here logs a value.
+the Dagster layer hands them to resources through ``dg.EnvVar``, so their values never
+appear in run config, the UI or logs; nothing here logs a value.
 """
 
 from __future__ import annotations

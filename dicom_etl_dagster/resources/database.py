@@ -9,10 +9,8 @@ from pathlib import Path
 import dagster as dg
 import psycopg
 
+from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.core.db.identifiers import Schemas
-
-DATABASE_URL_ENV = "DICOM_ETL_DATABASE_URL"
-EMBEDDED_DATA_DIR_ENV = "DICOM_ETL_EMBEDDED_PGDATA"
 
 _PASSWORD_IN_URL = re.compile(r"(://[^:/@]*:)[^@]*@")
 
@@ -79,7 +77,7 @@ class PostgresResource(dg.ConfigurableResource):
     def embedded_dir(self) -> Path:
         return Path(
             self.embedded_data_dir
-            or os.environ.get(EMBEDDED_DATA_DIR_ENV)
+            or settings.EMBEDDED_PGDATA.value()
             or default_embedded_data_dir()
         )
 
@@ -90,7 +88,7 @@ class PostgresResource(dg.ConfigurableResource):
         """Where the data goes, safe to log: the redacted URL or the embedded data folder."""
         if self.database_url:
             return redact_url(self.database_url)
-        return f"embedded PostgreSQL with data folder {self.embedded_dir()} (set {DATABASE_URL_ENV} to use your own)"
+        return f"embedded PostgreSQL with data folder {self.embedded_dir()} (set {settings.DATABASE_URL.name} to use your own)"
 
     def connect(self) -> psycopg.Connection:
         try:

@@ -7,19 +7,14 @@ secrets through ``dg.EnvVar``; ``client()`` returns a plain HTTP client
 
 from __future__ import annotations
 
-import os
 from urllib.parse import urlsplit
 
 import dagster as dg
 from pydantic import Field
 
+from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.core.upload.clients import (
-    DICOMWEB_URL_ENV,
     KINDS,
-    SERVER_KIND_ENV,
-    SERVER_PASSWORD_ENV,
-    SERVER_URL_ENV,
-    SERVER_USER_ENV,
     DicomServerConfigError,
     DicomWebClient,
     OrthancClient,
@@ -59,19 +54,19 @@ class DicomServerResource(dg.ConfigurableResource):
     def from_environment(cls) -> DicomServerResource:
         """The server named by the environment; each set variable wired through dg.EnvVar."""
         fields = {
-            "url": SERVER_URL_ENV,
-            "kind": SERVER_KIND_ENV,
-            "dicomweb_url": DICOMWEB_URL_ENV,
-            "username": SERVER_USER_ENV,
-            "password": SERVER_PASSWORD_ENV,
+            "url": settings.DICOM_SERVER_URL,
+            "kind": settings.DICOM_SERVER_KIND,
+            "dicomweb_url": settings.DICOMWEB_URL,
+            "username": settings.DICOM_SERVER_USER,
+            "password": settings.DICOM_SERVER_PASSWORD,
         }
-        return cls(**{name: dg.EnvVar(env) for name, env in fields.items() if os.environ.get(env)})
+        return cls(**{name: dg.EnvVar(s.name) for name, s in fields.items() if s.is_set()})
 
     def _kind(self) -> str:
         kind = (self.kind or "orthanc").strip().lower()
         if kind not in KINDS:
             raise DicomServerConfigError(
-                f"{SERVER_KIND_ENV} (kind) must be one of {', '.join(KINDS)}, not {self.kind!r}"
+                f"{settings.DICOM_SERVER_KIND.name} (kind) must be one of {', '.join(KINDS)}, not {self.kind!r}"
             )
         return kind
 
@@ -86,9 +81,9 @@ class DicomServerResource(dg.ConfigurableResource):
         raw = (self.dicomweb_url or self.url) if kind == "dicomweb" else self.url
         if not raw:
             needed = (
-                f"{DICOMWEB_URL_ENV} (the DICOMweb root)"
+                f"{settings.DICOMWEB_URL.name} (the DICOMweb root)"
                 if kind == "dicomweb"
-                else f"{SERVER_URL_ENV} (for example http://orthanc:8042)"
+                else f"{settings.DICOM_SERVER_URL.name} (for example http://orthanc:8042)"
             )
             raise DicomServerConfigError(f"no DICOM server configured for uploads: set {needed}")
         url, user, password = split_credentials(raw)

@@ -16,19 +16,13 @@ import dagster as dg
 import psycopg
 import pytest
 
+from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.core.upload.uploader import StoredInstance, upload_pending
 from dicom_etl_dagster.definitions import build_definitions
 from dicom_etl_dagster.resources import dicom_server as dicom_server_module
 from dicom_etl_dagster.resources.database import PostgresResource
-from dicom_etl_dagster.resources.dicom_server import (
-    DICOMWEB_URL_ENV,
-    SERVER_KIND_ENV,
-    SERVER_PASSWORD_ENV,
-    SERVER_URL_ENV,
-    SERVER_USER_ENV,
-    DicomServerResource,
-)
+from dicom_etl_dagster.resources.dicom_server import DicomServerResource
 from dicom_etl_dagster_tests.conftest import REPO_ROOT, scalar
 from dicom_etl_dagster_tests.helpers import options
 from dicom_etl_dagster_tests.orthanc import ORTHANC_PASSWORD, ORTHANC_USER, write_sample_folder
@@ -36,11 +30,11 @@ from dicom_etl_dagster_tests.test_cli import DAGSTER, dagster_job_execute
 
 MI = "cdmmedicalimaging"
 SERVER_ENVS = (
-    SERVER_URL_ENV,
-    SERVER_KIND_ENV,
-    DICOMWEB_URL_ENV,
-    SERVER_USER_ENV,
-    SERVER_PASSWORD_ENV,
+    settings.DICOM_SERVER_URL.name,
+    settings.DICOM_SERVER_KIND.name,
+    settings.DICOMWEB_URL.name,
+    settings.DICOM_SERVER_USER.name,
+    settings.DICOM_SERVER_PASSWORD.name,
 )
 FAST = dict(retries=1, backoff_seconds=0.05, connect_timeout_seconds=2.0, read_timeout_seconds=30.0)
 UPLOAD_KEY = dg.AssetKey("file_upload_metadata")
@@ -320,9 +314,9 @@ def _run_text(instance, result) -> str:
 def test_credentials_never_appear_in_logs_or_metadata(
     orthanc_with_auth, database_url, db, folder, monkeypatch, capfd
 ):
-    monkeypatch.setenv(SERVER_URL_ENV, orthanc_with_auth.url)
-    monkeypatch.setenv(SERVER_USER_ENV, ORTHANC_USER)
-    monkeypatch.setenv(SERVER_PASSWORD_ENV, ORTHANC_PASSWORD)
+    monkeypatch.setenv(settings.DICOM_SERVER_URL.name, orthanc_with_auth.url)
+    monkeypatch.setenv(settings.DICOM_SERVER_USER.name, ORTHANC_USER)
+    monkeypatch.setenv(settings.DICOM_SERVER_PASSWORD.name, ORTHANC_PASSWORD)
     with dg.DagsterInstance.ephemeral() as instance:
         result = run_ingest(
             database_url, None, folder, instance=instance, upload_files=True
@@ -338,7 +332,7 @@ def test_credentials_never_appear_in_logs_or_metadata(
 
         # A wrong password: a clear failure, and neither password anywhere.
         wrong = "wrong-pw-Q4v9-secret"
-        monkeypatch.setenv(SERVER_PASSWORD_ENV, wrong)
+        monkeypatch.setenv(settings.DICOM_SERVER_PASSWORD.name, wrong)
         db.execute(f"DELETE FROM {MI}.file_upload_metadata")
         refused = run_ingest(database_url, None, folder, instance=instance, upload_files=True)
         assert not refused.success
@@ -473,9 +467,9 @@ def test_cli_upload_with_original_options_and_asset_alone(
     env = {
         "DICOM_ETL_DATABASE_URL": database_url,
         "DICOM_ETL_VOCAB_DIR": os.environ["DICOM_ETL_VOCAB_DIR"],
-        SERVER_URL_ENV: orthanc_with_auth.url,
-        SERVER_USER_ENV: ORTHANC_USER,
-        SERVER_PASSWORD_ENV: ORTHANC_PASSWORD,
+        settings.DICOM_SERVER_URL.name: orthanc_with_auth.url,
+        settings.DICOM_SERVER_USER.name: ORTHANC_USER,
+        settings.DICOM_SERVER_PASSWORD.name: ORTHANC_PASSWORD,
     }
     document = options(dicom_files_abs_path=str(folder), upload_files=True, parse_workers=1)
     # Half of the files first, through the contract command with the original options document

@@ -11,13 +11,9 @@ import dagster as dg
 import pytest
 import requests
 
+from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.core.upload.uploader import FileRejectedError, ServerUnavailableError
 from dicom_etl_dagster.resources.dicom_server import (
-    DICOMWEB_URL_ENV,
-    SERVER_KIND_ENV,
-    SERVER_PASSWORD_ENV,
-    SERVER_URL_ENV,
-    SERVER_USER_ENV,
     DicomServerConfigError,
     DicomServerResource,
     split_credentials,
@@ -223,21 +219,24 @@ def test_dicomweb_root_is_found_on_orthanc_with_the_plugin_only(orthanc, tmp_pat
 
 def test_from_environment_wires_every_variable_through_envvar(monkeypatch):
     for name in (
-        SERVER_URL_ENV,
-        SERVER_KIND_ENV,
-        DICOMWEB_URL_ENV,
-        SERVER_USER_ENV,
-        SERVER_PASSWORD_ENV,
+        settings.DICOM_SERVER_URL.name,
+        settings.DICOM_SERVER_KIND.name,
+        settings.DICOMWEB_URL.name,
+        settings.DICOM_SERVER_USER.name,
+        settings.DICOM_SERVER_PASSWORD.name,
     ):
         monkeypatch.delenv(name, raising=False)
     assert DicomServerResource.from_environment() == DicomServerResource()
     assert not DicomServerResource.from_environment().is_configured()
 
-    monkeypatch.setenv(SERVER_URL_ENV, "http://orthanc:8042")
-    monkeypatch.setenv(SERVER_PASSWORD_ENV, "env-secret-93")
+    monkeypatch.setenv(settings.DICOM_SERVER_URL.name, "http://orthanc:8042")
+    monkeypatch.setenv(settings.DICOM_SERVER_PASSWORD.name, "env-secret-93")
     resource = DicomServerResource.from_environment()
     # An EnvVar holds the variable's name; Dagster resolves it only when the run starts.
-    assert isinstance(resource.password, dg.EnvVar) and resource.password == SERVER_PASSWORD_ENV
+    assert (
+        isinstance(resource.password, dg.EnvVar)
+        and resource.password == settings.DICOM_SERVER_PASSWORD.name
+    )
     assert isinstance(resource.url, dg.EnvVar)
     assert resource.username is None
 
@@ -245,8 +244,8 @@ def test_from_environment_wires_every_variable_through_envvar(monkeypatch):
 @pytest.mark.parametrize(
     "settings, expected",
     [
-        ({}, f"set {SERVER_URL_ENV}"),
-        ({"kind": "dicomweb"}, f"set {DICOMWEB_URL_ENV}"),
+        ({}, f"set {settings.DICOM_SERVER_URL.name}"),
+        ({"kind": "dicomweb"}, f"set {settings.DICOMWEB_URL.name}"),
         ({"kind": "pacs", "url": "http://x"}, "must be one of orthanc, dicomweb"),
         ({"url": "ftp://x"}, "is not an http(s) URL"),
     ],

@@ -27,17 +27,13 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import requests
 
+from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.core.upload.uploader import (
     FileRejectedError,
     ServerUnavailableError,
     StoredInstance,
 )
 
-SERVER_URL_ENV = "DICOM_ETL_DICOM_SERVER_URL"
-SERVER_KIND_ENV = "DICOM_ETL_DICOM_SERVER_KIND"
-DICOMWEB_URL_ENV = "DICOM_ETL_DICOMWEB_URL"
-SERVER_USER_ENV = "DICOM_ETL_DICOM_SERVER_USER"
-SERVER_PASSWORD_ENV = "DICOM_ETL_DICOM_SERVER_PASSWORD"
 KINDS = ("orthanc", "dicomweb")
 #: Where Orthanc's DICOMweb plugin serves its root by default.
 ORTHANC_DICOMWEB_PATH = "/dicom-web"
@@ -215,14 +211,14 @@ class _HttpClient:
                 raise ServerUnavailableError(
                     self._scrub(
                         f"DICOM server {self.server_url} refused the credentials (HTTP {status}) while sending {what}: "
-                        f"check {SERVER_USER_ENV} / {SERVER_PASSWORD_ENV}"
+                        f"check {settings.DICOM_SERVER_USER.name} / {settings.DICOM_SERVER_PASSWORD.name}"
                     )
                 )
             if status in (404, 405):
                 raise ServerUnavailableError(
                     self._scrub(
                         f"{shown} answered HTTP {status} while sending {what}: is the {self.kind} server URL right "
-                        f"({SERVER_URL_ENV}{' / ' + DICOMWEB_URL_ENV if self.kind == 'dicomweb' else ''})?"
+                        f"({settings.DICOM_SERVER_URL.name}{' / ' + settings.DICOMWEB_URL.name if self.kind == 'dicomweb' else ''})?"
                     )
                 )
             if status >= 400:

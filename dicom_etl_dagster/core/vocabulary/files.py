@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
+
+from dicom_etl_dagster.core import settings
 
 UPSTREAM_REPOSITORY = "paulnagy/DICOM2OMOP"
 UPSTREAM_COMMIT = "56be2b80c9ba2c9b8f19dc36a8ab5919aed6fb88"
 #: What gets recorded as the vocabulary version (vocabulary.vocabulary_version, asset metadata).
 SOURCE_VERSION = f"DICOM2OMOP@{UPSTREAM_COMMIT[:12]}"
 
-VOCAB_DIR_ENV = "DICOM_ETL_VOCAB_DIR"
 #: Base URL of a mirror holding the upstream layout at the pinned commit (firewalled sites).
-VOCAB_MIRROR_ENV = "DICOM_ETL_VOCAB_MIRROR_URL"
 UPSTREAM_BASE_URL = f"https://raw.githubusercontent.com/{UPSTREAM_REPOSITORY}/{UPSTREAM_COMMIT}/"
 DEFAULT_VOCAB_DIR = Path(__file__).resolve().parents[3] / "external"
 
@@ -34,7 +33,7 @@ class VocabularyFile:
 
     @property
     def url(self) -> str:
-        base = os.environ.get(VOCAB_MIRROR_ENV) or UPSTREAM_BASE_URL
+        base = settings.VOCAB_MIRROR_URL.value() or UPSTREAM_BASE_URL
         return base.rstrip("/") + "/" + quote(self.upstream_path)
 
 
@@ -69,7 +68,7 @@ class VocabularyFileError(Exception):
 
 
 def vocab_dir() -> Path:
-    configured = os.environ.get(VOCAB_DIR_ENV)
+    configured = settings.VOCAB_DIR.value()
     return Path(configured).expanduser() if configured else DEFAULT_VOCAB_DIR
 
 
@@ -104,7 +103,7 @@ def ensure_file(spec: VocabularyFile, folder: Path | None = None) -> Path:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise VocabularyFileError(
             f"vocabulary file {spec.name} is missing from {folder} and could not be downloaded "
-            f"from {spec.url} ({reason}). Provide it either by setting {VOCAB_DIR_ENV} to a folder "
+            f"from {spec.url} ({reason}). Provide it either by setting {settings.VOCAB_DIR.name} to a folder "
             f"that holds it, or by copying it into {folder} (sha256 {spec.sha256})."
         ) from None
     return Path(fetched)

@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.core.vocabulary import files
 
 
@@ -30,7 +31,7 @@ def mirror(tmp_path, vocab_dir):
 
 def test_missing_file_is_downloaded_and_verified(tmp_path, monkeypatch, mirror):
     _, url = mirror
-    monkeypatch.setenv(files.VOCAB_MIRROR_ENV, url)
+    monkeypatch.setenv(settings.VOCAB_MIRROR_URL.name, url)
     target = tmp_path / "vocab"
     rows = files.read_rows(files.DATA_ELEMENTS, target)
     assert len(rows) == 5190
@@ -44,7 +45,7 @@ def test_download_with_wrong_content_is_refused(tmp_path, monkeypatch, mirror):
     (root / files.MAPS_TO.upstream_path).write_text(
         "concept_id_1,concept_id_2,relationship_id\n1,2,Maps to\n"
     )
-    monkeypatch.setenv(files.VOCAB_MIRROR_ENV, url)
+    monkeypatch.setenv(settings.VOCAB_MIRROR_URL.name, url)
     target = tmp_path / "vocab"
     with pytest.raises(files.VocabularyFileError) as error:
         files.ensure_file(files.MAPS_TO, target)
@@ -54,14 +55,14 @@ def test_download_with_wrong_content_is_refused(tmp_path, monkeypatch, mirror):
 
 def test_offline_error_names_the_file_and_both_remedies(tmp_path, monkeypatch):
     monkeypatch.setenv(
-        files.VOCAB_MIRROR_ENV, "http://127.0.0.1:9/"
+        settings.VOCAB_MIRROR_URL.name, "http://127.0.0.1:9/"
     )  # discard port: refused at once
     with pytest.raises(files.VocabularyFileError) as error:
         files.ensure_file(files.CONCEPTS, tmp_path)
     message = str(error.value)
     assert "\n" not in message
     assert "omop_table_staging_v5.csv is missing from" in message
-    assert files.VOCAB_DIR_ENV in message and f"copying it into {tmp_path}" in message
+    assert settings.VOCAB_DIR.name in message and f"copying it into {tmp_path}" in message
 
 
 def test_present_but_modified_file_is_refused(tmp_path, vocab_dir):
