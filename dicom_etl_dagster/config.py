@@ -11,6 +11,7 @@ import dagster as dg
 
 from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.core.db.identifiers import Schemas, validate_identifier
+from dicom_etl_dagster.core.errors import OptionsError
 
 MISSING_PERSON_CHOICES = ("skip", "use_id_zero")
 
@@ -58,10 +59,9 @@ class EtlOptions(dg.Config):
     def missing_person_policy(self) -> str:
         policy = (self.missing_person_id_options or "").strip().lower()
         if policy not in MISSING_PERSON_CHOICES:
-            raise dg.Failure(
-                description=f"missing_person_id_options must be one of {', '.join(MISSING_PERSON_CHOICES)} "
-                f"(any case), not {self.missing_person_id_options!r}",
-                allow_retries=False,
+            raise OptionsError(
+                f"missing_person_id_options must be one of {', '.join(MISSING_PERSON_CHOICES)} "
+                f"(any case), not {self.missing_person_id_options!r}"
             )
         return policy
 

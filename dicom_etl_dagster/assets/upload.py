@@ -9,11 +9,12 @@ file_upload_metadata" uploads.
 """
 
 import dagster as dg
-from psycopg import sql
 
-from dicom_etl_dagster.assets.common import database_session, markdown_table
+from dicom_etl_dagster.assets.common import dagster_failures, database_session, markdown_table
 from dicom_etl_dagster.assets.table_schemas import column_schema
 from dicom_etl_dagster.config import EtlOptions
+from dicom_etl_dagster.core.errors import DicomEtlError
+from dicom_etl_dagster.core.upload.records import newest_wadors_uri
 from dicom_etl_dagster.core.upload.uploader import UploadReport, upload_pending
 from dicom_etl_dagster.resources.database import PostgresResource
 from dicom_etl_dagster.resources.dicom_server import DicomServerConfigError, DicomServerResource
@@ -39,17 +40,6 @@ def _should_upload(context: dg.AssetExecutionContext, config: UploadOptions) -> 
             "upload_files not set and the ingest runs in this run; set upload_files: true to upload",
         )
     return True, "launched on its own"
-
-
-def _sample_wadors_uri(conn, schemas) -> dict:
-    # The newest series that has one (a backward walk of the primary key, not a scan).
-    row = conn.execute(
-        sql.SQL(
-            "SELECT wadors_uri FROM {} WHERE wadors_uri IS NOT NULL"
-            " ORDER BY image_occurrence_id DESC LIMIT 1"
-        ).format(sql.Identifier(schemas.medical_imaging, "image_occurrence"))
-    ).fetchone()
-    return {"sample_wadors_uri": dg.MetadataValue.url(row[0])} if row else {}
 
 
 def _metadata(report: UploadReport, server: str, links: dict | None = None) -> dict:
@@ -99,44 +89,62 @@ def file_upload_metadata(
             asset_key="file_upload_metadata", metadata={"status": f"skipped ({why})"}
         )
         return
-    try:
-        server = dicom_server.describe()
-        client = dicom_server.client()
-    except DicomServerConfigError as exc:
-        raise dg.Failure(description=f"upload_files: {exc}", allow_retries=False) from None
+    with dagster_failures():
+        try:
+            server = dicom_server.describe()
+            client = dicom_server.client()
+        except DicomServerConfigError as exc:
+            raise DicomServerConfigError(f"upload_files: {exc}") from None
 
-    with database_session(context, config, database) as (conn, schemas), client:
-        context.log.info(f"Uploading ingested files to {server} ({why})")
-        report = upload_pending(
-            conn,
-            schemas,
-            client,
-            run_id=context.run.run_id,
-            task_run_id=f"{context.run.run_id}:{context.op_execution_context.op.name}",
-            concurrency=dicom_server.max_concurrent_uploads,
-            log=context.log.info,
-        )
-        links = _sample_wadors_uri(conn, schemas)
+        with database_session(context, config, database) as (conn, tables), client:
+            context.log.info(f"Uploading ingested files to {server} ({why})")
+            report = upload_pending(
+                conn,
+                tables.schemas,
+                client,
+                run_id=context.run.run_id,
+                task_run_id=f"{context.run.run_id}:{context.op_execution_context.op.name}",
+                concurrency=dicom_server.max_concurrent_uploads,
+                log=context.log.info,
+            )
+            sample_uri = newest_wadors_uri(conn, tables)
 
-    context.log.info(
-        f"{report.uploaded} file(s) uploaded, {report.already_present} already on the server, {report.failed} "
-        f"failed, {report.already_recorded} recorded before; {report.bytes_sent} bytes, "
-        f"{report.files_per_second()} files/s"
-    )
-    if report.aborted:
-        raise dg.Failure(
-            description=f"{report.aborted}. {report.recorded} file(s) uploaded and recorded before it stopped, "
-            f"{report.not_attempted} not uploaded; run again when the server is back to upload exactly those.",
-            metadata=_metadata(report, server),
+        context.log.info(
+            f"{report.uploaded} file(s) uploaded, {report.already_present} already on the server, "
+            f"{report.failed} failed, {report.already_recorded} recorded before; "
+            f"{report.bytes_sent} bytes, {report.files_per_second()} files/s"
         )
-    yield dg.MaterializeResult(metadata=_metadata(report, server, links))
-    if report.failed:
+        if report.aborted:
+            raise UploadsStopped(report, _metadata(report, server))
+        links = {"sample_wadors_uri": dg.MetadataValue.url(sample_uri)} if sample_uri else {}
+        yield dg.MaterializeResult(metadata=_metadata(report, server, links))
+        if report.failed:
+            raise FilesRejected(report)
+
+
+class UploadsStopped(DicomEtlError):
+    """The server became unavailable mid-run; a later run (or a retry) uploads the rest."""
+
+    retryable = True
+
+    def __init__(self, report: UploadReport, metadata: dict) -> None:
+        super().__init__(
+            f"{report.aborted}. {report.recorded} file(s) uploaded and recorded before it "
+            f"stopped, {report.not_attempted} not uploaded; run again when the server is back "
+            "to upload exactly those.",
+            metadata=metadata,
+        )
+
+
+class FilesRejected(DicomEtlError):
+    """The server refused some files; the others were uploaded."""
+
+    def __init__(self, report: UploadReport) -> None:
         first = "; ".join(reason for _, reason in report.failures[:3])
-        raise dg.Failure(
-            description=f"{report.failed} file(s) were rejected by the DICOM server (the others were uploaded): "
-            f"{first}. Fix or remove those files and run again to upload them.",
+        super().__init__(
+            f"{report.failed} file(s) were rejected by the DICOM server (the others were "
+            f"uploaded): {first}. Fix or remove those files and run again to upload them.",
             metadata={"files_failed": report.failed},
-            allow_retries=False,
         )
 
 

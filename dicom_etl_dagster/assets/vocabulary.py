@@ -1,11 +1,11 @@
 """Vocabulary assets: the DICOM2OMOP rows in OMOP vocabulary tables and the data dictionary."""
 
 import dagster as dg
-from psycopg import sql
 
-from dicom_etl_dagster.assets.common import clear_failures, database_session
+from dicom_etl_dagster.assets.common import dagster_failures, database_session
 from dicom_etl_dagster.assets.table_schemas import column_schema
 from dicom_etl_dagster.config import EtlOptions
+from dicom_etl_dagster.core.db.tables import Tables, row_count
 from dicom_etl_dagster.core.vocabulary import loader
 from dicom_etl_dagster.resources.database import PostgresResource
 
@@ -19,14 +19,15 @@ _DESCRIPTIONS = {
 }
 
 
-def _row_count(conn, schema: str, table: str) -> dict:
-    # Only the small tables: an Athena concept / concept_relationship has millions of rows.
-    if table not in ("vocabulary", "concept_class", "dicom_data_element"):
-        return {}
-    count = conn.execute(
-        sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))
-    ).fetchone()[0]
-    return {"dagster/row_count": count}
+#: Only the small tables are counted: an Athena concept / concept_relationship has millions of rows.
+_COUNTED_TABLES = ("vocabulary", "concept_class", "dicom_data_element")
+
+
+def _materialization(conn, tables: Tables, result: loader.LoadResult) -> dg.MaterializeResult:
+    metadata: dict = {"table": tables.qualified(result.table), **result.as_metadata()}
+    if result.table in _COUNTED_TABLES:
+        metadata["dagster/row_count"] = row_count(conn, tables[result.table])
+    return dg.MaterializeResult(metadata=metadata)
 
 
 def _vocabulary_table_asset(spec: loader.TableSpec, deps: list[str]) -> dg.AssetsDefinition:
@@ -40,16 +41,13 @@ def _vocabulary_table_asset(spec: loader.TableSpec, deps: list[str]) -> dg.Asset
         metadata=column_schema(spec.table),
     )
     def _asset(context: dg.AssetExecutionContext, config: EtlOptions, database: PostgresResource):
-        with database_session(context, config, database) as (conn, schemas), clear_failures():
-            result = loader.load_table(conn, schemas, spec, truncate=config.to_truncate)
-            row_count = _row_count(conn, schemas.vocab, spec.table)
-        context.log.info(
-            f"{schemas.vocab}.{spec.table}: {result.rows_written} rows written, "
-            f"{result.rows_already_present} already present"
-        )
-        return dg.MaterializeResult(
-            metadata={"table": f"{schemas.vocab}.{spec.table}", **result.as_metadata(), **row_count}
-        )
+        with dagster_failures(), database_session(context, config, database) as (conn, tables):
+            result = loader.load_table(conn, tables.schemas, spec, truncate=config.to_truncate)
+            context.log.info(
+                f"{tables.qualified(spec.table)}: {result.rows_written} rows written, "
+                f"{result.rows_already_present} already present"
+            )
+            return _materialization(conn, tables, result)
 
     return _asset
 
@@ -70,20 +68,13 @@ concept_relationship = _vocabulary_table_asset(loader.CONCEPT_RELATIONSHIP, deps
 def dicom_data_element(
     context: dg.AssetExecutionContext, config: EtlOptions, database: PostgresResource
 ):
-    with database_session(context, config, database) as (conn, schemas), clear_failures():
-        result = loader.load_data_elements(conn, schemas, truncate=config.to_truncate)
-        row_count = _row_count(conn, schemas.medical_imaging, "dicom_data_element")
-    context.log.info(
-        f"{schemas.medical_imaging}.dicom_data_element: {result.rows_written} rows written, "
-        f"{result.rows_already_present} already present, {result.rows_refreshed} refreshed"
-    )
-    return dg.MaterializeResult(
-        metadata={
-            "table": f"{schemas.medical_imaging}.dicom_data_element",
-            **result.as_metadata(),
-            **row_count,
-        }
-    )
+    with dagster_failures(), database_session(context, config, database) as (conn, tables):
+        result = loader.load_data_elements(conn, tables.schemas, truncate=config.to_truncate)
+        context.log.info(
+            f"{tables.qualified('dicom_data_element')}: {result.rows_written} rows written, "
+            f"{result.rows_already_present} already present, {result.rows_refreshed} refreshed"
+        )
+        return _materialization(conn, tables, result)
 
 
 VOCABULARY_ASSETS = [vocabulary, concept_class, concept, concept_relationship, dicom_data_element]

@@ -14,6 +14,10 @@ from typing import Any
 class DicomEtlError(Exception):
     """An error with a one-line, PHI-free, secret-free message; optional metadata for the UI."""
 
+    #: Whether running the same step again may succeed (a server that comes back); most
+    #: errors are about configuration or data, which a retry would meet again.
+    retryable = False
+
     def __init__(self, message: str, *, metadata: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.metadata = metadata or {}

@@ -2,61 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 
 import dagster as dg
 import psycopg
 
 from dicom_etl_dagster.core import settings
+from dicom_etl_dagster.core.db.connection import (
+    connect,
+    default_embedded_data_dir,
+    embedded_database_url,
+    redact_url,
+)
 from dicom_etl_dagster.core.db.identifiers import Schemas
-
-_PASSWORD_IN_URL = re.compile(r"(://[^:/@]*:)[^@]*@")
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ***, safe to log or show."""
-    return _PASSWORD_IN_URL.sub(r"\1***@", url)
-
-
-def default_embedded_data_dir() -> Path:
-    if os.geteuid() == 0:
-        # As root, pgserver runs PostgreSQL as its own user, which must be able to reach the
-        # folder: keep it out of /root (pgserver would otherwise open up its permissions).
-        return Path("/var/lib/dicom_etl_dagster/pgdata")
-    data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return data_home / "dicom_etl_dagster" / "pgdata"
-
-
-class DatabaseUnavailableError(Exception):
-    """PostgreSQL cannot be reached; the message is one line and carries no password."""
-
-
-def embedded_database_url(data_dir: Path) -> str:
-    """Start (or reuse) the embedded PostgreSQL kept in ``data_dir`` and return its URL.
-
-    The server is left running after the process exits (cleanup_mode=None) so later runs
-    and other step processes reuse it instead of paying a start-up each time.
-    """
-    import pgserver
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(data_dir, cleanup_mode=None)
-    return server.get_uri()
-
-
-def connect(url: str) -> psycopg.Connection:
-    """An autocommit connection; callers open explicit transactions for their batches."""
-    try:
-        return psycopg.connect(
-            url, autocommit=True, connect_timeout=10, application_name="dicom_etl_dagster"
-        )
-    except psycopg.Error as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DatabaseUnavailableError(
-            f"cannot connect to PostgreSQL at {redact_url(url)}: {redact_url(reason)}"
-        ) from None
 
 
 class PostgresResource(dg.ConfigurableResource):
@@ -91,11 +49,8 @@ class PostgresResource(dg.ConfigurableResource):
         return f"embedded PostgreSQL with data folder {self.embedded_dir()} (set {settings.DATABASE_URL.name} to use your own)"
 
     def connect(self) -> psycopg.Connection:
-        try:
-            return connect(self.url())
-        except DatabaseUnavailableError as exc:
-            # A one-line reason for the run's failure, not a stack of driver internals.
-            raise dg.Failure(description=str(exc), allow_retries=False) from None
+        """An autocommit connection; raises DatabaseUnavailableError with a one-line reason."""
+        return connect(self.url())
 
     def schemas(
         self, cdm: str | None = None, vocab: str | None = None, medical_imaging: str | None = None

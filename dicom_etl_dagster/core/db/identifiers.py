@@ -10,10 +10,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from dicom_etl_dagster.core.errors import DicomEtlError
+
 _PLAIN_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
 
 
-class InvalidIdentifierError(ValueError):
+class InvalidIdentifierError(DicomEtlError, ValueError):
     """A configured schema/table/column name is not a plain SQL identifier."""
 
 

@@ -298,6 +298,8 @@ class _FastWalker:
         self.file_size = file_size
         self.buf = fp.read(min(file_size, _WHOLE_FILE_LIMIT))
         self.instance_tags = instance_tags
+        #: Tags whose value the walker itself needs (see ``_note``).
+        self.noted_tags = instance_tags | {_CHARSET_TAG, _TRANSFER_SYNTAX_TAG}
         self.rows: list[ElementRow] = []
         self.next_item = 0
         self.encoding = _CHARSETS[None]
@@ -358,8 +360,7 @@ class _FastWalker:
         meta: bool = False,
     ) -> int:
         """Walk elements from pos to end (or to an item delimiter when end is None); return the end."""
-        buf = self.buf
-        rows = self.rows
+        buf, rows, noted_tags = self.buf, self.rows, self.noted_tags
         explicit = self.explicit or meta
         creators: dict[int, str | None] = {}
         previous_tag = -1
@@ -410,55 +411,22 @@ class _FastWalker:
                 raise NeedsPydicom
             raw = buf[start:pos] if pos <= len(buf) else self._bytes_at(start, length)
             vm, value_json, value = _CONVERTERS[vr](raw, self.encoding)
-            if tag == _CHARSET_TAG:
-                self._set_charset(value, top)
+            if tag in noted_tags:
+                self._note(tag, value, top, meta)
             if group & 1:
                 names = self._private_names(tag, vr, value, creators)
-                rows.append(
-                    ElementRow(
-                        len(rows),
-                        parent_sequence,
-                        parent_item,
-                        *names[:5],
-                        vr,
-                        vm,
-                        value_json,
-                        False,
-                        None,
-                        True,
-                        names[5],
-                    )
-                )
+                row = (*names[:5], vr, vm, value_json, False, None, True, names[5])
+                rows.append(ElementRow(len(rows), parent_sequence, parent_item, *row))
             else:
                 tag_text, group_text, dictionary_tag, keyword, name = _PUBLIC_NAMES.get(
                     tag
                 ) or self._names(tag)
-                rows.append(
-                    _new_row(
-                        ElementRow,
-                        (
-                            len(rows),
-                            parent_sequence,
-                            parent_item,
-                            tag_text,
-                            group_text,
-                            dictionary_tag,
-                            keyword,
-                            name,
-                            vr,
-                            vm,
-                            value_json,
-                            False,
-                            None,
-                            False,
-                            None,
-                        ),
-                    )
-                )
-                if top and tag in self.instance_tags:
-                    self.instance_values[tag] = value
-                if meta and tag == _TRANSFER_SYNTAX_TAG:
-                    self.transfer_syntax = value if isinstance(value, str) else ""
+                # fmt: off
+                rows.append(_new_row(ElementRow, (
+                    len(rows), parent_sequence, parent_item, tag_text, group_text, dictionary_tag,
+                    keyword, name, vr, vm, value_json, False, None, False, None,
+                )))
+                # fmt: on
         if end is None or pos != end:
             raise NeedsPydicom  # ran past the item's end or the file's end without a delimiter
         return pos
@@ -490,6 +458,15 @@ class _FastWalker:
             if creator:
                 name = private_name(tag, creator)
         return tag_text, tag_text[1:5], tag_text, None, name, creator
+
+    def _note(self, tag: int, value: Any, top: bool, meta: bool) -> None:
+        """Keep what reading goes on with: the character set, transfer syntax, instance values."""
+        if tag == _CHARSET_TAG:
+            self._set_charset(value, top)
+        if top and tag in self.instance_tags:
+            self.instance_values[tag] = value
+        if meta and tag == _TRANSFER_SYNTAX_TAG:
+            self.transfer_syntax = value if isinstance(value, str) else ""
 
     def _set_charset(self, value: Any, top: bool) -> None:
         if not top or isinstance(value, list) or value not in _CHARSETS:

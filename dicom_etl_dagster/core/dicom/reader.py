@@ -521,82 +521,16 @@ class _Walker:
         # iteration order); for any valid file it is the order in the file.
         for tag in sorted(ds.keys()):
             raw = ds.get_item(tag, keep_deferred=True)
-            loaded: RawDataElement | None = None
-            if isinstance(raw, RawDataElement):
-                if raw.value is None:
-                    if raw.length != 0:
-                        if tag in PIXEL_DATA_TAGS:
-                            # Never loaded; only make sure it is all there.
-                            if (
-                                raw.length != _UNDEFINED_LENGTH
-                                and raw.value_tell + raw.length > self.source_size
-                            ):
-                                raise DicomReadError(
-                                    f"truncated: pixel data {_fmt_tag(tag)} at offset "
-                                    f"{raw.value_tell} declares {raw.length} bytes but the "
-                                    f"data ends at offset {self.source_size}"
-                                )
-                            continue
-                        loaded = self._load_deferred(raw)
-                elif raw.length != _UNDEFINED_LENGTH and len(raw.value) != raw.length:
-                    # pydicom does not treat a short read as an error.
-                    raise DicomReadError(
-                        f"truncated: element {_fmt_tag(tag)} at offset {raw.value_tell} "
-                        f"declares {raw.length} bytes but only {len(raw.value)} are present"
-                    )
+            loaded = self._checked_raw(tag, raw)
             if tag in PIXEL_DATA_TAGS:
                 continue
-
+            elem, vr, vm, value_json = self._converted(ds, tag, raw, loaded)
             group = tag >> 16
-            element = tag & 0xFFFF
             is_private = bool(group & 1)
-            value_json: str | None = None
-            try:
-                if loaded is not None:
-                    ds[tag] = loaded  # so pydicom converts it without re-opening the file
-                elem = ds[tag]  # converts the raw value (and fixes ambiguous VRs)
-                if elem.VR == "SQ":
-                    vr = "SQ"
-                else:
-                    json_model = elem.to_json_dict(None, _NO_BULK_THRESHOLD)
-                    vr = json_model["vr"]
-                    if "Value" in json_model:
-                        value_json = json.dumps(json_model["Value"], ensure_ascii=False)
-                    elif "InlineBinary" in json_model:
-                        value_json = json.dumps(json_model["InlineBinary"], ensure_ascii=False)
-                vm = str(elem.VM)
-            except DicomReadError:
-                raise
-            except Exception as exc:
-                raise DicomReadError(_decode_reason(tag, raw, exc)) from exc
-
-            # Keyword, name, dictionary tag, private creator.
-            creator: str | None = None
             if is_private:
-                keyword = None
-                name = None
-                dictionary_tag = _fmt_tag(tag)
-                block = element >> 8
-                if 0x0010 <= element <= 0x00FF:
-                    creator = _text(elem.value)
-                    creators[tag] = creator
-                    name = "Private Creator"
-                elif block >= 0x10:
-                    creator_tag = (group << 16) | block
-                    if creator_tag in creators:
-                        creator = creators[creator_tag]
-                    else:
-                        creator = None
-                        if creator_tag in ds:
-                            try:
-                                creator = _text(ds[creator_tag].value)
-                            except Exception:
-                                creator = None
-                        creators[creator_tag] = creator
-                    if creator:
-                        name = _private_name(tag, creator)
+                dictionary_tag, keyword, name, creator = self._private_info(ds, tag, elem, creators)
             else:
-                dictionary_tag, keyword, name = _public_info(tag)
+                (dictionary_tag, keyword, name), creator = _public_info(tag), None
 
             index = len(rows)
             items = elem.value if vr == "SQ" else None
@@ -627,6 +561,86 @@ class _Walker:
                 continue
             if collect_instance_values and tag in _INSTANCE_TAGS:
                 self.instance_values[tag] = elem.value
+
+    def _checked_raw(self, tag: int, raw: Any) -> RawDataElement | None:
+        """The element's value loaded if pydicom deferred it; raises if it is truncated.
+
+        Pixel data is never loaded, only checked to be all there.
+        """
+        if not isinstance(raw, RawDataElement):
+            return None
+        if raw.value is None:
+            if raw.length == 0:
+                return None
+            if tag not in PIXEL_DATA_TAGS:
+                return self._load_deferred(raw)
+            if raw.length != _UNDEFINED_LENGTH and raw.value_tell + raw.length > self.source_size:
+                raise DicomReadError(
+                    f"truncated: pixel data {_fmt_tag(tag)} at offset "
+                    f"{raw.value_tell} declares {raw.length} bytes but the "
+                    f"data ends at offset {self.source_size}"
+                )
+            return None
+        if raw.length != _UNDEFINED_LENGTH and len(raw.value) != raw.length:
+            # pydicom does not treat a short read as an error.
+            raise DicomReadError(
+                f"truncated: element {_fmt_tag(tag)} at offset {raw.value_tell} "
+                f"declares {raw.length} bytes but only {len(raw.value)} are present"
+            )
+        return None
+
+    @staticmethod
+    def _converted(
+        ds: Dataset, tag: int, raw: Any, loaded: RawDataElement | None
+    ) -> tuple[DataElement, str, str, str | None]:
+        """(element, VR, VM, DICOM JSON value) as pydicom converts the element."""
+        value_json: str | None = None
+        try:
+            if loaded is not None:
+                ds[tag] = loaded  # so pydicom converts it without re-opening the file
+            elem = ds[tag]  # converts the raw value (and fixes ambiguous VRs)
+            if elem.VR == "SQ":
+                vr = "SQ"
+            else:
+                json_model = elem.to_json_dict(None, _NO_BULK_THRESHOLD)
+                vr = json_model["vr"]
+                if "Value" in json_model:
+                    value_json = json.dumps(json_model["Value"], ensure_ascii=False)
+                elif "InlineBinary" in json_model:
+                    value_json = json.dumps(json_model["InlineBinary"], ensure_ascii=False)
+            return elem, vr, str(elem.VM), value_json
+        except DicomReadError:
+            raise
+        except Exception as exc:
+            raise DicomReadError(_decode_reason(tag, raw, exc)) from exc
+
+    @staticmethod
+    def _private_info(
+        ds: Dataset, tag: int, elem: DataElement, creators: dict[int, str | None]
+    ) -> tuple[str, None, str | None, str | None]:
+        """(dictionary tag, keyword, name, private creator) of a private element."""
+        group, element = tag >> 16, tag & 0xFFFF
+        block = element >> 8
+        name: str | None = None
+        creator: str | None = None
+        if 0x0010 <= element <= 0x00FF:
+            creator = _text(elem.value)
+            creators[tag] = creator
+            name = "Private Creator"
+        elif block >= 0x10:
+            creator_tag = (group << 16) | block
+            if creator_tag in creators:
+                creator = creators[creator_tag]
+            else:
+                if creator_tag in ds:
+                    try:
+                        creator = _text(ds[creator_tag].value)
+                    except Exception:
+                        creator = None
+                creators[creator_tag] = creator
+            if creator:
+                name = _private_name(tag, creator)
+        return _fmt_tag(tag), None, name, creator
 
 
 # Values can appear inside pydicom/ValueError messages (e.g. "could not

@@ -28,6 +28,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import requests
 
 from dicom_etl_dagster.core import settings
+from dicom_etl_dagster.core.errors import DicomEtlError
 from dicom_etl_dagster.core.upload.uploader import (
     FileRejectedError,
     ServerUnavailableError,
@@ -54,7 +55,7 @@ _STOW_FAILURES = {
 _ERRNO_REASON = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
 
 
-class DicomServerConfigError(Exception):
+class DicomServerConfigError(DicomEtlError):
     """The resource cannot make a client (no URL, unknown kind); the message says what to set."""
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from dicom_etl_dagster.core import settings
+from dicom_etl_dagster.core.errors import DicomEtlError
 
 UPSTREAM_REPOSITORY = "paulnagy/DICOM2OMOP"
 UPSTREAM_COMMIT = "56be2b80c9ba2c9b8f19dc36a8ab5919aed6fb88"
@@ -63,7 +64,7 @@ MANIFEST = (CONCEPTS, MAPS_TO, MAPS_TO_VALUE, DATA_ELEMENTS)
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
 
 
-class VocabularyFileError(Exception):
+class VocabularyFileError(DicomEtlError):
     """A vocabulary file is missing, unreachable or corrupt; the message says how to fix it."""
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from dicom_etl_dagster.core.db.ddl import sequence_name
 from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.db.tables import Tables
 from dicom_etl_dagster.core.vocabulary import files
 
 VALID_START = dt.date(1993, 1, 1)
@@ -261,7 +261,7 @@ def load_table(
 ) -> LoadResult:
     """Synchronise one OMOP vocabulary table with the DICOM2OMOP rows."""
     rows = spec.rows(folder)  # read (and verify) before any transaction is opened
-    target = sql.Identifier(schemas.vocab, spec.table)
+    target = Tables(schemas)[spec.table]
     cols = sql.SQL(", ").join(map(sql.Identifier, spec.columns))
     removed = 0
     with conn.transaction():
@@ -290,7 +290,8 @@ def load_data_elements(
     and tags added by ingest (private or unknown) are kept.
     """
     rows = data_element_rows(folder)
-    target = sql.Identifier(schemas.medical_imaging, "dicom_data_element")
+    tables = Tables(schemas)
+    target = tables["dicom_data_element"]
     cols = sql.SQL(", ").join(map(sql.Identifier, _DATA_ELEMENT_COLUMNS))
     refreshed = 0
     with conn.transaction():
@@ -325,9 +326,7 @@ def load_data_elements(
             ).format(
                 target=target,
                 cols=cols,
-                seq=sql.Literal(
-                    sequence_name(schemas, "dicom_etl_data_element_id_seq").as_string(conn)
-                ),
+                seq=sql.Literal(tables.sequence_text("dicom_etl_data_element_id_seq", conn)),
             )
         ).rowcount
     return LoadResult(

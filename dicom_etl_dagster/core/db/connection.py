@@ -1,0 +1,74 @@
+"""Connections to the target PostgreSQL: a URL, or the embedded server started on demand.
+
+No Dagster here: the resource (``resources.database``) only chooses between the two. Every
+message that can reach a log names the server with its password replaced by ``***``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import psycopg
+
+from dicom_etl_dagster.core.errors import DicomEtlError
+
+_PASSWORD_IN_URL = re.compile(r"(://[^:/@]*:)[^@]*@")
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***, safe to log or show."""
+    return _PASSWORD_IN_URL.sub(r"\1***@", url)
+
+
+def default_embedded_data_dir() -> Path:
+    if os.geteuid() == 0:
+        # As root, pgserver runs PostgreSQL as its own user, which must be able to reach the
+        # folder: keep it out of /root (pgserver would otherwise open up its permissions).
+        return Path("/var/lib/dicom_etl_dagster/pgdata")
+    data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return data_home / "dicom_etl_dagster" / "pgdata"
+
+
+class DatabaseUnavailableError(DicomEtlError):
+    """PostgreSQL cannot be reached; the message is one line and carries no password."""
+
+
+class DatabaseConnectionLost(DicomEtlError):
+    """The server went away mid-run (restart, failover, network)."""
+
+
+def connection_lost(exc: psycopg.OperationalError, where: str) -> DatabaseConnectionLost:
+    """The one-line error for a connection lost mid-run; whole batches are committed or not."""
+    reason = redact_url((str(exc).strip().splitlines() or [type(exc).__name__])[0])
+    return DatabaseConnectionLost(
+        f"lost the connection to PostgreSQL ({where}): {reason}. "
+        "Batches committed before are kept; re-run to finish the rest."
+    )
+
+
+def embedded_database_url(data_dir: Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL kept in ``data_dir`` and return its URL.
+
+    The server is left running after the process exits (cleanup_mode=None) so later runs
+    and other step processes reuse it instead of paying a start-up each time.
+    """
+    import pgserver
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(data_dir, cleanup_mode=None)
+    return server.get_uri()
+
+
+def connect(url: str) -> psycopg.Connection:
+    """An autocommit connection; callers open explicit transactions for their batches."""
+    try:
+        return psycopg.connect(
+            url, autocommit=True, connect_timeout=10, application_name="dicom_etl_dagster"
+        )
+    except psycopg.Error as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DatabaseUnavailableError(
+            f"cannot connect to PostgreSQL at {redact_url(url)}: {redact_url(reason)}"
+        ) from None

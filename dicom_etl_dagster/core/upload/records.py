@@ -1,0 +1,215 @@
+"""Every statement of the upload domain: what is pending, what was stored, wadors_uri.
+
+What to upload comes from the ingest ledger: every ``dicom_ingest_log`` row with status
+``ingested`` whose SOP Instance UID has no ``file_upload_metadata`` row for this server.
+Successful uploads are recorded in short transactions of their own together with the
+series' ``wadors_uri``, so a run that stops half-way keeps every upload it made and records
+none it did not.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import class_row
+
+from dicom_etl_dagster.core.db.tables import Tables, column_names, take_advisory_lock
+
+#: Ledger rows fetched per query while walking the pending files.
+PAGE_SIZE = 1000
+
+UPLOAD_COLUMNS = (
+    "task_run_id",
+    "flow_run_id",
+    "original_filename",
+    "original_file_path",
+    "instance_id",
+    "uploaded_filename",
+    "uploaded_datetime",
+    "image_occurrence_id",
+    "sop_instance_id",
+    "server_url",
+    "server_kind",
+    "file_size",
+)
+#: Columns this ETL adds to the original plugin's table; a table created by the original has none.
+OPTIONAL_COLUMNS = ("server_kind", "file_size")
+
+_NOT_UPLOADED = (
+    "FROM {ledger} l WHERE l.status = 'ingested' AND l.sop_instance_uid IS NOT NULL"
+    " AND NOT EXISTS (SELECT 1 FROM {uploads} u WHERE u.server_url = %(server)s"
+    " AND u.sop_instance_id = l.sop_instance_uid)"
+)
+_PENDING_PAGE = (
+    "SELECT l.ingest_log_id, l.file_path AS path, l.file_size AS size,"
+    " l.file_mtime_ns AS mtime_ns, l.sop_instance_uid, l.image_occurrence_id "
+    + _NOT_UPLOADED
+    + " AND l.ingest_log_id > %(after)s ORDER BY l.ingest_log_id LIMIT %(limit)s"
+)
+_WADORS_URI = "%(root)s || '/studies/' || image_study_uid || '/series/' || image_series_uid"
+
+
+@dataclass(frozen=True)
+class PendingFile:
+    ingest_log_id: int
+    path: str
+    size: int | None
+    mtime_ns: int | None
+    sop_instance_uid: str
+    image_occurrence_id: int
+
+
+@dataclass(frozen=True)
+class UploadRecord:
+    """One stored instance, as file_upload_metadata records it."""
+
+    item: PendingFile
+    instance_id: str
+    uploaded_filename: str
+    bytes_sent: int
+    uploaded_at: dt.datetime
+
+
+class UploadRecords:
+    """The ledger and file_upload_metadata as the uploader sees them, for one server."""
+
+    def __init__(self, conn: psycopg.Connection, tables: Tables, server_url: str, kind: str):
+        self._conn = conn
+        self._tables = tables
+        self._server_url = server_url
+        self._kind = kind
+        self._names = {
+            "ledger": tables["dicom_ingest_log"],
+            "uploads": tables["file_upload_metadata"],
+            "images": tables["image_occurrence"],
+        }
+        self.columns = self._writable_columns()
+
+    def _writable_columns(self) -> tuple[str, ...]:
+        """All of ours, less the optional ones an existing (original plugin's) table lacks."""
+        present = column_names(
+            self._conn, self._tables.schemas.medical_imaging, "file_upload_metadata"
+        )
+        return tuple(c for c in UPLOAD_COLUMNS if c in present or c not in OPTIONAL_COLUMNS)
+
+    def count_pending(self) -> tuple[int, int]:
+        """(ingested files not yet on this server, ingested files already recorded for it)."""
+        server = {"server": self._server_url}
+        pending = self._scalar(sql.SQL("SELECT count(*) " + _NOT_UPLOADED), server)
+        ingested = self._scalar(
+            sql.SQL("SELECT count(*) FROM {ledger} WHERE status = 'ingested'"), {}
+        )
+        return pending, ingested - pending
+
+    def _scalar(self, query: sql.SQL, params: dict) -> int:
+        row = self._conn.execute(query.format(**self._names), params).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def iter_pending(self, page_size: int = PAGE_SIZE) -> Iterator[PendingFile]:
+        """Ledger rows to upload, in ledger order, a page at a time (keyset on ingest_log_id).
+
+        Each page is read when the previous one has been handed out, so rows recorded in the
+        meantime (by this run or an overlapping one) are left out of later pages.
+        """
+        query = sql.SQL(_PENDING_PAGE).format(**self._names)
+        cursor = self._conn.cursor(row_factory=class_row(PendingFile))
+        after = -1
+        while True:
+            params = {"server": self._server_url, "after": after, "limit": page_size}
+            rows = cursor.execute(query, params).fetchall()
+            if not rows:
+                return
+            yield from rows
+            after = rows[-1].ingest_log_id
+
+    def record(
+        self,
+        records: Sequence[UploadRecord],
+        run_id: str,
+        task_run_id: str,
+        dicomweb_root: str | None,
+    ) -> tuple[int, int]:
+        """Record the uploads and their series' wadors_uri in one short transaction.
+
+        Returns (rows written, series whose wadors_uri changed). Under a transaction-level
+        advisory lock, an instance already recorded for this server (by an overlapping run)
+        is not recorded again; this works on a table created by the original plugin too,
+        which has no unique index to lean on.
+        """
+        insert = sql.SQL(
+            "INSERT INTO {uploads} (file_upload_id, {columns})"
+            " SELECT nextval({seq}::regclass), {values} WHERE NOT EXISTS"
+            " (SELECT 1 FROM {uploads} WHERE server_url = %s AND sop_instance_id = %s)"
+        ).format(
+            uploads=self._names["uploads"],
+            columns=sql.SQL(", ").join(map(sql.Identifier, self.columns)),
+            seq=sql.Literal(self._tables.sequence_text("dicom_etl_file_upload_id_seq", self._conn)),
+            values=sql.SQL(", ").join(sql.Placeholder() * len(self.columns)),
+        )
+        written = series = 0
+        with self._conn.transaction(), self._conn.cursor() as cur:
+            take_advisory_lock(self._conn, self._tables.upload_lock_key)
+            for record in records:
+                row = self._row(record, run_id, task_run_id)
+                sop = record.item.sop_instance_uid
+                cur.execute(insert, [*(row[c] for c in self.columns), self._server_url, sop])
+                written += max(cur.rowcount, 0)
+            if dicomweb_root:
+                ids = sorted({r.item.image_occurrence_id for r in records})
+                series = self.set_wadors_uri(dicomweb_root, ids)
+        return written, series
+
+    def _row(self, record: UploadRecord, run_id: str, task_run_id: str) -> dict[str, object]:
+        return {
+            "task_run_id": task_run_id,
+            "flow_run_id": run_id,
+            "original_filename": os.path.basename(record.item.path),
+            "original_file_path": record.item.path,
+            "instance_id": record.instance_id,
+            "uploaded_filename": record.uploaded_filename,
+            "uploaded_datetime": record.uploaded_at,
+            "image_occurrence_id": record.item.image_occurrence_id,
+            "sop_instance_id": record.item.sop_instance_uid,
+            "server_url": self._server_url,
+            "server_kind": self._kind,
+            "file_size": record.bytes_sent,
+        }
+
+    def set_wadors_uri(self, root: str, image_occurrence_ids: Sequence[int]) -> int:
+        """Point each series at ``{root}/studies/{study}/series/{series}``; returns rows changed."""
+        uri = sql.SQL(_WADORS_URI)
+        statement = sql.SQL(
+            "UPDATE {images} SET wadors_uri = {uri} WHERE image_occurrence_id = ANY(%(ids)s)"
+            " AND wadors_uri IS DISTINCT FROM {uri}"
+        ).format(images=self._names["images"], uri=uri)
+        params = {"root": root.rstrip("/"), "ids": list(image_occurrence_ids)}
+        return self._conn.execute(statement, params).rowcount
+
+    def set_missing_wadors_uris(self, root: str) -> int:
+        """Series uploaded to this server before its DICOMweb root was known, without a wadors_uri."""
+        rows = self._conn.execute(
+            sql.SQL(
+                "SELECT i.image_occurrence_id FROM {images} i WHERE i.wadors_uri IS NULL"
+                " AND EXISTS (SELECT 1 FROM {uploads} u WHERE u.server_url = %s"
+                " AND u.image_occurrence_id = i.image_occurrence_id)"
+            ).format(**self._names),
+            [self._server_url],
+        ).fetchall()
+        ids = [row[0] for row in rows]
+        return self.set_wadors_uri(root, ids) if ids else 0
+
+
+def newest_wadors_uri(conn: psycopg.Connection, tables: Tables) -> str | None:
+    """The newest series' wadors_uri (a backward walk of the primary key, not a scan)."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT wadors_uri FROM {} WHERE wadors_uri IS NOT NULL"
+            " ORDER BY image_occurrence_id DESC LIMIT 1"
+        ).format(tables["image_occurrence"])
+    ).fetchone()
+    return None if row is None else str(row[0])
