@@ -27,7 +27,8 @@ MAX_FAILURES_SHOWN = 20
 class UploadOptions(EtlOptions):
     """The options document; ``upload_files`` unset means 'when launched on its own'."""
 
-    upload_files: bool | None = None
+    # Narrows the inherited bool to 'maybe unset': pydantic allows it, mypy cannot see that.
+    upload_files: bool | None = None  # type: ignore[assignment]
 
 
 def _should_upload(context: dg.AssetExecutionContext, config: UploadOptions) -> tuple[bool, str]:

@@ -7,6 +7,7 @@ secrets through ``dg.EnvVar``; ``client()`` returns a plain HTTP client
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit
 
 import dagster as dg
@@ -60,7 +61,8 @@ class DicomServerResource(dg.ConfigurableResource):
             "username": settings.DICOM_SERVER_USER,
             "password": settings.DICOM_SERVER_PASSWORD,
         }
-        return cls(**{name: dg.EnvVar(s.name) for name, s in fields.items() if s.is_set()})
+        wired: dict[str, Any] = {n: dg.EnvVar(s.name) for n, s in fields.items() if s.is_set()}
+        return cls(**wired)
 
     def _kind(self) -> str:
         kind = (self.kind or "orthanc").strip().lower()
@@ -106,7 +108,7 @@ class DicomServerResource(dg.ConfigurableResource):
 
     def client(self) -> OrthancClient | DicomWebClient:
         kind, url, root, user, password = self._target()
-        common = dict(
+        common: dict[str, Any] = dict(
             auth=(user, password or "") if user else None,
             connect_timeout=self.connect_timeout_seconds,
             read_timeout=self.read_timeout_seconds,

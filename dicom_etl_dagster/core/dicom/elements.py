@@ -24,7 +24,7 @@ PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 class ElementRow(NamedTuple):
     """One row of the EAV table ``dicom_file_metadata``."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index(), which rows never use
     parent_sequence_index: int | None
     parent_item_index: int | None
     tag: str

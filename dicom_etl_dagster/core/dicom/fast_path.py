@@ -58,7 +58,7 @@ _RLE = "1.2.840.10008.1.2.5"
 
 # Character sets that decode with one single-byte codec or UTF-8 (pydicom: a plain
 # ``bytes.decode``); ISO 2022 code extensions and multi-byte Asian sets stay with pydicom.
-_CHARSETS = {
+_CHARSETS: dict[str | None, str] = {
     None: python_encoding[""],
     **{
         name: python_encoding[name]
@@ -320,7 +320,7 @@ class _FastWalker:
         return data
 
     @staticmethod
-    def _names(tag: int) -> tuple:
+    def _names(tag: int) -> tuple[str, str, str, str | None, str | None]:
         """(tag text, group text, dictionary tag, keyword, name) of a public tag, cached per process."""
         names = _PUBLIC_NAMES.get(tag)
         if names is None:
@@ -353,7 +353,7 @@ class _FastWalker:
     def dataset(
         self,
         pos: int,
-        end: int,
+        end: int | None,
         parent_sequence: int | None,
         parent_item: int | None,
         top: bool = False,
@@ -432,7 +432,9 @@ class _FastWalker:
         return pos
 
     @staticmethod
-    def _private_names(tag: int, vr: str, value: Any, creators: dict[int, str | None]) -> tuple:
+    def _private_names(
+        tag: int, vr: str, value: Any, creators: dict[int, str | None]
+    ) -> tuple[str, str, str, str | None, str | None, str | None]:
         """(tag text, group text, dictionary tag, keyword, name, creator) of a private element.
 
         Private tags have no keyword; the dictionary tag is the tag itself and the name

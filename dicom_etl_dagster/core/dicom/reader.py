@@ -385,13 +385,14 @@ def _check_top_level_end(ds: Dataset, source: BinaryIO, stream_size: int, deflat
     little = True if little is None else little
 
     if isinstance(last, RawDataElement):
-        length: int | None = last.length
+        length = last.length
     elif last.is_undefined_length:
         length = _UNDEFINED_LENGTH
     else:
-        length = _declared_length_from_header(source, last, last_tell, bool(implicit), little)
-        if length is None:
+        declared = _declared_length_from_header(source, last, last_tell, bool(implicit), little)
+        if declared is None:
             return  # cannot tell; the walk still checks every value it reads
+        length = declared
 
     if length == _UNDEFINED_LENGTH:
         # pydicom parsed it up to its delimiter, but a few bytes of a further
@@ -765,7 +766,7 @@ def _instance_from(rows: list[ElementRow], values: dict[int, Any]) -> DicomInsta
         raise DicomReadError(f"missing required attribute(s): {', '.join(missing)}")
     # DICOM caps UIDs at 64 characters; a longer one is corrupt and would not fit the
     # OMOP columns (varchar(250)), failing the whole batch instead of this file.
-    too_long = [kw for kw, tag in _REQUIRED_UIDS if len(uids[tag]) > _MAX_UID_LENGTH]
+    too_long = [kw for kw, tag in _REQUIRED_UIDS if len(uids[tag] or "") > _MAX_UID_LENGTH]
     if too_long:
         raise DicomReadError(
             f"invalid UID(s) longer than {_MAX_UID_LENGTH} characters: {', '.join(too_long)}"
