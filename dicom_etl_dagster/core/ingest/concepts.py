@@ -15,6 +15,7 @@ import psycopg
 from psycopg import sql
 
 from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.db.tables import Tables
 
 _MODALITY_SQL = """
 SELECT upper(d.concept_code), min(s.concept_id), count(DISTINCT s.concept_id)
@@ -57,10 +58,8 @@ class ConceptResolver:
 
     def __init__(self, conn: psycopg.Connection, schemas: Schemas) -> None:
         self._conn = conn
-        names = {
-            "concept": sql.Identifier(schemas.vocab, "concept"),
-            "relationship": sql.Identifier(schemas.vocab, "concept_relationship"),
-        }
+        tables = Tables(schemas)
+        names = {"concept": tables["concept"], "relationship": tables["concept_relationship"]}
         self._modality_sql = sql.SQL(_MODALITY_SQL).format(**names)
         self._maps_to_sql = sql.SQL(_BODY_PART_MAPS_TO_SQL).format(**names)
         self._entire_sql = sql.SQL(_BODY_PART_ENTIRE_SQL).format(**names)
