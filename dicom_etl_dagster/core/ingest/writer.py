@@ -29,7 +29,7 @@ from dicom_etl_dagster.core.ingest.metadata_copy import (
     fill,
     storable_text,
 )
-from dicom_etl_dagster.core.ingest.parse_pool import ParseOutcome
+from dicom_etl_dagster.core.ingest.parse_pool import Failed, Parsed, ParseResult
 
 EHR_TYPE_CONCEPT_ID = 32817
 PROCEDURE_SOURCE_VALUE_LENGTH = 50
@@ -176,7 +176,7 @@ def _copy_metadata(
 
 
 def write_batch(
-    conn: psycopg.Connection, state: RunState, outcomes: list[ParseOutcome]
+    conn: psycopg.Connection, state: RunState, outcomes: list[ParseResult]
 ) -> IngestReport:
     """Record every outcome of the batch; returns what was written."""
     report = IngestReport()
@@ -208,7 +208,7 @@ def write_batch(
                 [paths],
             )
         }
-        todo: list[ParseOutcome] = []
+        todo: list[ParseResult] = []
         for outcome in outcomes:
             old = previous.get(outcome.entry.path)
             if (
@@ -253,7 +253,7 @@ def write_batch(
         failure_reasons: dict[str, str] = {}
 
         def record(
-            outcome: ParseOutcome,
+            outcome: ParseResult,
             status: str,
             reason: str | None = None,
             sop: str | None = None,
@@ -276,10 +276,10 @@ def write_batch(
                 failure_reasons[outcome.entry.path] = reason
 
         # 3. Duplicates: SOP instances already ingested from another path, or twice in this batch.
-        parsed = [o for o in todo if o.instance is not None]
+        parsed = [o for o in todo if isinstance(o, Parsed)]
         for o in todo:
-            if o.instance is None:
-                record(o, FAILED, o.error)
+            if isinstance(o, Failed):
+                record(o, FAILED, o.reason)
         existing_sops = dict(
             conn.execute(
                 sql.SQL(
@@ -289,9 +289,9 @@ def write_batch(
                 [[o.instance.sop_instance_uid for o in parsed]],
             ).fetchall()
         )
-        fresh: list[ParseOutcome] = []
-        first_path_of_sop: dict[str, ParseOutcome] = {}
-        in_batch_duplicates: list[ParseOutcome] = []
+        fresh: list[Parsed] = []
+        first_path_of_sop: dict[str, Parsed] = {}
+        in_batch_duplicates: list[Parsed] = []
         for o in parsed:
             sop = o.instance.sop_instance_uid
             if sop in existing_sops:
@@ -306,7 +306,7 @@ def write_batch(
         persons = _persons(
             conn, state, {o.instance.patient_id for o in fresh if o.instance.patient_id}
         )
-        ready: list[tuple[ParseOutcome, int]] = []
+        ready: list[tuple[Parsed, int]] = []
         for o in fresh:
             person_id, reason = _person_for(state, persons, o.instance.patient_id)
             if reason:
@@ -325,7 +325,7 @@ def write_batch(
                 [sorted({i.series_instance_uid for i in instances})],
             ).fetchall()
         )
-        new_series: dict[str, tuple[ParseOutcome, int]] = {}
+        new_series: dict[str, tuple[Parsed, int]] = {}
         for o, person_id in ready:
             uid = o.instance.series_instance_uid
             if uid not in series_ids and uid not in new_series:
