@@ -335,7 +335,7 @@ def _write_ledger(
                 processed_at,
             )
         )
-        report.status_counts[e.status] += 1
+        report.status_counts[e.status.value] += 1  # plain text keys, as reports print them
         if e.status == LedgerStatus.FAILED:
             report.failures.append((e.entry.path, e.reason or ""))
     report.rows["dicom_ingest_log"] += _copy_any(
