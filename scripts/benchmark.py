@@ -67,7 +67,7 @@ from dicom_etl_dagster.core.db.ddl import ensure_tables  # noqa: E402
 from dicom_etl_dagster.core.db.identifiers import Schemas  # noqa: E402
 from dicom_etl_dagster.core.ingest import run as ingest_module  # noqa: E402
 from dicom_etl_dagster.core.ingest.file_scan import FileEntry, iter_files  # noqa: E402
-from dicom_etl_dagster.core.ingest.parse_pool import parse_batches  # noqa: E402
+from dicom_etl_dagster.core.ingest.parse_pool import Parsed, parse_batches  # noqa: E402
 from dicom_etl_dagster.core.ingest.run import ingest_folder, prepare_run  # noqa: E402
 from dicom_etl_dagster.core.ingest.writer import PersonMapping  # noqa: E402
 from dicom_etl_dagster.core.vocabulary import loader as vocabulary_loader  # noqa: E402
@@ -322,11 +322,11 @@ def run_parse_only(root: Path, workers: int, batch_size: int) -> PhaseResult:
         for outcomes in parse_batches(batches_of(iter_files(root), batch_size), workers):
             for outcome in outcomes:
                 result.files += 1
-                if outcome.instance is not None:
+                if isinstance(outcome, Parsed):
                     result.files_ok += 1
                     result.elements += outcome.metadata.row_count
                 else:
-                    failures[outcome.error] = failures.get(outcome.error, 0) + 1
+                    failures[outcome.reason] = failures.get(outcome.reason, 0) + 1
         result.seconds = time.perf_counter() - started
     result.peak_rss = watch.peak("etl")
     result.cpu = {

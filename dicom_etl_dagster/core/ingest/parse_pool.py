@@ -6,6 +6,10 @@ parsed rows exist at once, so memory stays bounded whatever the folder size.
 A worker also renders the file's metadata rows as COPY text (``metadata_copy``) and sends
 the instance without its element list: the main process, the only writer, then neither
 unpickles nor serialises rows one by one.
+
+A file's result is either ``Parsed`` or ``Failed``, two types rather than one with optional
+fields, so the writer cannot reach for an instance a failed file does not have. They are
+NamedTuples because a whole chunk of them is pickled back from every worker.
 """
 
 from __future__ import annotations
@@ -15,34 +19,43 @@ import multiprocessing
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from typing import NamedTuple
+from typing import NamedTuple, TypeAlias
 
 from dicom_etl_dagster.core.dicom.reader import DicomInstance, DicomReadError, read_instance
 from dicom_etl_dagster.core.ingest.file_scan import FileEntry
 from dicom_etl_dagster.core.ingest.metadata_copy import RenderedMetadata, render_metadata
 
 
-class ParseOutcome(NamedTuple):
+class Parsed(NamedTuple):
+    """A file read as a DICOM instance, its metadata rows rendered for COPY."""
+
     entry: FileEntry
-    instance: DicomInstance | None  # without its elements: they are in ``metadata``
-    error: str | None
-    metadata: RenderedMetadata | None  # set exactly when ``instance`` is
+    instance: DicomInstance  # without its elements: they are in ``metadata``
+    metadata: RenderedMetadata
 
 
-def parse_file(entry: FileEntry) -> ParseOutcome:
+class Failed(NamedTuple):
+    """A file that could not be read as a DICOM instance, and why (for the ledger)."""
+
+    entry: FileEntry
+    reason: str
+
+
+ParseResult: TypeAlias = Parsed | Failed
+
+
+def parse_file(entry: FileEntry) -> ParseResult:
     try:
         instance = read_instance(entry.path)
     except DicomReadError as exc:
-        return ParseOutcome(entry, None, str(exc), None)
+        return Failed(entry, str(exc))
     except OSError as exc:  # unreadable, vanished: a reason, not a crash
-        return ParseOutcome(entry, None, f"cannot read file: {exc.strerror or exc}", None)
-    return ParseOutcome(
-        entry, dataclasses.replace(instance, elements=[]), None, render_metadata(instance)
-    )
+        return Failed(entry, f"cannot read file: {exc.strerror or exc}")
+    return Parsed(entry, dataclasses.replace(instance, elements=[]), render_metadata(instance))
 
 
-def parse_batches(batches: Iterable[list[FileEntry]], workers: int) -> Iterator[list[ParseOutcome]]:
-    """Yield the parsed outcomes of each batch, in order, keeping one batch in flight."""
+def parse_batches(batches: Iterable[list[FileEntry]], workers: int) -> Iterator[list[ParseResult]]:
+    """Yield the parse results of each batch, in order, keeping one batch in flight."""
     if workers <= 1:
         for batch in batches:
             yield [parse_file(entry) for entry in batch]

@@ -1,10 +1,16 @@
-"""Ingest a folder: scan, skip what the ledger says is done, parse in workers, write batches."""
+"""Ingest a folder: scan, skip what the ledger says is done, parse in workers, write batches.
+
+The scan looks the ledger up before parsing so that a re-run of a large folder costs a
+directory walk and one query per batch, not a parse of every file; the writer looks again
+under its lock (another run may have written a file meanwhile), with the same rule
+(``plan.is_done``).
+"""
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,46 +18,50 @@ import psycopg
 from psycopg import sql
 
 from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.db.tables import Tables, column_names, table_exists
+from dicom_etl_dagster.core.errors import DicomEtlError
 from dicom_etl_dagster.core.ingest.concepts import ConceptResolver
 from dicom_etl_dagster.core.ingest.file_scan import FileEntry, iter_files
+from dicom_etl_dagster.core.ingest.lookups import PersonMapping, ledger_rows
 from dicom_etl_dagster.core.ingest.metadata_copy import DataElementIds
 from dicom_etl_dagster.core.ingest.parse_pool import parse_batches
-from dicom_etl_dagster.core.ingest.writer import IngestReport, PersonMapping, RunState, write_batch
+from dicom_etl_dagster.core.ingest.plan import is_done
+from dicom_etl_dagster.core.ingest.status import MissingPersonPolicy
+from dicom_etl_dagster.core.ingest.writer import IngestReport, RunState, write_batch
 
 
-class IngestSetupError(Exception):
+class IngestSetupError(DicomEtlError):
     """The run cannot start (mapping table unusable, folder missing); the message says why."""
 
 
-def _exists(conn: psycopg.Connection, schema: str, table: str) -> bool:
-    return (
-        conn.execute(
-            "SELECT to_regclass(%s)", [sql.Identifier(schema, table).as_string(conn)]
-        ).fetchone()[0]
-        is not None
-    )
+def missing_person_policy(value: str) -> MissingPersonPolicy:
+    """``missing_person_id_options`` in any case; IngestSetupError if it names no policy."""
+    try:
+        return MissingPersonPolicy.parse(value)
+    except ValueError:
+        choices = ", ".join(MissingPersonPolicy)
+        raise IngestSetupError(
+            f"missing_person_id_options must be one of {choices} (any case), not {value!r}"
+        ) from None
 
 
 def resolve_mapping(
-    conn: psycopg.Connection, mapping: PersonMapping, policy: str, warn: Callable[[str], None]
+    conn: psycopg.Connection,
+    mapping: PersonMapping,
+    policy: MissingPersonPolicy,
+    warn: Callable[[str], None],
 ) -> PersonMapping | None:
     """The mapping table if usable; None (everyone -> person 0) only under use_id_zero."""
     where = f"{mapping.schema}.{mapping.table}"
-    if not _exists(conn, mapping.schema, mapping.table):
-        if policy == "skip":
+    if not table_exists(conn, mapping.schema, mapping.table):
+        if policy == MissingPersonPolicy.SKIP:
             raise IngestSetupError(
                 f"person_to_patient_mapping table {where} does not exist "
                 "(missing_person_id_options: skip needs it)"
             )
         warn(f"person_to_patient_mapping table {where} does not exist: every file gets person_id 0")
         return None
-    columns = {
-        row[0]
-        for row in conn.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s",
-            [mapping.schema, mapping.table],
-        )
-    }
+    columns = column_names(conn, mapping.schema, mapping.table)
     missing = [c for c in (mapping.person_column, mapping.patient_column) if c not in columns]
     if missing:
         raise IngestSetupError(
@@ -64,14 +74,16 @@ def prepare_run(
     conn: psycopg.Connection,
     schemas: Schemas,
     run_id: str,
-    policy: str,
+    policy: str | MissingPersonPolicy,
     mapping: PersonMapping,
     warn: Callable[[str], None],
 ) -> RunState:
+    """What every batch of the run needs; ``policy`` is ``missing_person_id_options``."""
+    person_policy = missing_person_policy(policy)
     data_elements = DataElementIds(
         conn.execute(
             sql.SQL("SELECT data_element_tag, data_element_id FROM {}").format(
-                sql.Identifier(schemas.medical_imaging, "dicom_data_element")
+                Tables(schemas)["dicom_data_element"]
             )
         ).fetchall()
     )
@@ -82,8 +94,8 @@ def prepare_run(
     return RunState(
         schemas=schemas,
         run_id=run_id,
-        missing_person_policy=policy,
-        mapping=resolve_mapping(conn, mapping, policy, warn),
+        missing_person_policy=person_policy,
+        mapping=resolve_mapping(conn, mapping, person_policy, warn),
         concepts=ConceptResolver(conn, schemas),
         data_elements=data_elements,
     )
@@ -92,16 +104,11 @@ def prepare_run(
 def _unchanged_paths(
     conn: psycopg.Connection, schemas: Schemas, batch: list[FileEntry]
 ) -> set[str]:
-    """Paths the ledger holds as ingested/duplicate with the same size and mtime: nothing to do."""
-    rows = conn.execute(
-        sql.SQL(
-            "SELECT file_path, file_size, file_mtime_ns FROM {} WHERE status <> 'failed'"
-            " AND file_path = ANY(%s)"
-        ).format(sql.Identifier(schemas.medical_imaging, "dicom_ingest_log")),
-        [[e.path for e in batch]],
-    ).fetchall()
-    done = {path: (size, mtime) for path, size, mtime in rows}
-    return {e.path for e in batch if done.get(e.path) == (e.size, e.mtime_ns)}
+    """Paths with nothing to do (``plan.is_done``): not parsed, not written."""
+    rows = {
+        row.file_path: row for row in ledger_rows(conn, Tables(schemas), [e.path for e in batch])
+    }
+    return {e.path for e in batch if is_done(rows.get(e.path), e)}
 
 
 def ingest_folder(
@@ -112,7 +119,7 @@ def ingest_folder(
     workers: int,
     progress: Callable[[IngestReport], None] | None = None,
     changed_window: tuple[int | None, int | None] = (None, None),
-) -> tuple[IngestReport, Counter]:
+) -> tuple[IngestReport, dict[str, float]]:
     """Ingest every regular file under ``root``; returns the report and seconds per stage.
 
     ``changed_window`` (after, until], in ns of inode change time, restricts the run to the
@@ -121,7 +128,7 @@ def ingest_folder(
     if not root.is_dir():
         raise IngestSetupError(f"dicom_files_abs_path {root} is not a folder")
     report = IngestReport()
-    seconds: Counter = Counter()
+    seconds: defaultdict[str, float] = defaultdict(float)
 
     after, until = changed_window
 

@@ -4,36 +4,53 @@ Everything a batch writes commits together or not at all, so a crash leaves whol
 the ledger (dicom_ingest_log) is part of that transaction, so a re-run knows exactly what
 is done. Batches of concurrent runs are serialised by a transaction-level advisory lock and
 every decision (is this SOP instance new? does this series exist?) is made under it, which
-makes overlapping runs produce exactly the rows one run would. Ids come from the ETL's own
-sequences, reserved a batch at a time.
+makes overlapping runs produce exactly the rows one run would.
+
+The decisions themselves are not made here: ``plan.plan_batch`` makes them from the rows
+this module looks up (``lookups.batch_rows``), and this module applies the plan: it deletes
+what changed files replace, reserves ids from the ETL's own sequences, a range per table
+and batch, fills them into the planned rows and COPYs them.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from dicom_etl_dagster.core.db.ddl import sequence_name
 from dicom_etl_dagster.core.db.identifiers import Schemas
-from dicom_etl_dagster.core.dicom.reader import DicomInstance
+from dicom_etl_dagster.core.db.tables import Tables, copy_rows, reserve_ids, take_advisory_lock
 from dicom_etl_dagster.core.ingest.concepts import ConceptResolver
+from dicom_etl_dagster.core.ingest.lookups import PersonMapping, batch_rows
 from dicom_etl_dagster.core.ingest.metadata_copy import COLUMNS as METADATA_COLUMNS
 from dicom_etl_dagster.core.ingest.metadata_copy import (
     DataElementIds,
     RenderedMetadata,
+    TagCandidate,
     fill,
     storable_text,
 )
-from dicom_etl_dagster.core.ingest.parse_pool import ParseOutcome
+from dicom_etl_dagster.core.ingest.parse_pool import ParseResult
+from dicom_etl_dagster.core.ingest.plan import (
+    CHANGED_COPY_REASON,
+    EHR_TYPE_CONCEPT_ID,
+    BatchPlan,
+    InstanceWrite,
+    LedgerEntry,
+    NewSeries,
+    NewStudy,
+    PersonPolicy,
+    plan_batch,
+    resolve,
+)
+from dicom_etl_dagster.core.ingest.status import LedgerStatus, MissingPersonPolicy
 
-EHR_TYPE_CONCEPT_ID = 32817
-PROCEDURE_SOURCE_VALUE_LENGTH = 50
-INGESTED, FAILED, DUPLICATE = "ingested", "failed", "duplicate"
+__all__ = ["IngestReport", "PersonMapping", "RunState", "write_batch"]
 
 _PROCEDURE_COLUMNS = (
     "procedure_occurrence_id",
@@ -68,26 +85,25 @@ _LEDGER_COLUMNS = (
 )
 
 
-@dataclass(frozen=True)
-class PersonMapping:
-    """The validated mapping table (identifiers checked by the caller); None fields = no table."""
-
-    schema: str
-    table: str
-    person_column: str
-    patient_column: str
-
-
 @dataclass
 class RunState:
     """What stays the same for every batch of a run (and the caches that make batches cheap)."""
 
     schemas: Schemas
     run_id: str
-    missing_person_policy: str  # "skip" | "use_id_zero"
+    missing_person_policy: MissingPersonPolicy
     mapping: PersonMapping | None  # None: the mapping table does not exist
     concepts: ConceptResolver
     data_elements: DataElementIds  # dictionary tag -> data_element_id, learnt as tags are added
+
+    @property
+    def tables(self) -> Tables:
+        return Tables(self.schemas)
+
+    @property
+    def person_policy(self) -> PersonPolicy:
+        table = None if self.mapping is None else f"{self.mapping.schema}.{self.mapping.table}"
+        return PersonPolicy(MissingPersonPolicy(self.missing_person_policy), table)
 
 
 @dataclass
@@ -111,36 +127,152 @@ class IngestReport:
         self.person_misses += other.person_misses
 
 
-def patient_reference(patient_id: str) -> str:
-    """A stable, non-identifying reference to a patient id for logs and ledger reasons."""
-    return "sha256:" + hashlib.sha256(patient_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+def write_batch(
+    conn: psycopg.Connection, state: RunState, results: Sequence[ParseResult]
+) -> IngestReport:
+    """Record every parse result of the batch; returns what was written."""
+    report = IngestReport()
+    if not results:
+        return report
+    tables = state.tables
+    with conn.transaction():
+        take_advisory_lock(conn, tables.ingest_lock_key)
+        # Under the lock, look again: another run may have written some of these files.
+        rows = batch_rows(conn, tables, state.mapping, results)
+        plan = plan_batch(results, rows, state.person_policy)
+        _forget_replaced(conn, tables, plan, report)
+        first_procedure_id = _write_studies(conn, tables, plan.new_studies, report)
+        first_image_id = _write_series(conn, state, plan.new_series, first_procedure_id, report)
+        _write_metadata(conn, state, plan.instances, first_image_id, report)
+        _write_ledger(conn, state, plan.ledger, first_image_id, report)
+    report.files_already_done += plan.already_done
+    report.person_misses += plan.person_misses
+    return report
 
 
-def _reserve_ids(conn: psycopg.Connection, schemas: Schemas, sequence: str, count: int) -> int:
-    """Reserve ``count`` consecutive ids and return the first.
-
-    Safe because every writer of the ETL's sequences holds the ingest advisory lock.
-    """
-    if count == 0:
-        return 0
-    name = sequence_name(schemas, sequence).as_string(conn)
-    last = conn.execute(
-        "SELECT setval(%s::regclass, nextval(%s::regclass) + %s - 1)", [name, name, count]
-    ).fetchone()[0]
-    return last - count + 1
+def _copy_any(
+    conn: psycopg.Connection, table: sql.Composable, columns: Sequence[str], rows: list[Any]
+) -> int:
+    """COPY the rows, sending nothing when there are none."""
+    return copy_rows(conn, table, columns, rows) if rows else 0
 
 
-def _copy(conn: psycopg.Connection, table: sql.Composable, columns: tuple[str, ...], rows) -> int:
-    written = 0
-    with conn.cursor().copy(
-        sql.SQL("COPY {} ({}) FROM STDIN").format(
-            table, sql.SQL(", ").join(map(sql.Identifier, columns))
+def _forget_replaced(
+    conn: psycopg.Connection, tables: Tables, plan: BatchPlan, report: IngestReport
+) -> None:
+    """Files changed since they were recorded: their old instance's rows go, the paths that
+    were duplicates of it become 'failed', and the changed paths' ledger rows go."""
+    if plan.changed_sops:
+        report.rows["dicom_file_metadata_replaced"] += conn.execute(
+            sql.SQL("DELETE FROM {} WHERE sop_instance_id = ANY(%s)").format(
+                tables["dicom_file_metadata"]
+            ),
+            [list(plan.changed_sops)],
+        ).rowcount
+        conn.execute(
+            sql.SQL(
+                "UPDATE {} SET status = %s, image_occurrence_id = NULL, error_message = %s"
+                " WHERE status = %s AND sop_instance_uid = ANY(%s)"
+            ).format(tables["dicom_ingest_log"]),
+            [
+                LedgerStatus.FAILED,
+                CHANGED_COPY_REASON,
+                LedgerStatus.DUPLICATE,
+                list(plan.changed_sops),
+            ],
         )
-    ) as copy:
-        for row in rows:
-            copy.write_row(row)
-            written += 1
-    return written
+    if plan.replaced_paths:
+        conn.execute(
+            sql.SQL("DELETE FROM {} WHERE file_path = ANY(%s)").format(tables["dicom_ingest_log"]),
+            [list(plan.replaced_paths)],
+        )
+
+
+def _write_studies(
+    conn: psycopg.Connection, tables: Tables, studies: Sequence[NewStudy], report: IngestReport
+) -> int:
+    """procedure_occurrence rows of the new studies; returns the first of their ids."""
+    first = reserve_ids(
+        conn, tables.sequence("dicom_etl_procedure_occurrence_id_seq"), len(studies)
+    )
+    rows = [
+        (first + i, s.person_id, 0, s.procedure_date, EHR_TYPE_CONCEPT_ID, s.source_value)
+        for i, s in enumerate(studies)
+    ]
+    report.rows["procedure_occurrence"] += _copy_any(
+        conn, tables["procedure_occurrence"], _PROCEDURE_COLUMNS, rows
+    )
+    return first
+
+
+def _write_series(
+    conn: psycopg.Connection,
+    state: RunState,
+    series: Sequence[NewSeries],
+    first_procedure_id: int,
+    report: IngestReport,
+) -> int:
+    """image_occurrence rows of the new series, with their concepts; returns the first id."""
+    tables, concepts = state.tables, state.concepts
+    concepts.prepare({s.modality for s in series}, {s.body_part for s in series})
+    first = reserve_ids(conn, tables.sequence("dicom_etl_image_occurrence_id_seq"), len(series))
+    rows = []
+    for i, s in enumerate(series):
+        modality_id = concepts.modality(s.modality)
+        site_id = concepts.anatomic_site(s.body_part)
+        procedure_id = resolve(s.procedure, first_procedure_id)
+        rows.append(
+            (
+                first + i,
+                s.person_id,
+                procedure_id,
+                site_id,
+                s.local_path,
+                s.image_date,
+                s.study_uid,
+                s.series_uid,
+                modality_id,
+            )
+        )
+        report.series_by_modality[(s.modality or "", s.body_part or "", modality_id, site_id)] += 1
+    report.rows["image_occurrence"] += _copy_any(
+        conn, tables["image_occurrence"], _IMAGE_COLUMNS, rows
+    )
+    return first
+
+
+def _write_metadata(
+    conn: psycopg.Connection,
+    state: RunState,
+    instances: Sequence[InstanceWrite],
+    first_image_id: int,
+    report: IngestReport,
+) -> None:
+    """Every element of every instance into the EAV table, as the workers rendered it."""
+    if not instances:
+        return
+    rendered = [w.parsed.metadata for w in instances]
+    _ensure_data_elements(conn, state, rendered)
+    tables = state.tables
+    # Reserved before COPY starts: the connection can run no other statement during COPY.
+    first_metadata_id = reserve_ids(
+        conn, tables.sequence("dicom_etl_metadata_id_seq"), sum(r.row_count for r in rendered)
+    )
+    first_dataset_id = reserve_ids(
+        conn, tables.sequence("dicom_etl_dataset_id_seq"), sum(r.item_count for r in rendered)
+    )
+    # etl_created/modified_datetime, as psycopg would send a naive datetime in text format.
+    now_text = dt.datetime.now().isoformat(sep=" ")
+    report.rows["dicom_file_metadata"] += _copy_metadata(
+        conn,
+        tables["dicom_file_metadata"],
+        state.data_elements,
+        rendered,
+        [resolve(w.image_occurrence, first_image_id) for w in instances],
+        first_metadata_id,
+        first_dataset_id,
+        now_text,
+    )
 
 
 def _copy_metadata(
@@ -175,346 +307,47 @@ def _copy_metadata(
     return sum(r.row_count for r in rendered)
 
 
-def write_batch(
-    conn: psycopg.Connection, state: RunState, outcomes: list[ParseOutcome]
-) -> IngestReport:
-    """Record every outcome of the batch; returns what was written."""
-    report = IngestReport()
-    if not outcomes:
-        return report
-    mi = state.schemas.medical_imaging
-    ledger = sql.Identifier(mi, "dicom_ingest_log")
-    metadata = sql.Identifier(mi, "dicom_file_metadata")
-    image_occurrence = sql.Identifier(mi, "image_occurrence")
-    procedure_occurrence = sql.Identifier(state.schemas.cdm, "procedure_occurrence")
-    # etl_created/modified_datetime, as psycopg would send a naive datetime in text format.
-    now_text = dt.datetime.now().isoformat(sep=" ")
+def _write_ledger(
+    conn: psycopg.Connection,
+    state: RunState,
+    entries: Sequence[LedgerEntry],
+    first_image_id: int,
+    report: IngestReport,
+) -> None:
+    """The ledger rows, in the same transaction as what they record."""
+    tables = state.tables
+    first = reserve_ids(conn, tables.sequence("dicom_etl_ingest_log_id_seq"), len(entries))
     processed_at = dt.datetime.now(dt.timezone.utc)
-
-    with conn.transaction():
-        conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtext(%s))", [f"dicom_etl_dagster.ingest:{mi}"]
-        )
-
-        # 1. Under the lock, look again at the ledger: another run may have done these files.
-        paths = [o.entry.path for o in outcomes]
-        previous = {
-            row[0]: row
-            for row in conn.execute(
-                sql.SQL(
-                    "SELECT file_path, file_size, file_mtime_ns, status, sop_instance_uid FROM {}"
-                    " WHERE file_path = ANY(%s)"
-                ).format(ledger),
-                [paths],
-            )
-        }
-        todo: list[ParseOutcome] = []
-        for outcome in outcomes:
-            old = previous.get(outcome.entry.path)
-            if (
-                old
-                and old[3] != FAILED
-                and (old[1], old[2]) == (outcome.entry.size, outcome.entry.mtime_ns)
-            ):
-                report.files_already_done += 1  # another run wrote it while this one was parsing
-                continue
-            todo.append(outcome)
-        if not todo:
-            return report
-
-        # 2. Files changed since they were ingested: their old instance's rows go, and paths
-        #    that were duplicates of it become 'failed' (keeping their ledger row) so that the
-        #    next run, which retries failures, ingests one of them instead.
-        replaced_paths = [o.entry.path for o in todo if o.entry.path in previous]
-        changed_sops = [
-            previous[p][4] for p in replaced_paths if previous[p][3] == INGESTED and previous[p][4]
-        ]
-        if changed_sops:
-            report.rows["dicom_file_metadata_replaced"] += conn.execute(
-                sql.SQL("DELETE FROM {} WHERE sop_instance_id = ANY(%s)").format(metadata),
-                [changed_sops],
-            ).rowcount
-            conn.execute(
-                sql.SQL(
-                    "UPDATE {} SET status = 'failed', image_occurrence_id = NULL, error_message = %s"
-                    " WHERE status = 'duplicate' AND sop_instance_uid = ANY(%s)"
-                ).format(ledger),
-                [
-                    "the ingested copy of this SOP instance (another path) changed; the next run ingests this one",
-                    changed_sops,
-                ],
-            )
-        if replaced_paths:
-            conn.execute(
-                sql.SQL("DELETE FROM {} WHERE file_path = ANY(%s)").format(ledger), [replaced_paths]
-            )
-
-        ledger_rows: list[tuple] = []
-        failure_reasons: dict[str, str] = {}
-
-        def record(
-            outcome: ParseOutcome,
-            status: str,
-            reason: str | None = None,
-            sop: str | None = None,
-            image_occurrence_id: int | None = None,
-        ) -> None:
-            ledger_rows.append(
-                (
-                    outcome.entry.path,
-                    outcome.entry.size,
-                    outcome.entry.mtime_ns,
-                    status,
-                    storable_text(reason),
-                    sop,
-                    image_occurrence_id,
-                )
-            )
-            report.status_counts[status] += 1
-            if status == FAILED:
-                report.failures.append((outcome.entry.path, reason))
-                failure_reasons[outcome.entry.path] = reason
-
-        # 3. Duplicates: SOP instances already ingested from another path, or twice in this batch.
-        parsed = [o for o in todo if o.instance is not None]
-        for o in todo:
-            if o.instance is None:
-                record(o, FAILED, o.error)
-        existing_sops = dict(
-            conn.execute(
-                sql.SQL(
-                    "SELECT sop_instance_uid, image_occurrence_id FROM {} WHERE status = 'ingested'"
-                    " AND sop_instance_uid = ANY(%s)"
-                ).format(ledger),
-                [[o.instance.sop_instance_uid for o in parsed]],
-            ).fetchall()
-        )
-        fresh: list[ParseOutcome] = []
-        first_path_of_sop: dict[str, ParseOutcome] = {}
-        in_batch_duplicates: list[ParseOutcome] = []
-        for o in parsed:
-            sop = o.instance.sop_instance_uid
-            if sop in existing_sops:
-                record(o, DUPLICATE, sop=sop, image_occurrence_id=existing_sops[sop])
-            elif sop in first_path_of_sop:
-                in_batch_duplicates.append(o)
-            else:
-                first_path_of_sop[sop] = o
-                fresh.append(o)
-
-        # 4. Persons.
-        persons = _persons(
-            conn, state, {o.instance.patient_id for o in fresh if o.instance.patient_id}
-        )
-        ready: list[tuple[ParseOutcome, int]] = []
-        for o in fresh:
-            person_id, reason = _person_for(state, persons, o.instance.patient_id)
-            if reason:
-                report.person_misses += 1
-                record(o, FAILED, reason, sop=o.instance.sop_instance_uid)
-            else:
-                ready.append((o, person_id))
-
-        # 5. Studies -> procedure_occurrence, series -> image_occurrence (existing or new).
-        instances = [o.instance for o, _ in ready]
-        series_ids = dict(
-            conn.execute(
-                sql.SQL(
-                    "SELECT image_series_uid, image_occurrence_id FROM {} WHERE image_series_uid = ANY(%s)"
-                ).format(image_occurrence),
-                [sorted({i.series_instance_uid for i in instances})],
-            ).fetchall()
-        )
-        new_series: dict[str, tuple[ParseOutcome, int]] = {}
-        for o, person_id in ready:
-            uid = o.instance.series_instance_uid
-            if uid not in series_ids and uid not in new_series:
-                new_series[uid] = (o, person_id)
-
-        study_keys = {
-            (o.instance.study_instance_uid, person_id) for o, person_id in new_series.values()
-        }
-        procedure_ids = {
-            (study, person): pid
-            for study, person, pid in conn.execute(
-                sql.SQL(
-                    "SELECT image_study_uid, person_id, min(procedure_occurrence_id) FROM {}"
-                    " WHERE image_study_uid = ANY(%s) GROUP BY 1, 2"
-                ).format(image_occurrence),
-                [sorted({s for s, _ in study_keys})],
-            )
-        }
-        new_studies: dict[tuple[str, int], DicomInstance] = {}
-        for o, person_id in new_series.values():
-            key = (o.instance.study_instance_uid, person_id)
-            if key not in procedure_ids and key not in new_studies:
-                new_studies[key] = o.instance
-        first = _reserve_ids(
-            conn, state.schemas, "dicom_etl_procedure_occurrence_id_seq", len(new_studies)
-        )
-        procedure_rows = []
-        for offset, (key, inst) in enumerate(new_studies.items()):
-            procedure_ids[key] = first + offset
-            procedure_rows.append(
-                (
-                    first + offset,
-                    key[1],
-                    0,
-                    inst.procedure_date,
-                    EHR_TYPE_CONCEPT_ID,
-                    storable_text(inst.study_description, PROCEDURE_SOURCE_VALUE_LENGTH),
-                )
-            )
-        report.rows["procedure_occurrence"] += _copy(
-            conn, procedure_occurrence, _PROCEDURE_COLUMNS, procedure_rows
-        )
-
-        state.concepts.prepare(
-            {o.instance.modality for o, _ in new_series.values()},
-            {o.instance.body_part_examined for o, _ in new_series.values()},
-        )
-        first = _reserve_ids(
-            conn, state.schemas, "dicom_etl_image_occurrence_id_seq", len(new_series)
-        )
-        image_rows = []
-        for offset, (uid, (o, person_id)) in enumerate(new_series.items()):
-            inst = o.instance
-            series_ids[uid] = first + offset
-            modality_id = state.concepts.modality(inst.modality)
-            site_id = state.concepts.anatomic_site(inst.body_part_examined)
-            image_rows.append(
-                (
-                    first + offset,
-                    person_id,
-                    procedure_ids[(inst.study_instance_uid, person_id)],
-                    site_id,
-                    _parent_folder(o.entry.path),
-                    inst.image_date,
-                    inst.study_instance_uid,
-                    uid,
-                    modality_id,
-                )
-            )
-            report.series_by_modality[
-                (inst.modality or "", inst.body_part_examined or "", modality_id, site_id)
-            ] += 1
-        report.rows["image_occurrence"] += _copy(conn, image_occurrence, _IMAGE_COLUMNS, image_rows)
-
-        # 6. Every element of every instance into the EAV table, as the workers rendered it.
-        rendered = [o.metadata for o, _ in ready]
-        _ensure_data_elements(conn, state, rendered)
-        # Reserved before COPY starts: the connection can run no other statement during COPY.
-        first_metadata_id = _reserve_ids(
-            conn, state.schemas, "dicom_etl_metadata_id_seq", sum(r.row_count for r in rendered)
-        )
-        first_dataset_id = _reserve_ids(
-            conn, state.schemas, "dicom_etl_dataset_id_seq", sum(r.item_count for r in rendered)
-        )
-        report.rows["dicom_file_metadata"] += _copy_metadata(
-            conn,
-            metadata,
-            state.data_elements,
-            rendered,
-            [series_ids[i.series_instance_uid] for i in instances],
-            first_metadata_id,
-            first_dataset_id,
-            now_text,
-        )
-        for o, _ in ready:
-            record(
-                o,
-                INGESTED,
-                sop=o.instance.sop_instance_uid,
-                image_occurrence_id=series_ids[o.instance.series_instance_uid],
-            )
-        for o in in_batch_duplicates:
-            first_holder = first_path_of_sop[o.instance.sop_instance_uid]
-            holder_series = series_ids.get(first_holder.instance.series_instance_uid)
-            if (
-                holder_series is None
-            ):  # the first copy failed (no person): this copy fails the same way
-                record(
-                    o,
-                    FAILED,
-                    failure_reasons[first_holder.entry.path],
-                    sop=o.instance.sop_instance_uid,
-                )
-            else:
-                record(
-                    o, DUPLICATE, sop=o.instance.sop_instance_uid, image_occurrence_id=holder_series
-                )
-
-        # 7. The ledger, in the same transaction.
-        first = _reserve_ids(conn, state.schemas, "dicom_etl_ingest_log_id_seq", len(ledger_rows))
-        report.rows["dicom_ingest_log"] += _copy(
-            conn,
-            ledger,
-            _LEDGER_COLUMNS,
+    rows = []
+    for i, e in enumerate(entries):
+        io_id = None if e.image_occurrence is None else resolve(e.image_occurrence, first_image_id)
+        rows.append(
             (
-                (first + i, *row[:7], state.run_id, processed_at)
-                for i, row in enumerate(ledger_rows)
-            ),
+                first + i,
+                e.entry.path,
+                e.entry.size,
+                e.entry.mtime_ns,
+                e.status,
+                storable_text(e.reason),
+                e.sop_instance_uid,
+                io_id,
+                state.run_id,
+                processed_at,
+            )
         )
-    return report
-
-
-def _parent_folder(path: str) -> str:
-    return path.rsplit("/", 1)[0] if "/" in path else path
-
-
-def _persons(
-    conn: psycopg.Connection, state: RunState, patient_ids: set[str]
-) -> dict[str, tuple[str, int]]:
-    """upper(patient id) -> (person id as text, number of distinct persons), one query per batch."""
-    if state.mapping is None or not patient_ids:
-        return {}
-    m = state.mapping
-    query = sql.SQL(
-        "SELECT upper(CAST({patient} AS text)), CAST(min({person}) AS text), count(DISTINCT {person})"
-        " FROM {table} WHERE upper(CAST({patient} AS text)) = ANY(%s) GROUP BY 1"
-    ).format(
-        patient=sql.Identifier(m.patient_column),
-        person=sql.Identifier(m.person_column),
-        table=sql.Identifier(m.schema, m.table),
+        report.status_counts[e.status.value] += 1  # plain text keys, as reports print them
+        if e.status == LedgerStatus.FAILED:
+            report.failures.append((e.entry.path, e.reason or ""))
+    report.rows["dicom_ingest_log"] += _copy_any(
+        conn, tables["dicom_ingest_log"], _LEDGER_COLUMNS, rows
     )
-    return {
-        key: (person, n)
-        for key, person, n in conn.execute(query, [sorted({p.upper() for p in patient_ids})])
-    }
-
-
-def _person_for(
-    state: RunState, persons: dict[str, tuple[str, int]], patient_id: str | None
-) -> tuple[int, str | None]:
-    """(person_id, None) or (0, failure reason). Lookup is case-insensitive, like the original."""
-    if patient_id and patient_id.upper() in persons:
-        person, n = persons[patient_id.upper()]
-        if n > 1:
-            return (
-                0,
-                f"patient {patient_reference(patient_id)} maps to {n} different persons in the mapping table",
-            )
-        try:
-            return int(person), None
-        except ValueError:
-            return (
-                0,
-                f"patient {patient_reference(patient_id)} maps to a person id that is not an integer",
-            )
-    if state.missing_person_policy == "use_id_zero":
-        return 0, None
-    if state.mapping is None:
-        return 0, "no person: the mapping table does not exist (missing_person_id_options: skip)"
-    m = state.mapping
-    who = f"patient {patient_reference(patient_id)}" if patient_id else "the file has no PatientID"
-    return 0, f"no person for {who} in {m.schema}.{m.table} (missing_person_id_options: skip)"
 
 
 def _ensure_data_elements(
     conn: psycopg.Connection, state: RunState, rendered: list[RenderedMetadata]
 ) -> None:
     """Add tags the dictionary lacks (private, unknown) once, and learn their ids."""
-    missing: dict[str, tuple] = {}
+    missing: dict[str, TagCandidate] = {}
     # Files with the same tags usually share one candidates object (see metadata_copy): look at it once.
     distinct = {
         id(r.new_tag_candidates): r.new_tag_candidates for r in rendered
@@ -526,7 +359,8 @@ def _ensure_data_elements(
                 missing[tag] = candidate
     if not missing:
         return
-    table = sql.Identifier(state.schemas.medical_imaging, "dicom_data_element")
+    tables = state.tables
+    table = tables["dicom_data_element"]
     tags, names, keywords, vrs, private = (list(col) for col in zip(*missing.values()))
     conn.execute(
         sql.SQL(
@@ -538,9 +372,7 @@ def _ensure_data_elements(
             " ON CONFLICT DO NOTHING"
         ).format(
             table=table,
-            seq=sql.Literal(
-                sequence_name(state.schemas, "dicom_etl_data_element_id_seq").as_string(conn)
-            ),
+            seq=sql.Literal(tables.sequence_text("dicom_etl_data_element_id_seq", conn)),
         ),
         [tags, names, keywords, vrs, private],
     )
