@@ -52,9 +52,8 @@ def test_missing_person_option_accepts_any_case(value, policy):
 
 
 def test_missing_person_option_rejects_other_values():
-    from dicom_etl_dagster.config import EtlOptions
-
     from dicom_etl_dagster.assets.common import dagster_failures
+    from dicom_etl_dagster.config import EtlOptions
 
     # The run fails with that one line: the option error becomes the step's dg.Failure.
     with pytest.raises(dg.Failure, match="must be one of skip, use_id_zero"), dagster_failures():

@@ -2,6 +2,7 @@
 dicom_file_metadata and the ingest ledger, written together batch by batch."""
 
 from collections import Counter
+from collections.abc import Mapping
 
 import dagster as dg
 
@@ -160,7 +161,7 @@ def _occurrence_results(
 
 
 def _file_results(
-    report: IngestReport, seconds: Counter, tables: Tables, common: dict, workers: int
+    report: IngestReport, seconds: Mapping[str, float], tables: Tables, common: dict, workers: int
 ) -> list[dg.MaterializeResult]:
     counts = report.status_counts
     elapsed = sum(seconds.values())
