@@ -9,8 +9,8 @@ import dagster as dg
 import psycopg
 
 from dicom_etl_dagster.config import EtlOptions, run_schemas
-from dicom_etl_dagster.core.db.ddl import ensure_tables
 from dicom_etl_dagster.core.db.identifiers import InvalidIdentifierError, Schemas
+from dicom_etl_dagster.core.db.migrate import ensure_tables
 from dicom_etl_dagster.core.vocabulary.files import VocabularyFileError
 from dicom_etl_dagster.resources.database import (
     DatabaseUnavailableError,

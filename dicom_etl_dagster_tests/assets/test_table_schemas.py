@@ -7,8 +7,8 @@ import pytest
 import sqlalchemy as sa
 
 from dicom_etl_dagster.assets.table_schemas import TABLE_SCHEMAS, type_name
-from dicom_etl_dagster.core.db.ddl import ensure_tables
 from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.db.migrate import ensure_tables
 from dicom_etl_dagster.core.db.schema import STANDARD_COLUMNS, metadata
 from dicom_etl_dagster.definitions import defs
 
@@ -89,6 +89,23 @@ def test_every_column_is_described_or_a_standard_omop_column():
                 else f"{table.name}.{column.name}: standard and commented; pick one"
             )
     assert set(STANDARD_COLUMNS) <= {t.name for t in metadata.tables.values()}
+
+
+def test_the_ui_descriptions_are_the_postgresql_comments(db):
+    ensure_tables(db, Schemas())
+    for table in metadata.tables.values():
+        schema = {"{cdm}": "cdmdefault", "{vocab}": "cdmvocab"}.get(
+            table.schema, "cdmmedicalimaging"
+        )
+        comments = dict(
+            db.execute(
+                "SELECT attname, col_description(attrelid, attnum) FROM pg_attribute"
+                " WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
+                [f"{schema}.{table.name}"],
+            ).fetchall()
+        )
+        documented = {c.name: c.description for c in TABLE_SCHEMAS[table.name].columns}
+        assert documented == comments, table.name
 
 
 def test_a_type_the_ui_cannot_name_is_an_error():

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from dicom_etl_dagster.core.db.ddl import sequence_name
 from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.db.tables import Tables
 from dicom_etl_dagster.core.dicom.reader import DicomInstance
 from dicom_etl_dagster.core.ingest.concepts import ConceptResolver
 from dicom_etl_dagster.core.ingest.metadata_copy import COLUMNS as METADATA_COLUMNS
@@ -123,7 +123,7 @@ def _reserve_ids(conn: psycopg.Connection, schemas: Schemas, sequence: str, coun
     """
     if count == 0:
         return 0
-    name = sequence_name(schemas, sequence).as_string(conn)
+    name = Tables(schemas).sequence(sequence).as_string(conn)
     last = conn.execute(
         "SELECT setval(%s::regclass, nextval(%s::regclass) + %s - 1)", [name, name, count]
     ).fetchone()[0]
@@ -539,7 +539,7 @@ def _ensure_data_elements(
         ).format(
             table=table,
             seq=sql.Literal(
-                sequence_name(state.schemas, "dicom_etl_data_element_id_seq").as_string(conn)
+                Tables(state.schemas).sequence("dicom_etl_data_element_id_seq").as_string(conn)
             ),
         ),
         [tags, names, keywords, vrs, private],

@@ -18,8 +18,8 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from dicom_etl_dagster.core.db.ddl import sequence_name
 from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.db.tables import Tables
 from dicom_etl_dagster.core.vocabulary import files
 
 VALID_START = dt.date(1993, 1, 1)
@@ -326,7 +326,7 @@ def load_data_elements(
                 target=target,
                 cols=cols,
                 seq=sql.Literal(
-                    sequence_name(schemas, "dicom_etl_data_element_id_seq").as_string(conn)
+                    Tables(schemas).sequence("dicom_etl_data_element_id_seq").as_string(conn)
                 ),
             )
         ).rowcount
