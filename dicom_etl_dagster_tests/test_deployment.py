@@ -29,8 +29,8 @@ import pytest
 
 from dicom_etl_dagster.core import cpu
 from dicom_etl_dagster.core.cpu import available_cpus
-from dicom_etl_dagster.core.db.ddl import ensure_tables
 from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.db.migrate import ensure_tables
 from dicom_etl_dagster.executor import default_executor
 from dicom_etl_dagster_tests.conftest import REPO_ROOT, _with_database, scalar
 from dicom_etl_dagster_tests.dicom_samples import expected_metadata_rows

@@ -7,7 +7,7 @@ Phases, all on the same files:
    does (``parse_pool.parse_batches`` -> ``read_instance``), same worker count, no
    database. The practical upper limit for the ETL.
 2. ETL: ``ingest.prepare_run`` + ``ingest.ingest_folder`` (the core of the
-   ``ingest_metadata`` job) into a real PostgreSQL, after ``ddl.ensure_tables`` and the
+   ``ingest_metadata`` job) into a real PostgreSQL, after ``migrate.ensure_tables`` and the
    DICOM2OMOP vocabulary load (not timed). Then the same folder again (nothing to do).
 3. row-at-a-time baseline: the original plugin's statement pattern
    (``baseline_row_at_a_time.py``) on an evenly spread subset, in its own schema.
@@ -63,8 +63,8 @@ import baseline_row_at_a_time as baseline  # noqa: E402
 import make_corpus  # noqa: E402
 
 from dicom_etl_dagster.core.cpu import available_cpus  # noqa: E402
-from dicom_etl_dagster.core.db.ddl import ensure_tables  # noqa: E402
 from dicom_etl_dagster.core.db.identifiers import Schemas  # noqa: E402
+from dicom_etl_dagster.core.db.migrate import ensure_tables  # noqa: E402
 from dicom_etl_dagster.core.ingest import run as ingest_module  # noqa: E402
 from dicom_etl_dagster.core.ingest.file_scan import FileEntry, iter_files  # noqa: E402
 from dicom_etl_dagster.core.ingest.parse_pool import Parsed, parse_batches  # noqa: E402

@@ -10,7 +10,7 @@ import psycopg
 
 from dicom_etl_dagster.config import EtlOptions, run_schemas
 from dicom_etl_dagster.core.db.connection import connection_lost
-from dicom_etl_dagster.core.db.ddl import ensure_tables
+from dicom_etl_dagster.core.db.migrate import ensure_tables
 from dicom_etl_dagster.core.db.tables import Tables
 from dicom_etl_dagster.core.errors import DicomEtlError
 from dicom_etl_dagster.resources.database import PostgresResource

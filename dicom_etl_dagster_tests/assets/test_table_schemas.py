@@ -1,13 +1,15 @@
-"""The column schemas the UI shows are the columns the ETL creates."""
+"""The column schemas the UI shows are the columns the ETL creates, with the comments PostgreSQL has."""
 
 from __future__ import annotations
 
 import dagster as dg
 import pytest
+import sqlalchemy as sa
 
-from dicom_etl_dagster.assets.table_schemas import TABLE_SCHEMAS, parse_table
-from dicom_etl_dagster.core.db.ddl import ensure_tables
+from dicom_etl_dagster.assets.table_schemas import TABLE_SCHEMAS, type_name
 from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.db.migrate import ensure_tables
+from dicom_etl_dagster.core.db.schema import STANDARD_COLUMNS, metadata
 from dicom_etl_dagster.definitions import defs
 
 TABLE_ASSETS = {
@@ -71,8 +73,43 @@ def test_schema_details_for_the_ui():
     assert "unique (server_url, sop_instance_id)" in uploads.constraints.other
 
 
-def test_ddl_the_parser_does_not_understand_is_an_error():
-    with pytest.raises(ValueError, match="not understood"):
-        parse_table(
-            "t", "CREATE TABLE {schema}.t (\n    a integer NOT NULL,\n    b weird stuff here\n);"
+def test_every_column_is_described_or_a_standard_omop_column():
+    for table in metadata.tables.values():
+        assert table.comment, f"{table.name} has no comment"
+        standard = STANDARD_COLUMNS.get(table.name, frozenset())
+        names = {c.name for c in table.columns}
+        assert standard <= names, (
+            f"{table.name}: listed as standard but missing: {standard - names}"
         )
+        for column in table.columns:
+            listed = column.name in standard
+            assert bool(column.comment) != listed, (
+                f"{table.name}.{column.name}: needs a comment or a place in STANDARD_COLUMNS"
+                if not listed
+                else f"{table.name}.{column.name}: standard and commented; pick one"
+            )
+    assert set(STANDARD_COLUMNS) <= {t.name for t in metadata.tables.values()}
+
+
+def test_the_ui_descriptions_are_the_postgresql_comments(db):
+    ensure_tables(db, Schemas())
+    for table in metadata.tables.values():
+        schema = {"{cdm}": "cdmdefault", "{vocab}": "cdmvocab"}.get(
+            table.schema, "cdmmedicalimaging"
+        )
+        comments = dict(
+            db.execute(
+                "SELECT attname, col_description(attrelid, attnum) FROM pg_attribute"
+                " WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
+                [f"{schema}.{table.name}"],
+            ).fetchall()
+        )
+        documented = {c.name: c.description for c in TABLE_SCHEMAS[table.name].columns}
+        assert documented == comments, table.name
+
+
+def test_a_type_the_ui_cannot_name_is_an_error():
+    assert type_name(sa.String(20)) == "varchar(20)"
+    assert type_name(sa.DateTime(timezone=True)) == "timestamptz"
+    with pytest.raises(ValueError, match="no UI type name"):
+        type_name(sa.Numeric(10, 2))

@@ -21,8 +21,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from dicom_etl_dagster.core.db.ddl import ensure_tables
 from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.db.migrate import ensure_tables
 from dicom_etl_dagster.core.dicom.reader import DicomInstance, ElementRow, read_instance
 from dicom_etl_dagster.core.ingest.metadata_copy import (
     COLUMNS,

@@ -18,8 +18,8 @@ import pytest
 from psycopg import sql
 from pydicom.uid import generate_uid
 
-from dicom_etl_dagster.core.db.ddl import ensure_tables
 from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.db.migrate import ensure_tables
 from dicom_etl_dagster.core.ingest.run import ingest_folder, prepare_run
 from dicom_etl_dagster.core.ingest.writer import PersonMapping
 from dicom_etl_dagster_tests.conftest import scalar

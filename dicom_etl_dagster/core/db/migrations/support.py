@@ -1,0 +1,208 @@
+"""What the revisions share: ownership, catalog checks and the changes they make.
+
+Every helper takes the migration's SQLAlchemy connection. DDL from the metadata goes through
+it (so the schema translate map places it in the run's schemas); catalog look-ups use the
+shared psycopg helpers of ``core/db/tables.py`` on the same underlying connection, so they
+see the migration's own uncommitted changes. Each helper looks before it changes anything:
+a revision built from them is a no-op where there is nothing to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import cast
+
+import psycopg
+import sqlalchemy as sa
+from alembic import op
+from psycopg import sql
+from sqlalchemy.schema import CreateIndex, SetColumnComment, SetTableComment
+
+from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.db.schema import MI, metadata, owned_table, real_schema
+from dicom_etl_dagster.core.db.tables import SEQUENCES, Tables, column_type, table_exists
+
+_NUMERIC = ("integer", "bigint", "smallint", "numeric")
+
+
+def psycopg_connection(bind: sa.Connection) -> psycopg.Connection:
+    """The psycopg connection under ``bind`` (same session, same transaction)."""
+    return cast(psycopg.Connection, bind.connection.driver_connection)
+
+
+def run_attributes() -> dict:
+    """``config.attributes`` of the running migration (set by core/db/migrate.py)."""
+    config = op.get_context().config
+    assert config is not None, "the ETL's migrations run through core/db/migrate.py"
+    return config.attributes
+
+
+def run_schemas() -> Schemas:
+    return cast(Schemas, run_attributes()["schemas"])
+
+
+def metadata_index(table: str, name: str) -> sa.Index:
+    """The metadata's index ``name`` of ``table``."""
+    found = [
+        index
+        for t in metadata.tables.values()
+        if t.name == table
+        for index in t.indexes
+        if index.name == name
+    ]
+    assert len(found) == 1, f"no index {name} on {table} in the metadata"
+    return found[0]
+
+
+# --------------------------------------------------------------------------
+# Ownership
+# --------------------------------------------------------------------------
+def _owned_table_name(schemas: Schemas) -> sql.Identifier:
+    return sql.Identifier(schemas.medical_imaging, owned_table.name)
+
+
+def owned_tables(bind: sa.Connection, schemas: Schemas) -> set[str]:
+    """Names of the medical-imaging tables the ETL owns (may upgrade)."""
+    conn = psycopg_connection(bind)
+    if not table_exists(conn, schemas.medical_imaging, owned_table.name):
+        return set()
+    rows = conn.execute(
+        sql.SQL("SELECT table_name FROM {} WHERE table_schema = %s").format(
+            _owned_table_name(schemas)
+        ),
+        [schemas.medical_imaging],
+    ).fetchall()
+    return {row[0] for row in rows}
+
+
+def record_owned(
+    bind: sa.Connection, schemas: Schemas, tables: Iterable[str], revision: str
+) -> None:
+    """Record ``tables`` (medical-imaging schema) as the ETL's; a table recorded before keeps
+    the revision it was first recorded at. Creates the ownership table when missing."""
+    owned_table.create(bind, checkfirst=True)
+    conn = psycopg_connection(bind)
+    for table in tables:
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (table_schema, table_name, owned_since_revision)"
+                " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING"
+            ).format(_owned_table_name(schemas)),
+            [schemas.medical_imaging, table, revision],
+        )
+
+
+def index_methods(bind: sa.Connection, schema: str, table: str) -> dict[str, str]:
+    """Index name -> access method (btree, hash, ...) of the indexes of ``schema.table``."""
+    conn = psycopg_connection(bind)
+    rows = conn.execute(
+        "SELECT ic.relname, am.amname FROM pg_index i"
+        " JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_am am ON am.oid = ic.relam"
+        " WHERE i.indrelid = to_regclass(%s)",
+        [sql.Identifier(schema, table).as_string(conn)],
+    ).fetchall()
+    return {str(name): str(method) for name, method in rows}
+
+
+# --------------------------------------------------------------------------
+# Creating what is missing
+# --------------------------------------------------------------------------
+def create_missing(bind: sa.Connection, schemas: Schemas, revision: str) -> list[str]:
+    """Create the metadata's missing tables (with indexes and comments) and sequences.
+
+    Returns the ``schema.table`` names created; created medical-imaging tables are recorded
+    as owned since ``revision``. Existing tables are not looked at.
+    """
+    conn = psycopg_connection(bind)
+    created, owned = [], []
+    for table in metadata.tables.values():
+        schema = real_schema(table, schemas)
+        if table_exists(conn, schema, table.name):
+            continue
+        table.create(bind)
+        created.append(f"{schema}.{table.name}")
+        if table.schema == MI:
+            owned.append(table.name)
+    record_owned(bind, schemas, owned, revision)
+    ensure_sequences(bind, schemas)
+    return created
+
+
+def ensure_sequences(bind: sa.Connection, schemas: Schemas) -> None:
+    """Create missing id sequences, each starting above the ids its table already holds.
+
+    Once, at creation: a user's (or the original plugin's) rows keep their ids. Columns the
+    original plugin filled with UUID strings have nothing to start above.
+    """
+    conn = psycopg_connection(bind)
+    tables = Tables(schemas)
+    for sequence, table, column in SEQUENCES:
+        if table_exists(conn, schemas.medical_imaging, sequence):
+            continue
+        conn.execute(sql.SQL("CREATE SEQUENCE {}").format(tables.sequence(sequence)))
+        if column_type(conn, tables.schema_of(table), table, column) in _NUMERIC:
+            conn.execute(
+                sql.SQL(
+                    "SELECT setval({seq}, coalesce((SELECT max({col}) FROM {tbl}), 0) + 1, false)"
+                ).format(
+                    seq=sql.Literal(tables.sequence_text(sequence, conn)),
+                    col=sql.Identifier(column),
+                    tbl=tables[table],
+                )
+            )
+
+
+# --------------------------------------------------------------------------
+# Upgrading owned tables
+# --------------------------------------------------------------------------
+def add_missing_comments(bind: sa.Connection, schemas: Schemas, table: sa.Table) -> int:
+    """COMMENT ON the table and on its columns that have no comment yet; returns how many.
+
+    A comment someone wrote on an owned table is kept; columns the table lacks are skipped.
+    """
+    conn = psycopg_connection(bind)
+    name = sql.Identifier(real_schema(table, schemas), table.name).as_string(conn)
+    current: dict[str, str | None] = dict(
+        conn.execute(
+            "SELECT attname, col_description(attrelid, attnum) FROM pg_attribute"
+            " WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
+            [name],
+        ).fetchall()
+    )
+    row = conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", [name]).fetchone()
+    changes = 0
+    if table.comment and row is not None and row[0] is None:
+        bind.execute(SetTableComment(table))
+        changes += 1
+    for column in table.columns:
+        if column.comment and column.name in current and current[column.name] is None:
+            bind.execute(SetColumnComment(column))
+            changes += 1
+    return changes
+
+
+def ensure_index(bind: sa.Connection, schemas: Schemas, index: sa.Index) -> bool:
+    """Give the table the metadata's ``index`` if it lacks it or has it with another method.
+
+    The old index is renamed, the new one built, then the old one dropped, all in the
+    migration's transaction. Returns whether anything changed.
+    """
+    table = index.table
+    assert table is not None and index.name is not None
+    schema = real_schema(table, schemas)
+    wanted = index.dialect_options["postgresql"]["using"] or "btree"
+    found = index_methods(bind, schema, table.name).get(str(index.name))
+    if found == wanted:
+        return False
+    conn = psycopg_connection(bind)
+    old = f"{index.name}_{found}_old"
+    if found is not None:
+        conn.execute(
+            sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+                sql.Identifier(schema, str(index.name)), sql.Identifier(old)
+            )
+        )
+    bind.execute(CreateIndex(index))
+    if found is not None:
+        conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(schema, old)))
+    return True

@@ -1,0 +1,490 @@
+"""Schema versioning on real PostgreSQL.
+
+A database the f2260e1 release set up (its DDL, its sequences and the rows its ingest
+wrote, frozen in fixtures/f2260e1, see its README) is upgraded in place and ingests on as if
+nothing happened; a B-tree index of an older release becomes the hash index; tables a user
+created are left exactly as they were; a fresh database ends at head with the f2260e1 shape
+plus comments; concurrent calls take turns; at head the check is two queries.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from urllib.parse import quote
+
+import pgserver
+import psycopg
+import pydicom
+import pytest
+from alembic.script import ScriptDirectory
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from dicom_etl_dagster.core.db import migrate
+from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.db.migrate import HEAD, ensure_tables, schema_version
+from dicom_etl_dagster.core.db.schema import MI, metadata, real_schema
+from dicom_etl_dagster.core.ingest.run import ingest_folder, prepare_run
+from dicom_etl_dagster.core.ingest.writer import IngestReport, PersonMapping
+from dicom_etl_dagster_tests.conftest import fresh_database, scalar
+from dicom_etl_dagster_tests.dicom_samples import expected_metadata_rows
+from dicom_etl_dagster_tests.written_rows import assert_ids_consistent, table_content
+
+FIXTURE = Path(__file__).parent / "fixtures" / "f2260e1"
+#: Where the release read its files from (the ledger's paths); the tests relocate them.
+FIXTURE_FOLDER = "/tmp/dicom_etl_f2260e1_fixture/dicom"
+TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+#: The files the release ingested (path in the folder -> pydicom test file), see make_fixture.py.
+OLD_FILES = {
+    "CT_small.dcm": "CT_small.dcm",
+    "MR_small.dcm": "MR_small.dcm",
+    "copy/MR_small.dcm": "MR_small.dcm",
+    "nested_priv_SQ.dcm": "nested_priv_SQ.dcm",
+}
+FAILED_FILE = "nested_priv_SQ.dcm"
+NEW_FILES = ("rtplan.dcm", "test-SR.dcm")
+SCHEMAS = Schemas()
+MI_SCHEMA, CDM_SCHEMA, VOCAB_SCHEMA = SCHEMAS.medical_imaging, SCHEMAS.cdm, SCHEMAS.vocab
+#: The tables an ingest writes, with their primary keys.
+WRITTEN = {
+    "procedure_occurrence": "procedure_occurrence_id",
+    "image_occurrence": "image_occurrence_id",
+    "dicom_data_element": "data_element_id",
+    "dicom_file_metadata": "metadata_id",
+    "dicom_ingest_log": "ingest_log_id",
+}
+#: What revision 1 recognises as created by f2260e1 (image_feature has no index of the ETL's).
+OWNED_BY_F2260E1 = {
+    "image_occurrence",
+    "dicom_data_element",
+    "dicom_file_metadata",
+    "file_upload_metadata",
+    "dicom_ingest_log",
+}
+TABLES = {table.name: table for table in metadata.tables.values()}
+MI_TABLES = {name for name, table in TABLES.items() if table.schema == MI}
+SOP_INDEX = "idx_dicom_file_metadata_sop_instance"
+
+
+# --------------------------------------------------------------------------
+# The f2260e1 database
+# --------------------------------------------------------------------------
+def apply_f2260e1_ddl(conn: psycopg.Connection, btree_sop_index: bool = False) -> None:
+    """What f2260e1's ddl.ensure_tables ran on an empty database (optionally as before 355a6a7)."""
+    for schema in (VOCAB_SCHEMA, CDM_SCHEMA, MI_SCHEMA):
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    for name, schema in (
+        ("vocabulary.sql", VOCAB_SCHEMA),
+        ("cdm.sql", CDM_SCHEMA),
+        ("medical_imaging.sql", MI_SCHEMA),
+        ("sequences.sql", MI_SCHEMA),
+    ):
+        text = (FIXTURE / name).read_text()
+        if btree_sop_index and name == "medical_imaging.sql":
+            assert "USING hash (sop_instance_id)" in text
+            text = text.replace("USING hash (sop_instance_id)", "(sop_instance_id)")
+        conn.execute(sql.SQL(text).format(schema=sql.Identifier(schema)))
+
+
+def f2260e1_database(url: str, folder: Path, btree_sop_index: bool = False) -> None:
+    """The release's tables and the rows its ingest wrote, with the files relocated to ``folder``."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        apply_f2260e1_ddl(conn, btree_sop_index)
+    with psycopg.connect(url, autocommit=True) as conn:  # data.sql empties the search_path
+        conn.execute((FIXTURE / "data.sql").read_text().replace(FIXTURE_FOLDER, str(folder)))
+
+
+def place_files(conn: psycopg.Connection, folder: Path) -> None:
+    """The release's files where its ledger has them (same size and mtime), and new ones."""
+    for name, source in OLD_FILES.items():
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(TEST_FILES / source, target)
+        mtime = scalar(
+            conn,
+            f"SELECT file_mtime_ns FROM {MI_SCHEMA}.dicom_ingest_log WHERE file_path = %s",
+            [str(target)],
+        )
+        os.utime(target, ns=(mtime, mtime))
+    for name in NEW_FILES:
+        (folder / "new").mkdir(exist_ok=True)
+        shutil.copyfile(TEST_FILES / name, folder / "new" / name)
+
+
+def ingest(conn: psycopg.Connection, folder: Path, run_id: str = "run") -> IngestReport:
+    mapping = PersonMapping(MI_SCHEMA, "mappingtable", "source_person_id", "source_patient_id")
+    state = prepare_run(conn, SCHEMAS, run_id, "use_id_zero", mapping, lambda message: None)
+    return ingest_folder(conn, state, folder, 50, 1)[0]
+
+
+# --------------------------------------------------------------------------
+# What the database holds
+# --------------------------------------------------------------------------
+def rows(conn: psycopg.Connection) -> dict[str, dict[int, dict]]:
+    """Every row of the written tables, by primary key."""
+    found = {}
+    for table, key in WRITTEN.items():
+        name = sql.Identifier(real_schema(TABLES[table], SCHEMAS), table)
+        cursor = conn.cursor(row_factory=dict_row)
+        found[table] = {r[key]: r for r in cursor.execute(sql.SQL("SELECT * FROM {}").format(name))}
+    return found
+
+
+def catalog(conn: psycopg.Connection, table: str) -> dict:
+    """The table as the catalog describes it: columns, defaults, comments, constraints, indexes."""
+    schema = real_schema(TABLES[table], SCHEMAS)
+    regclass = sql.Identifier(schema, table).as_string(conn)
+    columns = conn.execute(
+        "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,"
+        " pg_get_expr(d.adbin, d.adrelid), col_description(a.attrelid, a.attnum)"
+        " FROM pg_attribute a LEFT JOIN pg_attrdef d ON (d.adrelid, d.adnum) = (a.attrelid, a.attnum)"
+        " WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+        [regclass],
+    ).fetchall()
+    constraints = conn.execute(
+        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = to_regclass(%s)",
+        [regclass],
+    ).fetchall()
+    indexes = conn.execute(
+        "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = %s AND tablename = %s",
+        [schema, table],
+    ).fetchall()
+    return {
+        "columns": columns,
+        "constraints": sorted(constraints),
+        "indexes": sorted(indexes),
+        "comment": scalar(conn, "SELECT obj_description(to_regclass(%s), 'pg_class')", [regclass]),
+    }
+
+
+def without_comments(described: dict) -> dict:
+    return {
+        **described,
+        "columns": [column[:-1] + (None,) for column in described["columns"]],
+        "comment": None,
+    }
+
+
+def assert_commented(conn: psycopg.Connection, tables: set[str]) -> None:
+    for name in tables:
+        described = catalog(conn, name)
+        assert described["comment"] == TABLES[name].comment, name
+        comments = {column[0]: column[-1] for column in described["columns"]}
+        assert comments == {c.name: c.comment for c in TABLES[name].columns}, name
+
+
+def owned(conn: psycopg.Connection) -> set[str]:
+    return {
+        row[0]
+        for row in conn.execute(
+            f"SELECT table_name FROM {MI_SCHEMA}.dicom_etl_owned_table WHERE table_schema = %s",
+            [MI_SCHEMA],
+        )
+    }
+
+
+def index_method(conn: psycopg.Connection, index: str) -> str | None:
+    return scalar(
+        conn,
+        "SELECT am.amname FROM pg_class c JOIN pg_am am ON am.oid = c.relam"
+        " WHERE c.oid = to_regclass(%s)",
+        [f"{MI_SCHEMA}.{index}"],
+    )
+
+
+# --------------------------------------------------------------------------
+# The upgrade of an f2260e1 database
+# --------------------------------------------------------------------------
+def assert_old_rows_intact(before: dict, after: dict, failed_path: str) -> None:
+    """Every row the release wrote is still there, unchanged; only the failed file's ledger row
+    was replaced, as on every re-run (a failure is retried: same path, status and reason)."""
+    for table, old in before.items():
+        if table == "dicom_ingest_log":
+            (failed,) = [r for r in old.values() if r["file_path"] == failed_path]
+            old = {k: r for k, r in old.items() if r is not failed}
+            (retried,) = [r for r in after[table].values() if r["file_path"] == failed_path]
+            assert (retried["status"], retried["error_message"]) == (
+                "failed",
+                failed["error_message"],
+            )
+            assert retried["run_id"] == "run" and failed["ingest_log_id"] not in after[table]
+        assert {k: after[table].get(k) for k in old} == old, f"{table}: old rows changed"
+
+
+def assert_new_files_ingested(
+    conn: psycopg.Connection, folder: Path, before: dict, after: dict
+) -> None:
+    ledger = {r["file_path"]: r for r in after["dicom_ingest_log"].values()}
+    for name in NEW_FILES:
+        path = folder / "new" / name
+        entry = ledger[str(path)]
+        assert entry["status"] == "ingested", entry
+        written = [
+            r
+            for r in after["dicom_file_metadata"].values()
+            if r["sop_instance_id"] == entry["sop_instance_uid"]
+        ]
+        assert len(written) == expected_metadata_rows(path), name
+        # Ids continue the release's sequences.
+        assert min(r["metadata_id"] for r in written) > max(before["dicom_file_metadata"])
+    # The release's instances were not written again: their rows are exactly the old ones.
+    old_sops = {r["sop_instance_id"] for r in before["dicom_file_metadata"].values()}
+    assert [
+        k
+        for k, r in after["dicom_file_metadata"].items()
+        if r["sop_instance_id"] in old_sops and k not in before["dicom_file_metadata"]
+    ] == []
+    series = [r["image_series_uid"] for r in after["image_occurrence"].values()]
+    assert len(series) == len(set(series)) == len(before["image_occurrence"]) + len(NEW_FILES)
+    assert_ids_consistent(conn, SCHEMAS)
+
+
+def test_an_f2260e1_database_is_upgraded_in_place_and_ingests_on(database_url, tmp_path):
+    folder = tmp_path / "dicom"
+    f2260e1_database(database_url, folder)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        place_files(conn, folder)
+        before = rows(conn)
+        not_owned = {name: catalog(conn, name) for name in TABLES.keys() - OWNED_BY_F2260E1}
+        assert all(c["comment"] is None for c in not_owned.values())
+        assert schema_version(conn, SCHEMAS) is None
+
+        assert ensure_tables(conn, SCHEMAS) == []  # the release created every table
+        assert schema_version(conn, SCHEMAS) == HEAD
+        assert rows(conn) == before, "the migration changed rows"
+        assert owned(conn) == OWNED_BY_F2260E1
+        assert_commented(conn, OWNED_BY_F2260E1)
+
+        first = ingest(conn, folder)
+        assert dict(first.status_counts) == {"ingested": len(NEW_FILES), "failed": 1}
+        assert first.files_already_done == len(OLD_FILES) - 1, "old files were read again"
+        after = rows(conn)
+        assert_old_rows_intact(before, after, str(folder / FAILED_FILE))
+        assert_new_files_ingested(conn, folder, before, after)
+
+        content = table_content(conn, SCHEMAS)
+        again = ingest(conn, folder, run_id="again")
+        assert dict(again.status_counts) == {"failed": 1}
+        assert again.files_already_done == len(OLD_FILES) + len(NEW_FILES) - 1
+        assert table_content(conn, SCHEMAS) == content, "a re-run added or changed rows"
+        # Tables of the CDM and vocabulary schemas, and the unrecognisable image_feature:
+        # exactly as the release left them (no comment, no index, nothing).
+        assert {name: catalog(conn, name) for name in not_owned} == not_owned
+
+
+def test_a_btree_sop_index_of_an_older_release_becomes_the_hash_index(
+    postgres_server, database_url, tmp_path
+):
+    f2260e1_database(database_url, tmp_path / "dicom", btree_sop_index=True)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert index_method(conn, SOP_INDEX) == "btree"
+        before = rows(conn)
+        ensure_tables(conn, SCHEMAS)
+        assert index_method(conn, SOP_INDEX) == "hash"
+        assert rows(conn) == before
+        upgraded = catalog(conn, "dicom_file_metadata")
+        assert (
+            ensure_tables(conn, SCHEMAS) == [] and catalog(conn, "dicom_file_metadata") == upgraded
+        )
+        # Exactly what a table created at head has: indexes, comments and all.
+        with (
+            fresh_database(postgres_server, "head") as url,
+            psycopg.connect(url, autocommit=True) as head,
+        ):
+            ensure_tables(head, SCHEMAS)
+            assert upgraded == catalog(head, "dicom_file_metadata")
+        count = scalar(
+            conn,
+            f"SELECT count(*) FROM {MI_SCHEMA}.dicom_file_metadata WHERE sop_instance_id = %s",
+            [next(iter(before["dicom_file_metadata"].values()))["sop_instance_id"]],
+        )
+        assert count > 0
+
+
+def _create_as_user(conn: psycopg.Connection, sql_file: str, table: str, schema: str) -> None:
+    """The table's CREATE TABLE statement of the fixture DDL, without the ETL's indexes."""
+    block = (FIXTURE / sql_file).read_text().split(f"-- table: {table}\n")[1]
+    statement = block[: block.index("\n);") + 3]
+    conn.execute(sql.SQL(statement).format(schema=sql.Identifier(schema)))
+
+
+def test_tables_a_user_created_are_left_exactly_as_they_were(db):
+    for schema in (CDM_SCHEMA, MI_SCHEMA):
+        db.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    # The original plugin's metadata table with the user's own B-tree index, and OMOP's
+    # procedure_occurrence with OMOP's own index name.
+    _create_as_user(db, "medical_imaging.sql", "dicom_file_metadata", MI_SCHEMA)
+    db.execute(
+        f"CREATE INDEX users_sop_lookup ON {MI_SCHEMA}.dicom_file_metadata (sop_instance_id)"
+    )
+    _create_as_user(db, "cdm.sql", "procedure_occurrence", CDM_SCHEMA)
+    db.execute(
+        f"CREATE INDEX idx_procedure_person_id ON {CDM_SCHEMA}.procedure_occurrence (person_id)"
+    )
+    users = {name: catalog(db, name) for name in ("dicom_file_metadata", "procedure_occurrence")}
+
+    created = ensure_tables(db, SCHEMAS)
+    assert f"{MI_SCHEMA}.dicom_file_metadata" not in created and len(created) == len(TABLES) - 2
+    assert {name: catalog(db, name) for name in users} == users
+    assert owned(db) == MI_TABLES - {"dicom_file_metadata"}
+    assert schema_version(db, SCHEMAS) == HEAD
+    assert index_method(db, "users_sop_lookup") == "btree"
+    assert ensure_tables(db, SCHEMAS) == [] and {name: catalog(db, name) for name in users} == users
+
+
+# --------------------------------------------------------------------------
+# Fresh databases, head, concurrency
+# --------------------------------------------------------------------------
+def test_a_fresh_database_ends_at_head_with_comments_and_the_f2260e1_shape(postgres_server, db):
+    created = ensure_tables(db, SCHEMAS)
+    assert created == [f"{real_schema(t, SCHEMAS)}.{t.name}" for t in metadata.tables.values()]
+    assert schema_version(db, SCHEMAS) == HEAD
+    assert owned(db) == MI_TABLES
+    assert_commented(db, set(TABLES))
+    sequences = (
+        f"SELECT sequencename, last_value FROM pg_sequences WHERE schemaname = '{MI_SCHEMA}'"
+    )
+    with (
+        fresh_database(postgres_server, "f2260e1") as url,
+        psycopg.connect(url, autocommit=True) as old,
+    ):
+        apply_f2260e1_ddl(old)
+        for name in TABLES:
+            assert without_comments(catalog(db, name)) == catalog(old, name), name
+        assert sorted(db.execute(sequences).fetchall()) == sorted(old.execute(sequences).fetchall())
+
+
+def test_sequences_start_above_the_ids_a_user_already_has(db):
+    db.execute(f"CREATE SCHEMA {CDM_SCHEMA}")
+    _create_as_user(db, "cdm.sql", "procedure_occurrence", CDM_SCHEMA)
+    db.execute(
+        f"INSERT INTO {CDM_SCHEMA}.procedure_occurrence (procedure_occurrence_id, person_id,"
+        " procedure_concept_id, procedure_date, procedure_type_concept_id)"
+        " VALUES (41, 1, 0, '2020-01-01', 32817)"
+    )
+    ensure_tables(db, SCHEMAS)
+    assert scalar(db, f"SELECT nextval('{MI_SCHEMA}.dicom_etl_procedure_occurrence_id_seq')") == 42
+    assert scalar(db, f"SELECT nextval('{MI_SCHEMA}.dicom_etl_image_occurrence_id_seq')") == 1
+
+
+@pytest.mark.parametrize("start", ["fresh", "f2260e1"])
+def test_two_threads_ensuring_tables_at_once_take_turns(database_url, tmp_path, start):
+    if start == "f2260e1":
+        f2260e1_database(database_url, tmp_path / "dicom")
+    barrier = threading.Barrier(2)
+    results: list[list[str]] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                barrier.wait()
+                results.append(ensure_tables(conn, SCHEMAS))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    everything = [f"{real_schema(t, SCHEMAS)}.{t.name}" for t in metadata.tables.values()]
+    assert sorted(results, key=len) == [[], everything if start == "fresh" else []]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert ensure_tables(conn, SCHEMAS) == []
+        assert conn.execute(
+            f"SELECT version_num FROM {MI_SCHEMA}.dicom_etl_schema_version"
+        ).fetchall() == [(HEAD,)]
+        assert owned(conn) == (MI_TABLES if start == "fresh" else OWNED_BY_F2260E1)
+
+
+class CountingConnection:
+    """A psycopg connection that counts the statements sent through it."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self._conn = conn
+        self.statements = 0
+
+    def execute(self, *args, **kwargs):
+        self.statements += 1
+        return self._conn.execute(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._conn, name)
+
+
+def test_at_head_the_check_is_two_queries_and_a_dropped_table_comes_back(
+    database_url, db, monkeypatch
+):
+    ensure_tables(db, SCHEMAS)
+    counting = CountingConnection(db)
+    with monkeypatch.context() as patched:
+        patched.setattr(migrate, "engine_like", lambda conn: pytest.fail("SQLAlchemy started"))
+        assert ensure_tables(counting, SCHEMAS) == []  # type: ignore[arg-type]
+    assert counting.statements == 2
+    with psycopg.connect(database_url) as outside_autocommit:
+        assert ensure_tables(outside_autocommit, SCHEMAS) == []
+        # No transaction left open on the caller's connection.
+        assert outside_autocommit.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    db.execute(f"DROP TABLE {MI_SCHEMA}.image_feature")
+    assert ensure_tables(db, SCHEMAS) == [f"{MI_SCHEMA}.image_feature"]
+    assert (
+        scalar(
+            db,
+            f"SELECT owned_since_revision FROM {MI_SCHEMA}.dicom_etl_owned_table WHERE table_name = %s",
+            ["image_feature"],
+        )
+        == "0001"
+    )  # owned since the table was first created
+
+
+def test_other_schema_names_get_their_own_tables_and_version(db):
+    other = Schemas(cdm="site_cdm", vocab="site_vocab", medical_imaging="site_mi")
+    ensure_tables(db, SCHEMAS)
+    assert schema_version(db, other) is None
+    assert len(ensure_tables(db, other)) == len(TABLES)
+    assert schema_version(db, other) == HEAD
+    assert scalar(db, "SELECT count(*) FROM site_mi.dicom_etl_owned_table") == len(MI_TABLES)
+
+
+def test_head_is_the_newest_revision():
+    scripts = ScriptDirectory.from_config(migrate.alembic_config(None, SCHEMAS))
+    assert scripts.get_heads() == [HEAD]
+    assert [r.revision for r in scripts.walk_revisions()] == ["0002", "0001"]
+
+
+# --------------------------------------------------------------------------
+# SQLAlchemy reaches the caller's database, also when it takes a password
+# --------------------------------------------------------------------------
+PASSWORD = "p@ss w0rd/:?"
+
+
+@pytest.fixture(scope="module")
+def password_server():
+    """A PostgreSQL of its own that asks the role ``etl`` for a password (scram-sha-256)."""
+    server = pgserver.get_server(
+        Path(tempfile.mkdtemp(prefix="dicom_etl_test_pw_")), cleanup_mode="delete"
+    )
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE etl LOGIN SUPERUSER PASSWORD {}").format(PASSWORD))
+        hba = Path(scalar(conn, "SHOW hba_file"))
+        hba.write_text("local all etl scram-sha-256\n" + hba.read_text())
+        conn.execute("SELECT pg_reload_conf()")
+    yield server
+    server.cleanup()
+
+
+def test_the_migration_connects_with_the_callers_password(password_server):
+    socket = password_server.get_uri().split("host=")[1]
+    url = f"postgresql://etl:{quote(PASSWORD, safe='')}@/postgres?host={socket}"
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(url.replace(quote(PASSWORD, safe=""), "wrong"))
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert len(ensure_tables(conn, SCHEMAS)) == len(TABLES)
+        assert schema_version(conn, SCHEMAS) == HEAD
+        assert scalar(conn, "SELECT tableowner FROM pg_tables WHERE tablename = 'concept'") == "etl"
