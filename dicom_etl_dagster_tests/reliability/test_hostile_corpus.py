@@ -8,8 +8,8 @@ reconcile exactly: ledger rows = files, statuses = the materialization's figures
 = the pydicom-computed count for every ingested clean file, one ingested path per SOP instance.
 
 Not repeated here (see the existing tests): the property-based test over read_instance
-(core/test_dicom_reader.py::test_damaged_files_never_raise_anything_else), truncation at every
-element of several files (core/test_dicom_reader.py::test_truncated_everywhere_in_other_files),
+(core/dicom/test_reader.py::test_damaged_files_never_raise_anything_else), truncation at every
+element of several files (core/dicom/test_reader.py::test_truncated_everywhere_in_other_files),
 the long StudyDescription cut (assets/test_imaging.py::test_long_study_description_is_cut_in_procedure_only).
 """
 
@@ -246,7 +246,7 @@ def test_values_from_hostile_files(corpus_run):
 
 
 # --------------------------------------------------------------------------
-# Property test: structural mutations (extends core/test_dicom_reader.py's byte-overwrite test
+# Property test: structural mutations (extends core/dicom/test_reader.py's byte-overwrite test
 # with insertions, deletions and extreme values written over length fields)
 # --------------------------------------------------------------------------
 MUTATION_SOURCES = {

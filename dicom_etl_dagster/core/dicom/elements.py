@@ -1,6 +1,6 @@
 """The shape of one metadata row and the names of tags: shared by both DICOM readers.
 
-``dicom_reader`` (pydicom, every encoding) and ``dicom_fast_path`` (raw bytes, the common
+``reader`` (pydicom, every encoding) and ``fast_path`` (raw bytes, the common
 encodings) must produce identical rows; what a row is and how a tag is named lives here
 once so that they cannot drift apart.
 """

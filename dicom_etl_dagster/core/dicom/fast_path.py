@@ -3,7 +3,7 @@
 Why: pydicom builds a DataElement per element, converts its value and serialises it again
 with ``to_json_dict``; across millions of files that is most of the ETL's CPU. This
 module walks the bytes once and renders each value directly as DICOM JSON, producing
-exactly the rows ``dicom_reader`` produces through pydicom.
+exactly the rows ``reader`` produces through pydicom.
 
 Scope: Part 10 files (preamble + "DICM") whose dataset is little endian, explicit VR
 (including the encapsulated transfer syntaxes) or implicit VR, in the default character
@@ -291,7 +291,7 @@ _new_row = tuple.__new__
 
 
 class _FastWalker:
-    """One file's walk: rows in file order, sequence rows before their items' rows, as dicom_reader."""
+    """One file's walk: rows in file order, sequence rows before their items' rows, as the reader."""
 
     def __init__(self, fp: BinaryIO, file_size: int, instance_tags: frozenset[int]) -> None:
         self.fp = fp

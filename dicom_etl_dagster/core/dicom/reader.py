@@ -3,7 +3,7 @@
 This module is deliberately pure: no Dagster, no database.  It runs inside
 worker processes over millions of files, so it
 
-* first offers the file to ``dicom_fast_path``, which reads the common encodings
+* first offers the file to ``fast_path``, which reads the common encodings
   straight from the bytes; what follows describes the pydicom path, which
   reads everything else and is the reference the fast path must match;
 * opens each file exactly once and parses it in one pass with pydicom, using
@@ -674,7 +674,7 @@ def _decode_reason(tag: int, raw: Any, exc: Exception) -> str:
 def read_instance(path: str | os.PathLike, fast_path: bool = True) -> DicomInstance:
     """Read one DICOM file; raise DicomReadError (and only that) if it cannot be ingested.
 
-    Files in the common encodings are read by ``dicom_fast_path`` straight from their
+    Files in the common encodings are read by ``fast_path`` straight from their
     bytes; every other file, and every file the fast path declines, goes through pydicom.
     Both give the same instance and rows (``fast_path=False`` forces pydicom, for tests).
     """

@@ -1,7 +1,7 @@
 """The fast path reads exactly what the pydicom path reads, and takes the common files.
 
 The oracle is ``read_instance(path, fast_path=False)``: the pydicom-based reader that
-test_dicom_reader.py and test_serializer_equivalence.py check against pydicom's DICOM JSON
+test_reader.py and test_serializer_equivalence.py check against pydicom's DICOM JSON
 model. For every file below, reading it with the fast path must give the same instance
 and the same rows, or the same failure reason. Separately, the fast path must actually
 take the files it is meant for (so a fast path that always declines fails here).

@@ -6,7 +6,7 @@ date), through whichever path it takes (the raw-bytes fast path or pydicom), ``v
 ``"InlineBinary"``; None when it has neither) in pydicom's own JSON model with all bulk
 data inlined, and ``vr`` is that model's ``"vr"``.
 
-test_dicom_reader.py checks the same values element by element, in walk order, next to
+test_reader.py checks the same values element by element, in walk order, next to
 many structural checks. Here the oracle is the whole document, ``Dataset.to_json_dict``,
 and each row is found in it by following the row's own parent links (sequence row, item
 number), so a nested value that is right but attached to the wrong item fails too, and
