@@ -11,9 +11,8 @@ import dagster as dg
 
 from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.core.db.identifiers import Schemas, validate_identifier
-from dicom_etl_dagster.core.errors import OptionsError
-
-MISSING_PERSON_CHOICES = ("skip", "use_id_zero")
+from dicom_etl_dagster.core.ingest.run import missing_person_policy
+from dicom_etl_dagster.core.ingest.status import MissingPersonPolicy
 
 
 class PersonToPatientMapping(dg.Config):
@@ -56,14 +55,9 @@ class EtlOptions(dg.Config):
     changed_after_ns: int | None = None
     changed_until_ns: int | None = None
 
-    def missing_person_policy(self) -> str:
-        policy = (self.missing_person_id_options or "").strip().lower()
-        if policy not in MISSING_PERSON_CHOICES:
-            raise OptionsError(
-                f"missing_person_id_options must be one of {', '.join(MISSING_PERSON_CHOICES)} "
-                f"(any case), not {self.missing_person_id_options!r}"
-            )
-        return policy
+    def missing_person_policy(self) -> MissingPersonPolicy:
+        """``missing_person_id_options`` in any case; a clear error if it names no policy."""
+        return missing_person_policy(self.missing_person_id_options)
 
     def dicom_folder(self) -> Path:
         """The folder to ingest: the option, else DICOM_ETL_FILES_DIR, else pydicom's samples."""
