@@ -7,32 +7,29 @@ the Alembic migrations (``core/db/migrations``) run on a SQLAlchemy connection t
 database, in one transaction under an advisory lock (two runs starting together take turns;
 the second finds head and does nothing), with the run's schema names mapped onto the
 metadata's placeholder schemas. Alembic is configured in code, so no alembic.ini is needed.
+
+SQLAlchemy and Alembic are imported when the check or a migration runs, not with this module:
+parse workers re-import their parent's main module, and a script that imports
+``ensure_tables`` (scripts/benchmark.py) would otherwise give each of them ~35 MiB of
+modules and a slower start (measured: 2% of the benchmark's parse CPU).
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+from typing import TYPE_CHECKING
 
 import psycopg
-import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
-from sqlalchemy.pool import NullPool
-from sqlalchemy.schema import CreateSchema
 
 from dicom_etl_dagster.core.db.identifiers import Schemas
-from dicom_etl_dagster.core.db.migrations.support import create_missing
-from dicom_etl_dagster.core.db.schema import (
-    VERSION_TABLE,
-    metadata,
-    owned_table,
-    real_schema,
-    schema_translate_map,
-)
-from dicom_etl_dagster.core.db.tables import SEQUENCES, table_exists
+from dicom_etl_dagster.core.db.tables import SEQUENCES, VERSION_TABLE, table_exists
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from alembic.config import Config
 
 #: The newest revision in core/db/migrations/versions (a test checks that they agree).
 HEAD = "0002"
@@ -67,6 +64,8 @@ def schema_version(conn: psycopg.Connection, schemas: Schemas) -> str | None:
 
 def alembic_config(connection: sa.Connection | None, schemas: Schemas) -> Config:
     """Alembic's Config for the ETL's migrations, without an ini file."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", SCRIPT_LOCATION)
     # New revision files start with a letter: mypy and importers refuse module names like 0003_x.
@@ -77,6 +76,8 @@ def alembic_config(connection: sa.Connection | None, schemas: Schemas) -> Config
 
 def _relations(conn: psycopg.Connection, schemas: Schemas) -> list[str]:
     """Quoted names of every relation a current schema has."""
+    from dicom_etl_dagster.core.db.schema import metadata, owned_table, real_schema
+
     mi = schemas.medical_imaging
     names = [sql.Identifier(real_schema(t, schemas), t.name) for t in metadata.tables.values()]
     names += [sql.Identifier(mi, sequence) for sequence, _, _ in SEQUENCES]
@@ -104,6 +105,9 @@ def _is_current(conn: psycopg.Connection, schemas: Schemas) -> bool:
 def engine_like(conn: psycopg.Connection) -> sa.Engine:
     """A SQLAlchemy engine whose connections go where ``conn`` goes (socket or host, same
     user, password and options); NullPool, so each use opens and closes its own connection."""
+    import sqlalchemy as sa
+    from sqlalchemy.pool import NullPool
+
     parameters = conn.info.get_parameters()
     if conn.info.password:
         parameters["password"] = conn.info.password
@@ -121,6 +125,13 @@ def _migrate(conn: psycopg.Connection, schemas: Schemas) -> list[str]:
 
 
 def _migrate_locked(conn: psycopg.Connection, schemas: Schemas) -> list[str]:
+    import sqlalchemy as sa
+    from alembic import command
+    from sqlalchemy.schema import CreateSchema
+
+    from dicom_etl_dagster.core.db.migrations.support import create_missing
+    from dicom_etl_dagster.core.db.schema import schema_translate_map
+
     engine = engine_like(conn)
     try:
         with engine.begin() as connection:

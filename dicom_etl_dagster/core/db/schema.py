@@ -568,9 +568,8 @@ STANDARD_COLUMNS: dict[str, frozenset[str]] = {
 }
 
 # --------------------------------------------------------------------------
-# Bookkeeping (medical-imaging schema). The version table is Alembic's (see migrate.py).
+# Bookkeeping (medical-imaging schema). The version table (tables.VERSION_TABLE) is Alembic's.
 # --------------------------------------------------------------------------
-VERSION_TABLE = "dicom_etl_schema_version"
 
 owned_table = Table(
     "dicom_etl_owned_table",

@@ -28,6 +28,9 @@ SEQUENCES = (
     ("dicom_etl_file_upload_id_seq", "file_upload_metadata", "file_upload_id"),
 )
 
+#: Alembic's version table of the ETL's schema, in the medical-imaging schema.
+VERSION_TABLE = "dicom_etl_schema_version"
+
 #: Tables of the OMOP CDM schema and of the vocabulary schema; every other table is in the
 #: medical-imaging schema.
 CDM_TABLES = frozenset({"person", "procedure_occurrence", "measurement", "visit_occurrence"})

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from dicom_etl_dagster.core.db.schema import VERSION_TABLE, metadata
+from dicom_etl_dagster.core.db.schema import metadata
+from dicom_etl_dagster.core.db.tables import VERSION_TABLE
 
 if context.is_offline_mode():
     raise RuntimeError("the DICOM ETL migrates online only (core/db/migrate.ensure_tables)")
