@@ -66,6 +66,32 @@ def _metadata(report: UploadReport, server: str, links: dict | None = None) -> d
     }
 
 
+class UploadsStopped(DicomEtlError):
+    """The server became unavailable mid-run; a later run (or a retry) uploads the rest."""
+
+    retryable = True
+
+    def __init__(self, report: UploadReport, metadata: dict) -> None:
+        super().__init__(
+            f"{report.aborted}. {report.recorded} file(s) uploaded and recorded before it "
+            f"stopped, {report.not_attempted} not uploaded; run again when the server is back "
+            "to upload exactly those.",
+            metadata=metadata,
+        )
+
+
+class FilesRejected(DicomEtlError):
+    """The server refused some files; the others were uploaded."""
+
+    def __init__(self, report: UploadReport) -> None:
+        first = "; ".join(reason for _, reason in report.failures[:3])
+        super().__init__(
+            f"{report.failed} file(s) were rejected by the DICOM server (the others were "
+            f"uploaded): {first}. Fix or remove those files and run again to upload them.",
+            metadata={"files_failed": report.failed},
+        )
+
+
 @dg.asset(
     name="file_upload_metadata",
     group_name=GROUP,
@@ -121,32 +147,6 @@ def file_upload_metadata(
         yield dg.MaterializeResult(metadata=_metadata(report, server, links))
         if report.failed:
             raise FilesRejected(report)
-
-
-class UploadsStopped(DicomEtlError):
-    """The server became unavailable mid-run; a later run (or a retry) uploads the rest."""
-
-    retryable = True
-
-    def __init__(self, report: UploadReport, metadata: dict) -> None:
-        super().__init__(
-            f"{report.aborted}. {report.recorded} file(s) uploaded and recorded before it "
-            f"stopped, {report.not_attempted} not uploaded; run again when the server is back "
-            "to upload exactly those.",
-            metadata=metadata,
-        )
-
-
-class FilesRejected(DicomEtlError):
-    """The server refused some files; the others were uploaded."""
-
-    def __init__(self, report: UploadReport) -> None:
-        first = "; ".join(reason for _, reason in report.failures[:3])
-        super().__init__(
-            f"{report.failed} file(s) were rejected by the DICOM server (the others were "
-            f"uploaded): {first}. Fix or remove those files and run again to upload them.",
-            metadata={"files_failed": report.failed},
-        )
 
 
 UPLOAD_ASSETS = [file_upload_metadata]
