@@ -2,11 +2,12 @@
 earlier release of the ETL created, never alter a user's table.
 
 Every asset calls :func:`ensure_tables` first, so the common case costs two psycopg queries
-and no SQLAlchemy: every table and sequence exists and the version table says head. Otherwise
-the Alembic migrations (``core/db/migrations``) run on a SQLAlchemy connection to the same
-database, in one transaction under an advisory lock (two runs starting together take turns;
-the second finds head and does nothing), with the run's schema names mapped onto the
-metadata's placeholder schemas. Alembic is configured in code, so no alembic.ini is needed.
+and no SQLAlchemy connection: every table and sequence exists and the version table says
+head. Otherwise the Alembic migrations (``core/db/migrations``) run on a SQLAlchemy
+connection to the same database, in one transaction under an advisory lock (two runs
+starting together take turns; the second finds head and does nothing), with the run's schema
+names mapped onto the metadata's placeholder schemas. Alembic is configured in code, so no
+alembic.ini is needed.
 
 SQLAlchemy and Alembic are imported when the check or a migration runs, not with this module:
 parse workers re-import their parent's main module, and a script that imports
