@@ -118,6 +118,22 @@ def test_environment_variables_are_declared_in_settings_only():
     assert in_source == declared, "every declared variable is in SETTINGS"
 
 
+def test_secrets_are_never_read_by_the_package_itself():
+    # A secret reaches a resource only as dg.EnvVar(setting.name), so Dagster keeps its value
+    # out of run config, the UI and logs; reading it with .value() would bypass that.
+    secrets = [
+        name for name, s in vars(settings).items() if isinstance(s, settings.Setting) and s.secret
+    ]
+    assert secrets, "the database URL and the passwords are marked secret"
+    read = {
+        f"{path.relative_to(REPO_ROOT)}: {name}"
+        for path in _modules(PACKAGE)
+        for name in secrets
+        if re.search(rf"settings\.{name}\.(value|as_int)\(", path.read_text())
+    }
+    assert not read, read
+
+
 def _readme_table_variables() -> set[str]:
     """Variables named in the first column of a README table row."""
     rows = re.findall(r"^\| `(DICOM_ETL_[A-Z_]+)`(?: / `(DICOM_ETL_[A-Z_]+)`)?", _readme(), re.M)

@@ -103,7 +103,7 @@ class RunState:
     @property
     def person_policy(self) -> PersonPolicy:
         table = None if self.mapping is None else f"{self.mapping.schema}.{self.mapping.table}"
-        return PersonPolicy(MissingPersonPolicy(self.missing_person_policy), table)
+        return PersonPolicy(self.missing_person_policy, table)
 
 
 @dataclass
