@@ -1,0 +1,96 @@
+"""Read coded concepts and date/time pairs out of pydicom datasets, tolerating odd values.
+
+Shared by the structured-report walker, the segmentation reader and the procedure codes:
+each returns None for what it cannot read instead of raising, because one malformed code
+must not cost a file its other findings.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from dicom_etl_dagster.core.analytics.findings import Code
+
+_DA = re.compile(r"\s*(\d{4})(\d{2})(\d{2})\s*$")
+_TM = re.compile(r"\s*(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,6}))?)?)?")
+
+
+def text_of(value: Any) -> str | None:
+    """A value as stripped text (first value of a multi-valued element); None when empty."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0] if len(value) else None
+        if value is None:
+            return None
+    text = str(value).strip(" \x00")
+    return text or None
+
+
+def code_of(item: Dataset | None) -> Code | None:
+    """The Code of a code sequence item; None when it has no scheme or no value."""
+    if item is None:
+        return None
+    try:
+        scheme = text_of(item.get("CodingSchemeDesignator"))
+        value = (
+            text_of(item.get("CodeValue"))
+            or text_of(item.get("LongCodeValue"))
+            or text_of(item.get("URNCodeValue"))
+        )
+        meaning = text_of(item.get("CodeMeaning"))
+    except Exception:  # a value pydicom cannot convert: no code rather than no file
+        return None
+    if not scheme or not value:
+        return None
+    return Code(scheme, value, meaning)
+
+
+def first_code(ds: Dataset, keyword: str) -> Code | None:
+    """The code of the first item of the code sequence ``keyword`` of ``ds``."""
+    try:
+        sequence = ds.get(keyword)
+    except Exception:
+        return None
+    if not sequence:
+        return None
+    return code_of(sequence[0])
+
+
+def parse_date(value: Any) -> dt.date | None:
+    match = _DA.match(text_of(value) or "")
+    if not match:
+        return None
+    try:
+        return dt.date(*map(int, match.groups()))
+    except ValueError:  # 20231399
+        return None
+
+
+def parse_time(value: Any) -> dt.time | None:
+    match = _TM.match(text_of(value) or "")
+    if not match:
+        return None
+    hour, minute, second, fraction = match.groups()
+    try:
+        return dt.time(
+            int(hour),
+            int(minute or 0),
+            min(int(second or 0), 59),  # leap second 60: DICOM allows it, datetime does not
+            int((fraction or "0").ljust(6, "0")),
+        )
+    except ValueError:
+        return None
+
+
+def date_time(date_value: Any, time_value: Any) -> dt.datetime | None:
+    """A DA and a TM value as a naive datetime (midnight when the time is absent); None
+    when the date is absent or invalid. OMOP datetimes are naive local times, as DICOM's."""
+    date = parse_date(date_value)
+    if date is None:
+        return None
+    return dt.datetime.combine(date, parse_time(time_value) or dt.time())
