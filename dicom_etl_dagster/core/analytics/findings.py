@@ -71,5 +71,3 @@ class InstanceFindings(NamedTuple):
     numeric: tuple[NumericFinding, ...] = ()
     segments: tuple[SegmentFinding, ...] = ()
     procedure_codes: tuple[Code, ...] = ()  # Procedure Code Sequence, then Requested ...
-    study_datetime: dt.datetime | None = None  # StudyDate + StudyTime
-    series_datetime: dt.datetime | None = None  # SeriesDate + SeriesTime (or the fallbacks)

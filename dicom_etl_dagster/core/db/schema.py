@@ -215,14 +215,20 @@ procedure_occurrence = Table(
         False,
         "From the PatientID -> person mapping table; 0 under use_id_zero when unmapped.",
     ),
-    _col("procedure_concept_id", Integer, False, "0 until mapped."),
+    _col(
+        "procedure_concept_id",
+        Integer,
+        False,
+        "Standard concept of the Procedure Code Sequence, else the SNOMED procedure of the "
+        "study's imaging modality, else 0.",
+    ),
     _col(
         "procedure_date",
         Date,
         False,
         "First valid of StudyDate, SeriesDate, AcquisitionDate, ContentDate.",
     ),
-    _col("procedure_datetime", TIMESTAMP, True),
+    _col("procedure_datetime", TIMESTAMP, True, "procedure_date with its time (StudyTime)."),
     _col("procedure_end_date", Date, True),
     _col("procedure_end_datetime", TIMESTAMP, True),
     _col("procedure_type_concept_id", Integer, False, "32817 (EHR)."),
@@ -232,13 +238,72 @@ procedure_occurrence = Table(
     _col("visit_occurrence_id", Integer, True),
     _col("visit_detail_id", Integer, True),
     _col("procedure_source_value", String(50), True, "StudyDescription, cut to 50 characters."),
-    _col("procedure_source_concept_id", Integer, True),
+    _col(
+        "procedure_source_concept_id",
+        Integer,
+        True,
+        "Concept of the matched procedure code (0/NULL: none matched).",
+    ),
     _col("modifier_source_value", String(50), True),
     PrimaryKeyConstraint("procedure_occurrence_id", name="xpk_procedure_occurrence"),
     schema=CDM,
     comment="OMOP CDM v5.4 procedures; the DICOM ETL writes one per imaging study and person.",
 )
 Index("idx_procedure_person_id", procedure_occurrence.c.person_id)
+
+measurement = Table(
+    "measurement",
+    metadata,
+    _id("measurement_id", comment="From the ETL's sequence."),
+    _col("person_id", Integer, False),
+    _col(
+        "measurement_concept_id",
+        Integer,
+        False,
+        "Standard target of the source concept; else (MI-CDM recipe) the DICOM concept itself, "
+        "or 0 with non_standard_measurement_concepts: zero.",
+    ),
+    _col("measurement_date", Date, False, "The series' date (image_occurrence_date)."),
+    _col("measurement_datetime", TIMESTAMP, True, "The series' date and time."),
+    _col("measurement_time", String(10), True),
+    _col("measurement_type_concept_id", Integer, False, "32817 (EHR)."),
+    _col("operator_concept_id", Integer, True),
+    _col("value_as_number", sa.Numeric, True, "Numeric value (acquisition attribute, SR NUM)."),
+    _col(
+        "value_as_concept_id",
+        Integer,
+        True,
+        "Coded value: the DICOM value concept's standard target, else the value concept.",
+    ),
+    _col("unit_concept_id", Integer, True, "UCUM concept of unit_source_value; 0 if absent."),
+    _col("range_low", sa.Numeric, True),
+    _col("range_high", sa.Numeric, True),
+    _col("provider_id", Integer, True),
+    _col("visit_occurrence_id", Integer, True, "The study's visit (see procedure_occurrence)."),
+    _col("visit_detail_id", Integer, True),
+    _col(
+        "measurement_source_value",
+        String(50),
+        True,
+        "The attribute keyword, or SCHEME:code of an SR concept name.",
+    ),
+    _col(
+        "measurement_source_concept_id",
+        Integer,
+        True,
+        "The DICOM attribute concept, or the concept of the SR concept name code; 0 if none.",
+    ),
+    _col("unit_source_value", String(50), True, "UCUM code (PS3.3's unit, or the SR's)."),
+    _col("unit_source_concept_id", Integer, True),
+    _col("value_source_value", String(50), True, "The value as the file holds it, cut to 50."),
+    _col("measurement_event_id", BigInteger, True),
+    _col("meas_event_field_concept_id", Integer, True),
+    PrimaryKeyConstraint("measurement_id", name="xpk_measurement"),
+    schema=CDM,
+    comment="OMOP CDM v5.4 measurements; the DICOM ETL writes acquisition parameters per "
+    "series and structured-report measurements, each linked by an image_feature row.",
+)
+Index("idx_measurement_person_id", measurement.c.person_id)
 
 # --------------------------------------------------------------------------
 # Medical-imaging schema: the MI-CDM tables, the DICOM data dictionary and metadata EAV table,
@@ -310,6 +375,29 @@ image_feature = Table(
     PrimaryKeyConstraint("image_feature_id", name="xpk_image_feature"),
     schema=MI,
     comment="MI-CDM image features: what was measured or found in an image occurrence.",
+)
+
+feature_source = Table(
+    "dicom_etl_feature_source",
+    metadata,
+    _id("image_feature_id", BigInteger, "The image_feature row (and its measurement, if any)."),
+    _col("measurement_id", BigInteger, True, "The measurement the feature points at, if any."),
+    _col(
+        "sop_instance_uid",
+        String(64),
+        False,
+        "The SR or SEG instance the row was read from: when that file changes, its rows are "
+        "replaced, not duplicated.",
+    ),
+    PrimaryKeyConstraint("image_feature_id", name="xpk_dicom_etl_feature_source"),
+    schema=MI,
+    comment="Which SR / SEG instance each image_feature and measurement row came from "
+    "(acquisition rows belong to their series and are not listed).",
+)
+Index(
+    "idx_dicom_etl_feature_source_sop",
+    feature_source.c.sop_instance_uid,
+    postgresql_using="hash",
 )
 
 dicom_data_element = Table(
@@ -551,7 +639,6 @@ STANDARD_COLUMNS: dict[str, frozenset[str]] = {
     "person": frozenset(c.name for c in person.columns),
     "procedure_occurrence": frozenset(
         {
-            "procedure_datetime",
             "procedure_end_date",
             "procedure_end_datetime",
             "modifier_concept_id",
@@ -559,12 +646,25 @@ STANDARD_COLUMNS: dict[str, frozenset[str]] = {
             "provider_id",
             "visit_occurrence_id",
             "visit_detail_id",
-            "procedure_source_concept_id",
             "modifier_source_value",
         }
     ),
     "image_occurrence": frozenset({"person_id", "visit_occurrence_id"}),
     "image_feature": frozenset(c.name for c in image_feature.columns),
+    "measurement": frozenset(
+        {
+            "person_id",
+            "measurement_time",
+            "operator_concept_id",
+            "range_low",
+            "range_high",
+            "provider_id",
+            "visit_detail_id",
+            "unit_source_concept_id",
+            "measurement_event_id",
+            "meas_event_field_concept_id",
+        }
+    ),
 }
 
 # --------------------------------------------------------------------------

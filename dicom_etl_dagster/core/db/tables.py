@@ -26,6 +26,9 @@ SEQUENCES = (
     ("dicom_etl_dataset_id_seq", "dicom_file_metadata", "parent_dataset_id"),
     ("dicom_etl_ingest_log_id_seq", "dicom_ingest_log", "ingest_log_id"),
     ("dicom_etl_file_upload_id_seq", "file_upload_metadata", "file_upload_id"),
+    ("dicom_etl_measurement_id_seq", "measurement", "measurement_id"),
+    ("dicom_etl_image_feature_id_seq", "image_feature", "image_feature_id"),
+    ("dicom_etl_image_finding_id_seq", "image_feature", "image_finding_id"),
 )
 
 #: Alembic's version table of the ETL's schema, in the medical-imaging schema.

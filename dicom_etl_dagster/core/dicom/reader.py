@@ -79,6 +79,13 @@ _TAG_STUDY_DATE = 0x00080020
 _TAG_SERIES_DATE = 0x00080021
 _TAG_ACQUISITION_DATE = 0x00080022
 _TAG_CONTENT_DATE = 0x00080023
+_TAG_INSTANCE_CREATION_DATE = 0x00080012
+_TAG_ACQUISITION_DATETIME = 0x0008002A
+_TAG_STUDY_TIME = 0x00080030
+_TAG_SERIES_TIME = 0x00080031
+_TAG_ACQUISITION_TIME = 0x00080032
+_TAG_CONTENT_TIME = 0x00080033
+_TAG_INSTANCE_CREATION_TIME = 0x00080013
 _TAG_STUDY_DESCRIPTION = 0x00081030
 _TAG_MODALITY = 0x00080060
 _TAG_BODY_PART_EXAMINED = 0x00180015
@@ -95,6 +102,13 @@ _INSTANCE_TAGS = frozenset(
         _TAG_SERIES_DATE,
         _TAG_ACQUISITION_DATE,
         _TAG_CONTENT_DATE,
+        _TAG_INSTANCE_CREATION_DATE,
+        _TAG_ACQUISITION_DATETIME,
+        _TAG_STUDY_TIME,
+        _TAG_SERIES_TIME,
+        _TAG_ACQUISITION_TIME,
+        _TAG_CONTENT_TIME,
+        _TAG_INSTANCE_CREATION_TIME,
         _TAG_STUDY_DESCRIPTION,
         _TAG_MODALITY,
         _TAG_BODY_PART_EXAMINED,
@@ -107,26 +121,45 @@ _REQUIRED_UIDS = (
     ("StudyInstanceUID", _TAG_STUDY_INSTANCE_UID),
     ("SeriesInstanceUID", _TAG_SERIES_INSTANCE_UID),
 )
+# Each date attribute with the time attribute that goes with it (AcquisitionDateTime is both).
+_TIME_OF = {
+    _TAG_STUDY_DATE: _TAG_STUDY_TIME,
+    _TAG_SERIES_DATE: _TAG_SERIES_TIME,
+    _TAG_ACQUISITION_DATE: _TAG_ACQUISITION_TIME,
+    _TAG_CONTENT_DATE: _TAG_CONTENT_TIME,
+    _TAG_ACQUISITION_DATETIME: None,
+    _TAG_INSTANCE_CREATION_DATE: _TAG_INSTANCE_CREATION_TIME,
+}
+# Real files exist whose only date is InstanceCreationDate (or AcquisitionDateTime): they are
+# the last fallbacks, so such a file is ingested instead of failing for "no usable date".
 _PROCEDURE_DATE_ORDER = (
     _TAG_STUDY_DATE,
     _TAG_SERIES_DATE,
     _TAG_ACQUISITION_DATE,
     _TAG_CONTENT_DATE,
+    _TAG_ACQUISITION_DATETIME,
+    _TAG_INSTANCE_CREATION_DATE,
 )
 _IMAGE_DATE_ORDER = (
     _TAG_SERIES_DATE,
     _TAG_ACQUISITION_DATE,
     _TAG_CONTENT_DATE,
     _TAG_STUDY_DATE,
+    _TAG_ACQUISITION_DATETIME,
+    _TAG_INSTANCE_CREATION_DATE,
 )
 _NO_DATE_REASON = (
-    "no usable date: SeriesDate, AcquisitionDate, ContentDate and StudyDate "
-    "are all missing or invalid"
+    "no usable date: SeriesDate, AcquisitionDate, ContentDate, StudyDate, "
+    "AcquisitionDateTime and InstanceCreationDate are all missing or invalid"
 )
 
 _STRIP_CHARS = " \x00"
 _DA_RE = re.compile(r"([0-9]{4})([0-9]{2})([0-9]{2})")
 _DA_ACR_NEMA_RE = re.compile(r"([0-9]{4})\.([0-9]{2})\.([0-9]{2})")
+# A DT value's date part; what follows (time, fraction, UTC offset) is read by _parse_time.
+_DT_RE = re.compile(r"([0-9]{4})([0-9]{2})([0-9]{2})([0-9]{0,6}(?:\.[0-9]{1,6})?)(?:[+-][0-9]{4})?")
+_TM_RE = re.compile(r"([0-9]{2})(?:([0-9]{2})(?:([0-9]{2})(?:\.([0-9]{1,6}))?)?)?")
+_TM_ACR_NEMA_RE = re.compile(r"([0-9]{2}):([0-9]{2})(?::([0-9]{2})(?:\.([0-9]{1,6}))?)?")
 
 # VRs that may start an explicit-VR data element, used only to sniff files
 # that lack the 128-byte preamble and "DICM" prefix.
@@ -162,6 +195,10 @@ class DicomInstance:
     body_part_examined: str | None
     instance_number: int | None
     elements: list[ElementRow]
+    # The dates with the time of the same attribute pair (StudyDate + StudyTime, ...); the
+    # date's midnight when that time is absent or invalid.
+    procedure_datetime: datetime.datetime | None = None
+    image_datetime: datetime.datetime | None = None
 
 
 # --------------------------------------------------------------------------
@@ -263,6 +300,65 @@ def _parse_date(value: Any) -> datetime.date | None:
         return datetime.date(*(int(part) for part in match.groups()))
     except ValueError:  # e.g. 20231399
         return None
+
+
+def _parse_time(value: Any) -> datetime.time | None:
+    """A TM value (or a DT value's time part); None when absent or invalid."""
+    value = _first(value)
+    if value is None:
+        return None
+    if isinstance(value, datetime.time):
+        return value
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    text = str(value).strip(_STRIP_CHARS)
+    match = _TM_RE.fullmatch(text) or _TM_ACR_NEMA_RE.fullmatch(text)
+    if match is None:
+        return None
+    hour, minute, second, fraction = match.groups()
+    try:
+        return datetime.time(
+            int(hour),
+            int(minute or 0),
+            min(int(second or 0), 59),  # a leap second (60) is valid DICOM, not a datetime
+            int((fraction or "0").ljust(6, "0")),
+        )
+    except ValueError:
+        return None
+
+
+def _parse_datetime(value: Any) -> datetime.datetime | None:
+    """A DT value (its UTC offset, if any, dropped: OMOP datetimes are local times)."""
+    value = _first(value)
+    if isinstance(value, datetime.datetime):
+        return value.replace(tzinfo=None)
+    match = _DT_RE.fullmatch(_text(value) or "")
+    if match is None:
+        return None
+    year, month, day, time_text = match.groups()
+    date = _parse_date(year + month + day)
+    if date is None:
+        return None
+    return datetime.datetime.combine(
+        date, (_parse_time(time_text) if time_text else None) or datetime.time()
+    )
+
+
+def _date_and_time(values: dict[int, Any], order: tuple[int, ...]) -> datetime.datetime | None:
+    """The first valid date of ``order`` with the time of the same attribute pair (midnight
+    when that time is absent or invalid)."""
+    for tag in order:
+        time_tag = _TIME_OF[tag]
+        if time_tag is None:
+            found = _parse_datetime(values.get(tag))
+            if found is not None:
+                return found
+            continue
+        date = _parse_date(values.get(tag))
+        if date is not None:
+            time = _parse_time(values.get(time_tag))
+            return datetime.datetime.combine(date, time or datetime.time())
+    return None
 
 
 def _parse_int(value: Any) -> int | None:
@@ -772,10 +868,9 @@ def _instance_from(rows: list[ElementRow], values: dict[int, Any]) -> DicomInsta
             f"invalid UID(s) longer than {_MAX_UID_LENGTH} characters: {', '.join(too_long)}"
         )
 
-    dates = {tag: _parse_date(values.get(tag)) for tag in _PROCEDURE_DATE_ORDER}
-    procedure_date = next((dates[t] for t in _PROCEDURE_DATE_ORDER if dates[t]), None)
-    image_date = next((dates[t] for t in _IMAGE_DATE_ORDER if dates[t]), None)
-    if procedure_date is None or image_date is None:
+    procedure_datetime = _date_and_time(values, _PROCEDURE_DATE_ORDER)
+    image_datetime = _date_and_time(values, _IMAGE_DATE_ORDER)
+    if procedure_datetime is None or image_datetime is None:
         raise DicomReadError(_NO_DATE_REASON)
 
     return DicomInstance(
@@ -783,11 +878,13 @@ def _instance_from(rows: list[ElementRow], values: dict[int, Any]) -> DicomInsta
         study_instance_uid=uids[_TAG_STUDY_INSTANCE_UID],  # type: ignore[arg-type]
         series_instance_uid=uids[_TAG_SERIES_INSTANCE_UID],  # type: ignore[arg-type]
         patient_id=_text(values.get(_TAG_PATIENT_ID)),
-        procedure_date=procedure_date,
-        image_date=image_date,
+        procedure_date=procedure_datetime.date(),
+        image_date=image_datetime.date(),
         study_description=_text(values.get(_TAG_STUDY_DESCRIPTION)),
         modality=_text(values.get(_TAG_MODALITY)),
         body_part_examined=_text(values.get(_TAG_BODY_PART_EXAMINED)),
         instance_number=_parse_int(values.get(_TAG_INSTANCE_NUMBER)),
         elements=rows,
+        procedure_datetime=procedure_datetime,
+        image_datetime=image_datetime,
     )

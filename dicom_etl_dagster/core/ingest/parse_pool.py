@@ -15,12 +15,15 @@ NamedTuples because a whole chunk of them is pickled back from every worker.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import multiprocessing
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import NamedTuple, TypeAlias
 
+from dicom_etl_dagster.core.analytics.extract import instance_findings
+from dicom_etl_dagster.core.analytics.findings import InstanceFindings
 from dicom_etl_dagster.core.dicom.reader import DicomInstance, DicomReadError, read_instance
 from dicom_etl_dagster.core.ingest.file_scan import FileEntry
 from dicom_etl_dagster.core.ingest.metadata_copy import RenderedMetadata, render_metadata
@@ -32,6 +35,7 @@ class Parsed(NamedTuple):
     entry: FileEntry
     instance: DicomInstance  # without its elements: they are in ``metadata``
     metadata: RenderedMetadata
+    findings: InstanceFindings = InstanceFindings()  # none when the run writes no measurements
 
 
 class Failed(NamedTuple):
@@ -44,21 +48,30 @@ class Failed(NamedTuple):
 ParseResult: TypeAlias = Parsed | Failed
 
 
-def parse_file(entry: FileEntry) -> ParseResult:
+def parse_file(entry: FileEntry, findings: bool = True) -> ParseResult:
+    """Read one file; with ``findings``, also what becomes measurements (``core/analytics``)."""
     try:
         instance = read_instance(entry.path)
     except DicomReadError as exc:
         return Failed(entry, str(exc))
     except OSError as exc:  # unreadable, vanished: a reason, not a crash
         return Failed(entry, f"cannot read file: {exc.strerror or exc}")
-    return Parsed(entry, dataclasses.replace(instance, elements=[]), render_metadata(instance))
+    return Parsed(
+        entry,
+        dataclasses.replace(instance, elements=[]),
+        render_metadata(instance),
+        instance_findings(entry.path, instance) if findings else InstanceFindings(),
+    )
 
 
-def parse_batches(batches: Iterable[list[FileEntry]], workers: int) -> Iterator[list[ParseResult]]:
+def parse_batches(
+    batches: Iterable[list[FileEntry]], workers: int, findings: bool = True
+) -> Iterator[list[ParseResult]]:
     """Yield the parse results of each batch, in order, keeping one batch in flight."""
+    parse = functools.partial(parse_file, findings=findings)
     if workers <= 1:
         for batch in batches:
-            yield [parse_file(entry) for entry in batch]
+            yield [parse(entry) for entry in batch]
         return
     # forkserver: workers start from a clean interpreter, not a fork of a threaded Dagster step.
     context = multiprocessing.get_context("forkserver")
@@ -67,7 +80,7 @@ def parse_batches(batches: Iterable[list[FileEntry]], workers: int) -> Iterator[
         in_flight: deque = deque()
         for batch in batches:
             chunk = max(1, len(batch) // (workers * 4))
-            in_flight.append(pool.map(parse_file, batch, chunksize=chunk))
+            in_flight.append(pool.map(parse, batch, chunksize=chunk))
             if len(in_flight) > 1:
                 yield list(in_flight.popleft())
         while in_flight:

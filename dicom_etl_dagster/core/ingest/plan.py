@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from dicom_etl_dagster.core.analytics.findings import AcquisitionValue
 from dicom_etl_dagster.core.dicom.reader import DicomInstance
 from dicom_etl_dagster.core.ingest.file_scan import FileEntry
 from dicom_etl_dagster.core.ingest.metadata_copy import storable_text
@@ -141,6 +142,7 @@ class NewStudy:
     person_id: int
     procedure_date: dt.date
     source_value: str | None  # StudyDescription, storable and cut to the column's width
+    procedure_datetime: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,9 @@ class NewSeries:
     image_date: dt.date
     modality: str | None  # the writer maps these two to concepts
     body_part: str | None
+    image_datetime: dt.datetime | None = None
+    study_date: dt.date | None = None  # the study's date: its visit is the series' visit
+    acquisition: tuple[AcquisitionValue, ...] = ()  # the first instance's profile attributes
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,8 @@ class InstanceWrite:
 
     parsed: Parsed
     image_occurrence: IdRef
+    person_id: int = 0
+    procedure: IdRef | None = None  # its study's procedure_occurrence (None: not known)
 
 
 @dataclass(frozen=True)
@@ -338,7 +345,8 @@ class _Planner:
             self.person_misses += 1
             return LedgerEntry(parsed.entry, LedgerStatus.FAILED, person.reason, sop)
         series = self._series_of(parsed, person)
-        self.instances.append(InstanceWrite(parsed, series))
+        procedure = self.studies.get((instance.study_instance_uid, person))
+        self.instances.append(InstanceWrite(parsed, series, person, procedure))
         return LedgerEntry(parsed.entry, LedgerStatus.INGESTED, None, sop, series)
 
     def _series_of(self, parsed: Parsed, person_id: int) -> IdRef:
@@ -357,6 +365,9 @@ class _Planner:
                     image_date=instance.image_date,
                     modality=instance.modality,
                     body_part=instance.body_part_examined,
+                    image_datetime=instance.image_datetime,
+                    study_date=instance.procedure_date,
+                    acquisition=parsed.findings.acquisition,
                 )
             )
         return ref
@@ -374,6 +385,7 @@ class _Planner:
                     source_value=storable_text(
                         instance.study_description, PROCEDURE_SOURCE_VALUE_LENGTH
                     ),
+                    procedure_datetime=instance.procedure_datetime,
                 )
             )
         return ref

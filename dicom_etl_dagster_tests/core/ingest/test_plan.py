@@ -11,6 +11,7 @@ import datetime as dt
 import pytest
 from psycopg.adapt import PyFormat, Transformer
 
+from dicom_etl_dagster.core.analytics.findings import AcquisitionValue, InstanceFindings
 from dicom_etl_dagster.core.dicom.reader import DicomInstance
 from dicom_etl_dagster.core.ingest.file_scan import FileEntry
 from dicom_etl_dagster.core.ingest.metadata_copy import RenderedMetadata
@@ -44,6 +45,9 @@ USE_ID_ZERO = PersonPolicy(MissingPersonPolicy.USE_ID_ZERO, MAPPING_TABLE)
 SKIP = PersonPolicy(MissingPersonPolicy.SKIP, MAPPING_TABLE)
 STUDY_DATE = dt.date(2024, 3, 1)
 SERIES_DATE = dt.date(2024, 3, 2)
+STUDY_DATETIME = dt.datetime(2024, 3, 1, 8, 30)
+SERIES_DATETIME = dt.datetime(2024, 3, 2, 9, 15)
+KVP = AcquisitionValue("00180060", "KVP", "DS", "120", 120.0)
 METADATA = RenderedMetadata("", 0, 0, ())
 
 
@@ -72,12 +76,15 @@ def parsed(
         body_part_examined="CHEST",
         instance_number=1,
         elements=[],
+        procedure_datetime=STUDY_DATETIME,
+        image_datetime=SERIES_DATETIME,
     )
-    return Parsed(entry(name, size, mtime_ns), instance, METADATA)
+    findings = InstanceFindings(acquisition=(KVP,))
+    return Parsed(entry(name, size, mtime_ns), instance, METADATA, findings)
 
 
 def new_study(study: str = "T1", person: int = 0) -> NewStudy:
-    return NewStudy(study, person, STUDY_DATE, f"study {study}")
+    return NewStudy(study, person, STUDY_DATE, f"study {study}", STUDY_DATETIME)
 
 
 def new_series(series: str = "S1", study: str = "T1", person: int = 0, procedure: int = 0):
@@ -90,6 +97,9 @@ def new_series(series: str = "S1", study: str = "T1", person: int = 0, procedure
         image_date=SERIES_DATE,
         modality="CT",
         body_part="CHEST",
+        image_datetime=SERIES_DATETIME,
+        study_date=STUDY_DATE,
+        acquisition=(KVP,),
     )
 
 
@@ -110,9 +120,9 @@ def test_two_series_of_one_study_in_one_batch_make_one_study():
         new_studies=(new_study(),),
         new_series=(new_series("S1"), new_series("S2")),
         instances=(
-            InstanceWrite(a, NewId(0)),
-            InstanceWrite(b, NewId(0)),
-            InstanceWrite(c, NewId(1)),
+            InstanceWrite(a, NewId(0), 0, NewId(0)),
+            InstanceWrite(b, NewId(0), 0, NewId(0)),
+            InstanceWrite(c, NewId(1), 0, NewId(0)),
         ),
         ledger=(ingested(a, NewId(0)), ingested(b, NewId(0)), ingested(c, NewId(1))),
     )
@@ -125,7 +135,7 @@ def test_a_series_split_over_two_batches_reuses_the_series_and_creates_no_study(
         studies=[ExistingStudy("T1", 0, 3)],
     )
     assert plan_batch([second_batch], rows, USE_ID_ZERO) == BatchPlan(
-        instances=(InstanceWrite(second_batch, ExistingId(7)),),
+        instances=(InstanceWrite(second_batch, ExistingId(7), 0, ExistingId(3)),),
         ledger=(ingested(second_batch, ExistingId(7)),),
     )
 
@@ -135,9 +145,8 @@ def test_a_new_series_of_an_existing_study_joins_its_procedure():
     rows = DatabaseRows(studies=[ExistingStudy("T1", 0, 3), ExistingStudy("T1", 5, 4)])
     plan = plan_batch([a], rows, USE_ID_ZERO)
     assert plan.new_studies == ()
-    assert plan.new_series == (
-        NewSeries("S2", "T1", 0, ExistingId(3), "/data", SERIES_DATE, "CT", "CHEST"),
-    )
+    assert plan.new_series == (dataclasses.replace(new_series("S2"), procedure=ExistingId(3)),)
+    assert plan.instances == (InstanceWrite(a, NewId(0), 0, ExistingId(3)),)
 
 
 def test_the_same_study_for_two_persons_is_two_studies():
@@ -150,7 +159,10 @@ def test_the_same_study_for_two_persons_is_two_studies():
             new_series("S1", person=11, procedure=0),
             new_series("S2", person=22, procedure=1),
         ),
-        instances=(InstanceWrite(a, NewId(0)), InstanceWrite(b, NewId(1))),
+        instances=(
+            InstanceWrite(a, NewId(0), 11, NewId(0)),
+            InstanceWrite(b, NewId(1), 22, NewId(1)),
+        ),
         ledger=(ingested(a, NewId(0)), ingested(b, NewId(1))),
     )
 
@@ -177,7 +189,7 @@ def test_a_copy_in_the_same_batch_is_a_duplicate_of_the_first_copy():
     assert plan_batch([first, copy], DatabaseRows(), USE_ID_ZERO) == BatchPlan(
         new_studies=(new_study(),),
         new_series=(new_series(),),
-        instances=(InstanceWrite(first, NewId(0)),),
+        instances=(InstanceWrite(first, NewId(0), 0, NewId(0)),),
         ledger=(
             ingested(first, NewId(0)),
             LedgerEntry(copy.entry, DUPLICATE, None, "X", NewId(0)),
@@ -245,7 +257,7 @@ def test_a_changed_file_replaces_its_old_instance_and_fails_its_duplicates():
     assert plan_batch([changed], rows, USE_ID_ZERO) == BatchPlan(
         replaced_paths=("/data/a",),
         changed_sops=("X",),
-        instances=(InstanceWrite(changed, ExistingId(7)),),
+        instances=(InstanceWrite(changed, ExistingId(7), 0, None),),
         ledger=(ingested(changed, ExistingId(7)),),
     )
     assert "the next run ingests this one" in CHANGED_COPY_REASON

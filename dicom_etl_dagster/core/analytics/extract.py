@@ -1,0 +1,99 @@
+"""Everything of one instance that analytics need, extracted in the parse worker.
+
+The acquisition profile and the procedure codes come from the metadata rows the reader
+already produced. Structured reports and segmentations need their content tree with
+pydicom's semantics: those instances (recognised by a top-level Content Sequence or Segment
+Sequence, whatever their Modality says) are read once more with pydicom, without pixel data.
+They are a small share of an archive, so the second read costs little; it never fails the
+file: an unreadable tree gives no findings, and the metadata rows are ingested as always.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+from dicom_etl_dagster.core.analytics.acquisition import acquisition_values
+from dicom_etl_dagster.core.analytics.findings import Code, InstanceFindings
+from dicom_etl_dagster.core.dicom.elements import ElementRow
+from dicom_etl_dagster.core.dicom.reader import DicomInstance
+
+#: Top-level sequences of procedure codes, the performed one first.
+PROCEDURE_CODE_SEQUENCES = ("(0008,1032)", "(0032,1064)")  # Procedure / Requested Procedure
+CONTENT_SEQUENCE = "(0040,A730)"
+SEGMENT_SEQUENCE = "(0062,0002)"
+_CODE_KEYWORDS = (
+    "CodingSchemeDesignator",
+    "CodeValue",
+    "LongCodeValue",
+    "URNCodeValue",
+    "CodeMeaning",
+)
+
+
+def instance_findings(path: str | os.PathLike, instance: DicomInstance) -> InstanceFindings:
+    """The findings of ``instance`` (read from ``path``), from its rows and, for SR and SEG,
+    from its content tree."""
+    rows = instance.elements
+    top = {row.tag: row for row in rows if row.parent_sequence_index is None}
+    numeric, segments = (), ()
+    if CONTENT_SEQUENCE in top or SEGMENT_SEQUENCE in top:
+        numeric, segments = _tree_findings(path, CONTENT_SEQUENCE in top)
+    return InstanceFindings(
+        acquisition=acquisition_values(rows),
+        numeric=numeric,
+        segments=segments,
+        procedure_codes=_procedure_codes(rows, top),
+    )
+
+
+def _tree_findings(path: str | os.PathLike, is_report: bool) -> tuple[tuple, tuple]:
+    from pydicom import dcmread
+
+    from dicom_etl_dagster.core.analytics.segmentation import segment_findings
+    from dicom_etl_dagster.core.analytics.structured_report import numeric_findings
+
+    try:
+        ds = dcmread(path, stop_before_pixels=True)
+        if is_report:
+            return numeric_findings(ds), ()
+        return (), segment_findings(ds)
+    except Exception:  # the tree is extra: a file that pydicom cannot re-read keeps its rows
+        return (), ()
+
+
+def _item_text(row: ElementRow) -> str | None:
+    if row.value_json is None:
+        return None
+    try:
+        value = json.loads(row.value_json)
+    except ValueError:
+        return None
+    if isinstance(value, list):
+        value = value[0] if value else None
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+def _procedure_codes(rows: Sequence[ElementRow], top: dict[str, ElementRow]) -> tuple[Code, ...]:
+    """The codes of the Procedure Code Sequence's items, then the Requested Procedure's."""
+    codes: list[Code] = []
+    for sequence_tag in PROCEDURE_CODE_SEQUENCES:
+        sequence = top.get(sequence_tag)
+        if sequence is None or not sequence.sequence_length:
+            continue
+        items: dict[int, dict[str, str | None]] = {}
+        for row in rows:
+            if row.parent_sequence_index == sequence.index and row.keyword in _CODE_KEYWORDS:
+                items.setdefault(row.parent_item_index or 0, {})[row.keyword] = _item_text(row)
+        for item in items.values():
+            scheme = item.get("CodingSchemeDesignator")
+            value = item.get("CodeValue") or item.get("LongCodeValue") or item.get("URNCodeValue")
+            if (
+                scheme
+                and value
+                and (code := Code(scheme, value, item.get("CodeMeaning"))) not in codes
+            ):
+                codes.append(code)
+    return tuple(codes)
