@@ -118,7 +118,7 @@ def _numeric(
         concept=concept,
         number=number,
         text=text,
-        unit=first_code(measured, "MeasurementUnitsCodeSequence") if measured else None,
+        unit=first_code(measured, "MeasurementUnitsCodeSequence") if measured is not None else None,
         group=container.number,
         finding=_context_code(children, container, _FINDING),
         finding_site=_context_code(children, container, _FINDING_SITE),
