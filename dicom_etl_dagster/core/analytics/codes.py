@@ -94,3 +94,38 @@ def date_time(date_value: Any, time_value: Any) -> dt.datetime | None:
     if date is None:
         return None
     return dt.datetime.combine(date, parse_time(time_value) or dt.time())
+
+
+def value_at(ds: Any, keyword: str) -> Any:
+    """``ds.<keyword>``; None when ``ds`` is no dataset or pydicom cannot convert the value."""
+    if not isinstance(ds, Dataset):
+        return None
+    try:
+        return ds.get(keyword)
+    except Exception:
+        return None
+
+
+def text_at(ds: Any, keyword: str) -> str | None:
+    """``text_of(ds.<keyword>)``, None for what cannot be read."""
+    try:
+        return text_of(value_at(ds, keyword))
+    except Exception:
+        return None
+
+
+def items_at(ds: Any, keyword: str) -> list[Dataset]:
+    """The dataset items of the sequence ``keyword``; [] for an absent or unreadable one."""
+    value = value_at(ds, keyword)
+    if value is None or isinstance(value, (str, bytes)):
+        return []
+    try:
+        return [item for item in value if isinstance(item, Dataset)]
+    except Exception:
+        return []
+
+
+def first_item(ds: Any, keyword: str) -> Dataset | None:
+    """The first dataset item of the sequence ``keyword``, if any."""
+    items = items_at(ds, keyword)
+    return items[0] if items else None
