@@ -10,8 +10,10 @@ from pathlib import Path
 import dagster as dg
 
 from dicom_etl_dagster.core import settings
+from dicom_etl_dagster.core.analytics.rows import NonStandardConcepts
+from dicom_etl_dagster.core.analytics.write import AnalyticsOptions
 from dicom_etl_dagster.core.db.identifiers import Schemas, validate_identifier
-from dicom_etl_dagster.core.ingest.run import missing_person_policy
+from dicom_etl_dagster.core.ingest.run import IngestSetupError, missing_person_policy
 from dicom_etl_dagster.core.ingest.status import MissingPersonPolicy
 
 
@@ -54,10 +56,31 @@ class EtlOptions(dg.Config):
     # Set by the new-file sensor: only files whose inode change time (ns) is in (after, until].
     changed_after_ns: int | None = None
     changed_until_ns: int | None = None
+    # measurement + image_feature rows (acquisition parameters, SR measurements, segments):
+    measurements: bool = True
+    acquisition_attributes: list[str] | None = None  # keywords or 8-hex tags; None: default
+    non_standard_measurement_concepts: str = "dicom"  # or "zero" (see README: Analytics)
 
     def missing_person_policy(self) -> MissingPersonPolicy:
         """``missing_person_id_options`` in any case; a clear error if it names no policy."""
         return missing_person_policy(self.missing_person_id_options)
+
+    def analytics(self) -> AnalyticsOptions:
+        """The measurement options; a clear error for a policy that does not exist."""
+        try:
+            policy = NonStandardConcepts(self.non_standard_measurement_concepts.strip().lower())
+        except ValueError:
+            choices = ", ".join(p.value for p in NonStandardConcepts)
+            raise IngestSetupError(
+                f"non_standard_measurement_concepts must be one of {choices}, "
+                f"not {self.non_standard_measurement_concepts!r}"
+            ) from None
+        attributes = self.acquisition_attributes
+        return AnalyticsOptions(
+            enabled=self.measurements,
+            attributes=None if attributes is None else frozenset(a.strip() for a in attributes),
+            non_standard=policy,
+        )
 
     def dicom_folder(self) -> Path:
         """The folder to ingest: the option, else DICOM_ETL_FILES_DIR, else pydicom's samples."""

@@ -15,6 +15,7 @@ from dicom_etl_dagster.core.errors import DicomEtlError
 from dicom_etl_dagster.core.ingest.checks import (
     IngestCheckFigures,
     TableFacts,
+    features_without_measurement,
     ingest_check_figures,
     table_facts,
 )
@@ -25,6 +26,8 @@ from dicom_etl_dagster.resources.database import PostgresResource
 GROUP = "imaging"
 MAX_FAILURES_SHOWN = 20
 UNMAPPED_MODALITY_WARN_SHARE = 0.2
+CONCEPT_0_WARN_SHARE = 0.2
+MAX_MEASUREMENT_KINDS_SHOWN = 50
 
 INGEST_SPECS = [
     dg.AssetSpec(
@@ -42,6 +45,24 @@ INGEST_SPECS = [
         deps=["procedure_occurrence", "concept", "concept_relationship"],
         metadata=column_schema("image_occurrence"),
         description="MI-CDM image_occurrence: one row per series, with modality and anatomic-site concepts.",
+    ),
+    dg.AssetSpec(
+        "measurement",
+        group_name=GROUP,
+        kinds={"postgres"},
+        deps=["image_occurrence", "concept", "concept_relationship"],
+        metadata=column_schema("measurement"),
+        description="OMOP measurement: acquisition parameters per series, SR measurements "
+        "(TID 1500, dose reports).",
+    ),
+    dg.AssetSpec(
+        "image_feature",
+        group_name=GROUP,
+        kinds={"postgres"},
+        deps=["measurement", "image_occurrence"],
+        metadata=column_schema("image_feature"),
+        description="MI-CDM image_feature: links each measurement to its image occurrence; "
+        "SEG segments as findings.",
     ),
     dg.AssetSpec(
         "dicom_file_metadata",
@@ -73,6 +94,18 @@ INGEST_CHECKS = [
         description="No SOP instance is ingested twice (ledger and EAV rows).",
     ),
     dg.AssetCheckSpec(
+        "share_of_measurements_with_concept_0",
+        asset="measurement",
+        description=f"Warns when more than {CONCEPT_0_WARN_SHARE:.0%} of the run's measurements "
+        "have measurement_concept_id 0.",
+    ),
+    dg.AssetCheckSpec(
+        "every_image_feature_has_its_measurement",
+        asset="image_feature",
+        description="Every image_feature row the run wrote for a measurement points at an "
+        "existing measurement row.",
+    ),
+    dg.AssetCheckSpec(
         "share_of_series_without_modality_concept",
         asset="image_occurrence",
         description=f"Warns when more than {UNMAPPED_MODALITY_WARN_SHARE:.0%} of series have "
@@ -86,9 +119,38 @@ def _failures_by_reason(report: IngestReport) -> Counter:
     return Counter(reason.split(":")[0] for _, reason in report.failures)
 
 
-def _check_results(figures: IngestCheckFigures) -> list[dg.AssetCheckResult]:
+def _measurement_figures(report: IngestReport) -> dict[str, int | float]:
+    total = sum(report.measurements.values())
+    concept_0 = sum(n for (_, concept, _), n in report.measurements.items() if concept == 0)
+    with_unit = sum(n for (_, _, unit), n in report.measurements.items() if unit)
+    return {
+        "measurements": total,
+        "measurements_with_concept_0": concept_0,
+        "share_with_concept_0": round(concept_0 / total, 4) if total else 0.0,
+        "share_with_unit": round(with_unit / total, 4) if total else 0.0,
+    }
+
+
+def _check_results(
+    figures: IngestCheckFigures, report: IngestReport, orphan_features: int
+) -> list[dg.AssetCheckResult]:
     share = figures.share_without_modality_concept
+    measured = _measurement_figures(report)
     return [
+        dg.AssetCheckResult(
+            check_name="share_of_measurements_with_concept_0",
+            asset_key="measurement",
+            passed=measured["share_with_concept_0"] <= CONCEPT_0_WARN_SHARE,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata=measured,
+        ),
+        dg.AssetCheckResult(
+            check_name="every_image_feature_has_its_measurement",
+            asset_key="image_feature",
+            passed=orphan_features == 0,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"image_features_without_measurement": orphan_features},
+        ),
         dg.AssetCheckResult(
             check_name="every_series_has_its_procedure",
             asset_key="image_occurrence",
@@ -134,6 +196,11 @@ def _occurrence_results(
         "series",
     )
     version = facts.dicom_vocabulary_version or "DICOM vocabulary not loaded (run load_vocab)"
+    kinds = sorted(report.measurements.items(), key=lambda item: (-item[1], item[0]))
+    kinds_table = markdown_table(
+        ("measurement_source_value", "measurement_concept_id", "unit_source_value", "rows"),
+        [(*key, n) for key, n in kinds[:MAX_MEASUREMENT_KINDS_SHOWN]],
+    )
     return [
         dg.MaterializeResult(
             asset_key="procedure_occurrence",
@@ -142,6 +209,8 @@ def _occurrence_results(
                 "table": tables.qualified("procedure_occurrence"),
                 "rows_written": report.rows["procedure_occurrence"],
                 "dagster/row_count": facts.procedure_occurrences,
+                "procedure_concepts_set": dg.MetadataValue.json(dict(report.procedure_concepts)),
+                "new_studies_by_visit_linkage": dg.MetadataValue.json(dict(report.visits)),
             },
         ),
         dg.MaterializeResult(
@@ -155,6 +224,26 @@ def _occurrence_results(
                 "new_series_by_modality": dg.MetadataValue.md(
                     markdown_table(modality_header, modality_rows)
                 ),
+            },
+        ),
+        dg.MaterializeResult(
+            asset_key="measurement",
+            metadata={
+                **common,
+                "table": tables.qualified("measurement"),
+                "rows_written": report.rows["measurement"],
+                **_measurement_figures(report),
+                "measurements_by_attribute": dg.MetadataValue.md(kinds_table),
+            },
+        ),
+        dg.MaterializeResult(
+            asset_key="image_feature",
+            metadata={
+                **common,
+                "table": tables.qualified("image_feature"),
+                "rows_written": report.rows["image_feature"],
+                "rows_replaced_for_changed_files": report.rows["image_feature_replaced"],
+                "dagster/row_count": facts.image_features,
             },
         ),
     ]
@@ -239,7 +328,13 @@ def ingest_dicom_folder(
         )
         with database_session(context, config, database) as (conn, tables):
             state = prepare_run(
-                conn, tables.schemas, context.run.run_id, policy, mapping, context.log.warning
+                conn,
+                tables.schemas,
+                context.run.run_id,
+                policy,
+                mapping,
+                context.log.warning,
+                config.analytics(),
             )
             context.log.info(
                 f"Ingesting {root} with {workers} parse workers, "
@@ -257,6 +352,7 @@ def ingest_dicom_folder(
                 changed_window=(config.changed_after_ns, config.changed_until_ns),
             )
             figures = ingest_check_figures(conn, tables, context.run.run_id)
+            orphans = features_without_measurement(conn, tables, report.feature_ids)
             facts = table_facts(conn, tables)
 
         counts = report.status_counts
@@ -268,7 +364,7 @@ def ingest_dicom_folder(
         common = {"dicom_files_abs_path": dg.MetadataValue.path(str(root))}
         yield from _occurrence_results(report, facts, tables, common)
         yield from _file_results(report, seconds, tables, common, workers)
-        yield from _check_results(figures)
+        yield from _check_results(figures, report, orphans)
         if report.person_misses:
             raise _person_misses(report)
 

@@ -30,6 +30,8 @@ def type_name(type_: sa.types.TypeEngine) -> str:
         return "date"
     if isinstance(type_, sa.Boolean):
         return "boolean"
+    if isinstance(type_, sa.Numeric):
+        return "numeric"
     raise ValueError(f"no UI type name for {type_!r}")
 
 

@@ -108,13 +108,23 @@ def _date(value) -> dt.date | None:
 
 def first_date(ds, keywords) -> dt.date | None:
     for keyword in keywords:
-        date = _date(ds.get(keyword))
+        value = ds.get(keyword)
+        if keyword == "AcquisitionDateTime":  # a DT: its first 8 characters are the date
+            value = str(value or "").strip()[:8]
+        date = _date(value)
         if date:
             return date
     return None
 
 
-IMAGE_DATE_ORDER = ("SeriesDate", "AcquisitionDate", "ContentDate", "StudyDate")
+IMAGE_DATE_ORDER = (
+    "SeriesDate",
+    "AcquisitionDate",
+    "ContentDate",
+    "StudyDate",
+    "AcquisitionDateTime",
+    "InstanceCreationDate",
+)
 
 
 def scan_order(root: Path) -> list[Path]:
@@ -731,6 +741,7 @@ def test_dates_skip_invalid_values(vocab_url, db, tmp_path):
         AcquisitionDate=None,
         ContentDate="",
         StudyDate="00000000",
+        InstanceCreationDate="2023",  # invalid too: CT_small has 20040119
     )
     result = ingest(vocab_url, folder)
     assert result.success
@@ -973,6 +984,8 @@ def test_asset_checks_pass_for_a_clean_folder(vocab_url, db, tmp_path):
         "every_series_has_its_procedure",
         "no_sop_instance_twice",
         "share_of_series_without_modality_concept",
+        "share_of_measurements_with_concept_0",
+        "every_image_feature_has_its_measurement",
     }
     assert all(e.passed for e in evaluations.values()), {
         n: e.passed for n, e in evaluations.items()

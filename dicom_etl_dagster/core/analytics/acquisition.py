@@ -41,8 +41,6 @@ SOURCE_VALUE_LENGTH = 50
 
 
 PROFILE_VRS = NUMERIC_VRS | CODED_VRS
-# ElementRow positions, read by index in the loop below: it runs over every row of every file.
-_PARENT, _TAG, _GROUP, _KEYWORD, _VR, _VM, _VALUE, _PRIVATE = 1, 3, 4, 6, 8, 9, 10, 13
 
 
 def _number_text(number: float) -> str:
@@ -66,40 +64,39 @@ def _single_text(value_json: str) -> str | None:
     return None
 
 
-def _candidate(row: ElementRow) -> AcquisitionValue | None:
-    value_json, vr = row[_VALUE], row[_VR]
-    if value_json is None or row[_KEYWORD] in NOT_MEASUREMENTS:
-        return None
-    tag_text = row[_TAG]
+def _candidate(
+    tag_text: str, keyword: str | None, vr: str, value_json: str
+) -> AcquisitionValue | None:
     tag = tag_text[1:5] + tag_text[6:10]
-    keyword = row[_KEYWORD] or tag
+    name = keyword or tag
     if vr in CODED_VRS:
         text = (_single_text(value_json) or "").strip()
-        return (
-            AcquisitionValue(tag, keyword, vr, text[:SOURCE_VALUE_LENGTH], None) if text else None
-        )
+        return AcquisitionValue(tag, name, vr, text[:SOURCE_VALUE_LENGTH], None) if text else None
     try:
         number = float(value_json[1:-1])  # "[120.0]": one JSON number
     except ValueError:  # several values, or an odd value kept as text
         return None
     if not math.isfinite(number):
         return None
-    return AcquisitionValue(tag, keyword, vr, _number_text(number)[:SOURCE_VALUE_LENGTH], number)
+    return AcquisitionValue(tag, name, vr, _number_text(number)[:SOURCE_VALUE_LENGTH], number)
 
 
 def acquisition_values(rows: Iterable[ElementRow]) -> tuple[AcquisitionValue, ...]:
     """The instance's attributes of the default profile, in tag order."""
     found = []
-    for row in rows:
+    # Unpacked rather than read by attribute: this loop runs over every row of every file.
+    for _, parent, _, tag, group, _, keyword, _, vr, vm, value_json, _, _, private, _ in rows:
         if (
-            row[_PARENT] is None
-            and row[_VR] in PROFILE_VRS
-            and row[_VM] == "1"
-            and not row[_PRIVATE]
-            and row[_GROUP] != "0002"
-            and not row[_TAG].endswith("0000)")
+            parent is None
+            and vr in PROFILE_VRS
+            and vm == "1"
+            and value_json is not None
+            and not private
+            and group != "0002"
+            and keyword not in NOT_MEASUREMENTS
+            and not tag.endswith("0000)")
         ):
-            value = _candidate(row)
+            value = _candidate(tag, keyword, vr, value_json)
             if value is not None:
                 found.append(value)
     return tuple(found)

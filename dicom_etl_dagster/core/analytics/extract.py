@@ -23,6 +23,7 @@ from dicom_etl_dagster.core.dicom.reader import DicomInstance
 PROCEDURE_CODE_SEQUENCES = ("(0008,1032)", "(0032,1064)")  # Procedure / Requested Procedure
 CONTENT_SEQUENCE = "(0040,A730)"
 SEGMENT_SEQUENCE = "(0062,0002)"
+_TOP_TAGS = frozenset({*PROCEDURE_CODE_SEQUENCES, CONTENT_SEQUENCE, SEGMENT_SEQUENCE})
 _CODE_KEYWORDS = (
     "CodingSchemeDesignator",
     "CodeValue",
@@ -32,20 +33,22 @@ _CODE_KEYWORDS = (
 )
 
 
-def instance_findings(path: str | os.PathLike, instance: DicomInstance) -> InstanceFindings:
-    """The findings of ``instance`` (read from ``path``), from its rows and, for SR and SEG,
-    from its content tree."""
+def instance_findings(
+    path: str | os.PathLike, instance: DicomInstance, measurements: bool = True
+) -> InstanceFindings:
+    """The findings of ``instance`` (read from ``path``): its procedure codes, and with
+    ``measurements`` its acquisition profile and, for SR and SEG, its content tree."""
     rows = instance.elements
-    top = {row.tag: row for row in rows if row.parent_sequence_index is None}
+    top = {
+        row.tag: row for row in rows if row.parent_sequence_index is None and row.tag in _TOP_TAGS
+    }
+    codes = _procedure_codes(rows, top)
+    if not measurements:
+        return InstanceFindings(procedure_codes=codes)
     numeric, segments = (), ()
     if CONTENT_SEQUENCE in top or SEGMENT_SEQUENCE in top:
         numeric, segments = _tree_findings(path, CONTENT_SEQUENCE in top)
-    return InstanceFindings(
-        acquisition=acquisition_values(rows),
-        numeric=numeric,
-        segments=segments,
-        procedure_codes=_procedure_codes(rows, top),
-    )
+    return InstanceFindings(acquisition_values(rows), numeric, segments, codes)
 
 
 def _tree_findings(path: str | os.PathLike, is_report: bool) -> tuple[tuple, tuple]:

@@ -13,7 +13,8 @@ series and instances do, a re-run adds none and overlapping runs write each once
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import psycopg
 from psycopg import sql
@@ -56,15 +57,29 @@ class AnalyticsOptions:
     non_standard: NonStandardConcepts = NonStandardConcepts.DICOM
 
 
+class PlannedMeasurement(NamedTuple):
+    measurement: Measurement
+    context: Context
+    finding_concept_id: int | None  # the SR group's Finding
+    finding: int | None  # index of its finding (SR group) among the batch's findings
+    sop_instance_uid: str | None  # the SR it came from; None for acquisition parameters
+
+
+class PlannedSegment(NamedTuple):
+    segment: SegmentFinding
+    context: Context
+    property_concept_id: int
+    finding: int
+    sop_instance_uid: str
+
+
 @dataclass
 class AnalyticsWrite:
     """One batch's rows, built before their ids are reserved."""
 
-    measurements: list[tuple[Measurement, Context, tuple[int | None, int | None], str | None]]
-    segments: list[tuple[SegmentFinding, Context, int, str]]  # (segment, context, finding, sop)
-
-    def __init__(self) -> None:
-        self.measurements, self.segments = [], []
+    measurements: list[PlannedMeasurement] = field(default_factory=list)
+    segments: list[PlannedSegment] = field(default_factory=list)
+    findings: int = 0  # image_finding_ids to reserve
 
 
 def report_instances(plan: BatchPlan) -> list[InstanceWrite]:
@@ -166,11 +181,14 @@ class SeriesReferences:
         wanted_sops: set[str] = set()
         for w in report_instances(plan):
             findings = w.parsed.findings
-            for f in (*findings.numeric, *findings.segments):
-                wanted_series.update(f.referenced_series)
             for n in findings.numeric:
+                wanted_series.update(n.referenced_series)
                 wanted_sops.update(n.referenced_sops)
-        self._look_up(conn, tables, wanted_series - self.series.keys(), wanted_sops - self.sops.keys())
+            for segment in findings.segments:
+                wanted_series.update(segment.referenced_series)
+        self._look_up(
+            conn, tables, wanted_series - self.series.keys(), wanted_sops - self.sops.keys()
+        )
 
     def _look_up(
         self, conn: psycopg.Connection, tables: Tables, series: set[str], sops: set[str]
@@ -225,7 +243,7 @@ def forget_findings(conn: psycopg.Connection, tables: Tables, sops: Sequence[str
 
 
 def copy_analytics(
-    conn: psycopg.Connection, tables: Tables, batch: AnalyticsWrite, finding_count: int
+    conn: psycopg.Connection, tables: Tables, batch: AnalyticsWrite
 ) -> tuple[int, int, range]:
     """Reserve the ids and COPY the rows; returns (measurements, features, feature ids)."""
     n_measurements, n_segments = len(batch.measurements), len(batch.segments)
@@ -233,33 +251,135 @@ def copy_analytics(
     first_f = reserve_ids(
         conn, tables.sequence("dicom_etl_image_feature_id_seq"), n_measurements + n_segments
     )
-    first_g = reserve_ids(conn, tables.sequence("dicom_etl_image_finding_id_seq"), finding_count)
-    measurements, features, sources = [], [], []
-    for i, (m, context, (finding_concept, finding), sop) in enumerate(batch.measurements):
-        finding_id = None if finding is None else first_g + finding
-        measurements.append(measurement_row(first_m + i, m, context))
+    first_g = reserve_ids(conn, tables.sequence("dicom_etl_image_finding_id_seq"), batch.findings)
+    measurements: list[tuple] = []
+    features: list[tuple] = []
+    sources: list[tuple[int, int | None, str]] = []
+    for i, p in enumerate(batch.measurements):
+        measurement_id, feature_id = first_m + i, first_f + i
+        finding_id = None if p.finding is None else first_g + p.finding
+        measurements.append(measurement_row(measurement_id, p.measurement, p.context))
         features.append(
-            measurement_feature_row(first_f + i, first_m + i, m, context, (finding_concept, finding_id))
+            measurement_feature_row(
+                feature_id,
+                measurement_id,
+                p.measurement,
+                p.context,
+                (p.finding_concept_id, finding_id),
+            )
         )
-        if sop is not None:
-            sources.append((first_f + i, first_m + i, sop))
-    for j, (segment, context, finding, sop) in enumerate(batch.segments):
+        if p.sop_instance_uid is not None:
+            sources.append((feature_id, measurement_id, p.sop_instance_uid))
+    for j, seg in enumerate(batch.segments):
         feature_id = first_f + n_measurements + j
         features.append(
             segment_feature_row(
                 feature_id,
-                first_g + finding,
-                context.site_concept_id if False else segment.number,  # replaced below
-                context,
-                segment.alg_system,
-                segment.alg_datetime,
+                first_g + seg.finding,
+                seg.property_concept_id,
+                seg.context,
+                seg.segment.alg_system,
+                seg.segment.alg_datetime,
             )
         )
-        sources.append((feature_id, None, sop))
-    if measurements:
-        copy_rows(conn, tables["measurement"], MEASUREMENT_COLUMNS, measurements)
-    if features:
-        copy_rows(conn, tables["image_feature"], FEATURE_COLUMNS, features)
-    if sources:
-        copy_rows(conn, tables["dicom_etl_feature_source"], SOURCE_COLUMNS, sources)
+        sources.append((feature_id, None, seg.sop_instance_uid))
+    for table, columns, rows in (
+        ("measurement", MEASUREMENT_COLUMNS, measurements),
+        ("image_feature", FEATURE_COLUMNS, features),
+        ("dicom_etl_feature_source", SOURCE_COLUMNS, sources),
+    ):
+        if rows:
+            copy_rows(conn, tables[table], columns, rows)
     return n_measurements, len(features), range(first_f, first_f + len(features))
+
+
+@dataclass(frozen=True)
+class BatchIds:
+    """Where the batch's new rows start, and the visits found for it."""
+
+    first_procedure_id: int
+    first_image_id: int
+    visits: dict[VisitKey, int]
+
+
+def plan_analytics(
+    conn: psycopg.Connection,
+    tables: Tables,
+    options: AnalyticsOptions,
+    concepts: MeasurementConcepts,
+    sites: ConceptResolver,
+    plan: BatchPlan,
+    ids: BatchIds,
+) -> AnalyticsWrite:
+    """Every measurement / feature row of the batch, with its context (ids not reserved)."""
+    batch = AnalyticsWrite()
+    if not options.enabled:
+        return batch
+    profile = [
+        (s, [v for v in s.acquisition if in_profile(v, options.attributes)])
+        for s in plan.new_series
+    ]
+    reports = report_instances(plan)
+    prepare_concepts(concepts, profile, reports)
+    for i, (series, values) in enumerate(profile):
+        context = Context(
+            series.person_id,
+            ids.first_image_id + i,
+            visit_of(ids.visits, (series.person_id, series.study_date or series.image_date)),
+            series.image_date,
+            series.image_datetime,
+            sites.anatomic_site(series.body_part),
+        )
+        for value in values:
+            m = acquisition_measurement(value, concepts, options.non_standard)
+            if m is not None:
+                batch.measurements.append(PlannedMeasurement(m, context, None, None, None))
+    if reports:
+        references = SeriesReferences(conn, tables, plan, ids.first_image_id)
+        for w in reports:
+            _plan_report(batch, w, references, concepts, options.non_standard, ids)
+    return batch
+
+
+def _plan_report(
+    batch: AnalyticsWrite,
+    w: InstanceWrite,
+    references: SeriesReferences,
+    concepts: MeasurementConcepts,
+    policy: NonStandardConcepts,
+    ids: BatchIds,
+) -> None:
+    """The rows of one SR or SEG instance: its NUM items by group, its segments."""
+    instance, findings = w.parsed.instance, w.parsed.findings
+    own = resolve(w.image_occurrence, ids.first_image_id)
+    base = Context(
+        w.person_id,
+        own,
+        visit_of(ids.visits, (w.person_id, instance.procedure_date)),
+        instance.image_date,
+        instance.image_datetime,
+        0,
+    )
+    sop = instance.sop_instance_uid
+    groups: dict[int, int] = {}  # the report's group -> the batch's finding index
+    for f in findings.numeric:
+        if f.group not in groups:
+            groups[f.group] = batch.findings
+            batch.findings += 1
+        context = base._replace(
+            image_occurrence_id=references.target(f.referenced_series, f.referenced_sops, own),
+            site_concept_id=chosen(concepts.code(f.finding_site), policy),
+        )
+        finding_concept = chosen(concepts.code(f.finding), policy) if f.finding else None
+        m = numeric_measurement(f, concepts, policy)
+        batch.measurements.append(
+            PlannedMeasurement(m, context, finding_concept, groups[f.group], sop)
+        )
+    for segment in findings.segments:
+        context = base._replace(
+            image_occurrence_id=references.target(segment.referenced_series, (), own),
+            site_concept_id=chosen(concepts.code(segment.anatomic_region), policy),
+        )
+        prop = chosen(concepts.code(segment.property_type), policy)
+        batch.segments.append(PlannedSegment(segment, context, prop, batch.findings, sop))
+        batch.findings += 1

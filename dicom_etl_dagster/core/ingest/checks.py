@@ -8,12 +8,14 @@ per study or series, never the EAV table.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import class_row
 
+from dicom_etl_dagster.core.analytics.rows import MEASUREMENT_ID_FIELD_CONCEPT_ID
 from dicom_etl_dagster.core.db.tables import Tables, row_count
 
 
@@ -34,6 +36,7 @@ class IngestCheckFigures:
 class TableFacts:
     procedure_occurrences: int
     image_occurrences: int
+    image_features: int  # measurement is not counted: in a CDM it is the largest table
     dicom_vocabulary_version: str | None  # None: the DICOM vocabulary is not loaded
 
 
@@ -93,6 +96,33 @@ def ingest_check_figures(
     )
 
 
+_FEATURES_WITHOUT_MEASUREMENT = """
+SELECT count(*) FROM {feature} f
+WHERE f.image_feature_id BETWEEN %s AND %s AND f.image_feature_event_field_concept_id = {field}
+  AND NOT EXISTS (SELECT 1 FROM {measurement} m WHERE m.measurement_id = f.image_feature_event_id)
+"""
+
+
+def features_without_measurement(
+    conn: psycopg.Connection, tables: Tables, feature_ids: Iterable[range]
+) -> int:
+    """image_feature rows written by the run (``feature_ids``) whose measurement is missing.
+
+    Only the run's own id ranges are looked at (through the primary keys), so the check
+    costs what the run wrote, not the size of the tables."""
+    query = sql.SQL(_FEATURES_WITHOUT_MEASUREMENT).format(
+        feature=tables["image_feature"],
+        measurement=tables["measurement"],
+        field=sql.Literal(MEASUREMENT_ID_FIELD_CONCEPT_ID),
+    )
+    missing = 0
+    for ids in feature_ids:
+        if len(ids):
+            row = conn.execute(query, [ids.start, ids.stop - 1]).fetchone()
+            missing += int(row[0]) if row else 0
+    return missing
+
+
 def table_facts(conn: psycopg.Connection, tables: Tables) -> TableFacts:
     """Row counts of the study and series tables and the DICOM vocabulary version."""
     version = conn.execute(
@@ -103,5 +133,6 @@ def table_facts(conn: psycopg.Connection, tables: Tables) -> TableFacts:
     return TableFacts(
         procedure_occurrences=row_count(conn, tables["procedure_occurrence"]),
         image_occurrences=row_count(conn, tables["image_occurrence"]),
+        image_features=row_count(conn, tables["image_feature"]),
         dicom_vocabulary_version=version[0] if version else None,
     )

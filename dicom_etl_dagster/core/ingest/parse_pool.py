@@ -48,8 +48,9 @@ class Failed(NamedTuple):
 ParseResult: TypeAlias = Parsed | Failed
 
 
-def parse_file(entry: FileEntry, findings: bool = True) -> ParseResult:
-    """Read one file; with ``findings``, also what becomes measurements (``core/analytics``)."""
+def parse_file(entry: FileEntry, measurements: bool = True) -> ParseResult:
+    """Read one file and what analytics need of it (``core/analytics``); the measurement
+    findings only with ``measurements``."""
     try:
         instance = read_instance(entry.path)
     except DicomReadError as exc:
@@ -60,15 +61,15 @@ def parse_file(entry: FileEntry, findings: bool = True) -> ParseResult:
         entry,
         dataclasses.replace(instance, elements=[]),
         render_metadata(instance),
-        instance_findings(entry.path, instance) if findings else InstanceFindings(),
+        instance_findings(entry.path, instance, measurements),
     )
 
 
 def parse_batches(
-    batches: Iterable[list[FileEntry]], workers: int, findings: bool = True
+    batches: Iterable[list[FileEntry]], workers: int, measurements: bool = True
 ) -> Iterator[list[ParseResult]]:
     """Yield the parse results of each batch, in order, keeping one batch in flight."""
-    parse = functools.partial(parse_file, findings=findings)
+    parse = functools.partial(parse_file, measurements=measurements)
     if workers <= 1:
         for batch in batches:
             yield [parse(entry) for entry in batch]

@@ -17,6 +17,8 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from dicom_etl_dagster.core.analytics.concepts import MeasurementConcepts
+from dicom_etl_dagster.core.analytics.write import AnalyticsOptions
 from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.core.db.tables import Tables, column_names, table_exists
 from dicom_etl_dagster.core.errors import DicomEtlError
@@ -27,6 +29,7 @@ from dicom_etl_dagster.core.ingest.metadata_copy import DataElementIds
 from dicom_etl_dagster.core.ingest.parse_pool import parse_batches
 from dicom_etl_dagster.core.ingest.plan import is_done
 from dicom_etl_dagster.core.ingest.status import MissingPersonPolicy
+from dicom_etl_dagster.core.ingest.visits import has_visits
 from dicom_etl_dagster.core.ingest.writer import IngestReport, RunState, write_batch
 
 
@@ -77,6 +80,7 @@ def prepare_run(
     policy: str | MissingPersonPolicy,
     mapping: PersonMapping,
     warn: Callable[[str], None],
+    analytics: AnalyticsOptions | None = None,
 ) -> RunState:
     """What every batch of the run needs; ``policy`` is ``missing_person_id_options``."""
     person_policy = missing_person_policy(policy)
@@ -98,6 +102,9 @@ def prepare_run(
         mapping=resolve_mapping(conn, mapping, person_policy, warn),
         concepts=ConceptResolver(conn, schemas),
         data_elements=data_elements,
+        measurement_concepts=MeasurementConcepts(conn, Tables(schemas)),
+        analytics=analytics or AnalyticsOptions(),
+        has_visits=has_visits(conn, Tables(schemas)),
     )
 
 
@@ -150,7 +157,7 @@ def ingest_folder(
             if todo:
                 yield todo
 
-    outcomes_per_batch = parse_batches(pending_batches(), workers)
+    outcomes_per_batch = parse_batches(pending_batches(), workers, state.analytics.enabled)
     while True:
         started = time.perf_counter()
         outcomes = next(outcomes_per_batch, None)

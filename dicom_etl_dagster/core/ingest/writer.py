@@ -23,6 +23,16 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from dicom_etl_dagster.core.analytics.concepts import MeasurementConcepts
+from dicom_etl_dagster.core.analytics.procedures import refine_procedures
+from dicom_etl_dagster.core.analytics.write import (
+    AnalyticsOptions,
+    BatchIds,
+    copy_analytics,
+    forget_findings,
+    plan_analytics,
+    visit_keys,
+)
 from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.core.db.tables import Tables, copy_rows, reserve_ids, take_advisory_lock
 from dicom_etl_dagster.core.ingest.concepts import ConceptResolver
@@ -42,13 +52,13 @@ from dicom_etl_dagster.core.ingest.plan import (
     BatchPlan,
     InstanceWrite,
     LedgerEntry,
-    NewSeries,
     NewStudy,
     PersonPolicy,
     plan_batch,
     resolve,
 )
 from dicom_etl_dagster.core.ingest.status import LedgerStatus, MissingPersonPolicy
+from dicom_etl_dagster.core.ingest.visits import VisitKey, find_visits, visit_of, visit_outcome
 
 __all__ = ["IngestReport", "PersonMapping", "RunState", "write_batch"]
 
@@ -57,8 +67,10 @@ _PROCEDURE_COLUMNS = (
     "person_id",
     "procedure_concept_id",
     "procedure_date",
+    "procedure_datetime",
     "procedure_type_concept_id",
     "procedure_source_value",
+    "visit_occurrence_id",
 )
 _IMAGE_COLUMNS = (
     "image_occurrence_id",
@@ -70,6 +82,7 @@ _IMAGE_COLUMNS = (
     "image_study_uid",
     "image_series_uid",
     "modality_concept_id",
+    "visit_occurrence_id",
 )
 _LEDGER_COLUMNS = (
     "ingest_log_id",
@@ -95,6 +108,9 @@ class RunState:
     mapping: PersonMapping | None  # None: the mapping table does not exist
     concepts: ConceptResolver
     data_elements: DataElementIds  # dictionary tag -> data_element_id, learnt as tags are added
+    measurement_concepts: MeasurementConcepts
+    analytics: AnalyticsOptions = AnalyticsOptions()
+    has_visits: bool = False  # the CDM schema has visit_occurrence: studies are linked to visits
 
     @property
     def tables(self) -> Tables:
@@ -117,6 +133,11 @@ class IngestReport:
         default_factory=Counter
     )  # (modality, body part, concept, site) -> series
     person_misses: int = 0
+    # (source value, measurement_concept_id, unit_source_value) -> measurements written
+    measurements: Counter = field(default_factory=Counter)
+    visits: Counter = field(default_factory=Counter)  # new studies: linked / none / ambiguous
+    procedure_concepts: Counter = field(default_factory=Counter)  # by procedure code / modality
+    feature_ids: list[range] = field(default_factory=list)  # image_feature ids written
 
     def merge(self, other: IngestReport) -> None:
         self.files_already_done += other.files_already_done
@@ -125,6 +146,10 @@ class IngestReport:
         self.failures.extend(other.failures)
         self.series_by_modality.update(other.series_by_modality)
         self.person_misses += other.person_misses
+        self.measurements.update(other.measurements)
+        self.visits.update(other.visits)
+        self.procedure_concepts.update(other.procedure_concepts)
+        self.feature_ids.extend(other.feature_ids)
 
 
 def write_batch(
@@ -141,8 +166,11 @@ def write_batch(
         rows = batch_rows(conn, tables, state.mapping, results)
         plan = plan_batch(results, rows, state.person_policy)
         _forget_replaced(conn, tables, plan, report)
-        first_procedure_id = _write_studies(conn, tables, plan.new_studies, report)
-        first_image_id = _write_series(conn, state, plan.new_series, first_procedure_id, report)
+        visits = _visits(conn, state, plan)
+        first_procedure_id = _write_studies(conn, tables, plan.new_studies, visits, report)
+        first_image_id = _write_series(conn, state, plan, first_procedure_id, visits, report)
+        ids = BatchIds(first_procedure_id, first_image_id, visits)
+        _write_analytics(conn, state, plan, ids, report)
         _write_metadata(conn, state, plan.instances, first_image_id, report)
         _write_ledger(conn, state, plan.ledger, first_image_id, report)
     report.files_already_done += plan.already_done
@@ -163,6 +191,7 @@ def _forget_replaced(
     """Files changed since they were recorded: their old instance's rows go, the paths that
     were duplicates of it become 'failed', and the changed paths' ledger rows go."""
     if plan.changed_sops:
+        report.rows["image_feature_replaced"] += forget_findings(conn, tables, plan.changed_sops)
         report.rows["dicom_file_metadata_replaced"] += conn.execute(
             sql.SQL("DELETE FROM {} WHERE sop_instance_id = ANY(%s)").format(
                 tables["dicom_file_metadata"]
@@ -188,17 +217,45 @@ def _forget_replaced(
         )
 
 
+def _visits(conn: psycopg.Connection, state: RunState, plan: BatchPlan) -> dict[VisitKey, int]:
+    """The visits of the batch's new studies, series and reports (none without the table)."""
+    if not state.has_visits:
+        return {}
+    keys = [(s.person_id, s.procedure_date) for s in plan.new_studies]
+    keys += visit_keys(plan)
+    return find_visits(conn, state.tables, keys)
+
+
 def _write_studies(
-    conn: psycopg.Connection, tables: Tables, studies: Sequence[NewStudy], report: IngestReport
+    conn: psycopg.Connection,
+    tables: Tables,
+    studies: Sequence[NewStudy],
+    visits: dict[VisitKey, int],
+    report: IngestReport,
 ) -> int:
-    """procedure_occurrence rows of the new studies; returns the first of their ids."""
+    """procedure_occurrence rows of the new studies; returns the first of their ids.
+
+    procedure_concept_id starts at 0: ``procedures.refine_procedures`` sets it from what the
+    batch's instances say, for new and earlier studies alike."""
     first = reserve_ids(
         conn, tables.sequence("dicom_etl_procedure_occurrence_id_seq"), len(studies)
     )
-    rows = [
-        (first + i, s.person_id, 0, s.procedure_date, EHR_TYPE_CONCEPT_ID, s.source_value)
-        for i, s in enumerate(studies)
-    ]
+    rows = []
+    for i, s in enumerate(studies):
+        key = (s.person_id, s.procedure_date)
+        report.visits[visit_outcome(visits, key)] += 1
+        rows.append(
+            (
+                first + i,
+                s.person_id,
+                0,
+                s.procedure_date,
+                s.procedure_datetime,
+                EHR_TYPE_CONCEPT_ID,
+                s.source_value,
+                visit_of(visits, key),
+            )
+        )
     report.rows["procedure_occurrence"] += _copy_any(
         conn, tables["procedure_occurrence"], _PROCEDURE_COLUMNS, rows
     )
@@ -208,12 +265,13 @@ def _write_studies(
 def _write_series(
     conn: psycopg.Connection,
     state: RunState,
-    series: Sequence[NewSeries],
+    plan: BatchPlan,
     first_procedure_id: int,
+    visits: dict[VisitKey, int],
     report: IngestReport,
 ) -> int:
     """image_occurrence rows of the new series, with their concepts; returns the first id."""
-    tables, concepts = state.tables, state.concepts
+    tables, concepts, series = state.tables, state.concepts, plan.new_series
     concepts.prepare({s.modality for s in series}, {s.body_part for s in series})
     first = reserve_ids(conn, tables.sequence("dicom_etl_image_occurrence_id_seq"), len(series))
     rows = []
@@ -221,6 +279,7 @@ def _write_series(
         modality_id = concepts.modality(s.modality)
         site_id = concepts.anatomic_site(s.body_part)
         procedure_id = resolve(s.procedure, first_procedure_id)
+        visit = visit_of(visits, (s.person_id, s.study_date or s.image_date))
         rows.append(
             (
                 first + i,
@@ -232,6 +291,7 @@ def _write_series(
                 s.study_uid,
                 s.series_uid,
                 modality_id,
+                visit,
             )
         )
         report.series_by_modality[(s.modality or "", s.body_part or "", modality_id, site_id)] += 1
@@ -239,6 +299,33 @@ def _write_series(
         conn, tables["image_occurrence"], _IMAGE_COLUMNS, rows
     )
     return first
+
+
+def _write_analytics(
+    conn: psycopg.Connection, state: RunState, plan: BatchPlan, ids: BatchIds, report: IngestReport
+) -> None:
+    """Procedure concepts, then measurements and image features (``core/analytics``)."""
+    tables = state.tables
+    refine_procedures(
+        conn,
+        tables,
+        state.measurement_concepts,
+        state.concepts,
+        plan.instances,
+        ids.first_procedure_id,
+        report.procedure_concepts,
+    )
+    batch = plan_analytics(
+        conn, tables, state.analytics, state.measurement_concepts, state.concepts, plan, ids
+    )
+    measurements, features, feature_ids = copy_analytics(conn, tables, batch)
+    report.rows["measurement"] += measurements
+    report.rows["image_feature"] += features
+    if features:
+        report.feature_ids.append(feature_ids)
+    for p in batch.measurements:
+        m = p.measurement
+        report.measurements[(m.source_value, m.concept_id, m.unit_source_value or "")] += 1
 
 
 def _write_metadata(

@@ -43,8 +43,8 @@ TEST_FILES_DIR = Path(pydicom.__file__).parent / "data" / "test_files"
 # Written out here rather than imported, so the test does not trust the module.
 PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
 NO_DATE_REASON = (
-    "no usable date: SeriesDate, AcquisitionDate, ContentDate and StudyDate "
-    "are all missing or invalid"
+    "no usable date: SeriesDate, AcquisitionDate, ContentDate, StudyDate, "
+    "AcquisitionDateTime and InstanceCreationDate are all missing or invalid"
 )
 TAG_RE = re.compile(r"\(([0-9A-F]{4}),([0-9A-F]{4})\)")
 
@@ -756,6 +756,7 @@ DATE_TAGS = {
     "SeriesDate": 0x00080021,
     "AcquisitionDate": 0x00080022,
     "ContentDate": 0x00080023,
+    "InstanceCreationDate": 0x00080012,
 }
 
 
@@ -827,6 +828,11 @@ def _dates(**values: str | None) -> dict[int, tuple[str, bytes] | None]:
             datetime.date(2011, 11, 11),
             datetime.date(2011, 11, 11),
         ),
+        (  # real files exist whose only date is InstanceCreationDate
+            dict(StudyDate="", InstanceCreationDate="20120304"),
+            datetime.date(2012, 3, 4),
+            datetime.date(2012, 3, 4),
+        ),
     ],
 )
 def test_date_fallbacks(
@@ -841,6 +847,29 @@ def test_date_fallbacks(
         row = next(r for r in inst.elements if r.keyword == keyword)
         if value.strip():
             assert value.split("\\")[0] in (row.value_json or "")
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_datetimes_pair_each_date_with_its_own_time(tmp_path: Path, fast_path: bool) -> None:
+    spec = _dates(StudyDate="", SeriesDate="20200105", InstanceCreationDate="20200101")
+    spec[0x00080030] = ("TM", b"235959")  # StudyTime: its date is invalid, so it is not used
+    spec[0x00080031] = ("TM", b"101112.5")  # SeriesTime, with a fraction
+    spec[0x00080013] = ("TM", b"0102")  # InstanceCreationTime (HHMM)
+    inst = read_instance(_write_variant(tmp_path, "times.dcm", spec), fast_path=fast_path)
+    assert inst.procedure_datetime == datetime.datetime(2020, 1, 5, 10, 11, 12, 500000)
+    assert inst.image_datetime == datetime.datetime(2020, 1, 5, 10, 11, 12, 500000)
+    spec[0x00080021] = None  # no SeriesDate: InstanceCreationDate with its own time
+    spec[0x00080031] = None
+    inst = read_instance(_write_variant(tmp_path, "times2.dcm", spec), fast_path=fast_path)
+    assert inst.procedure_datetime == datetime.datetime(2020, 1, 1, 1, 2)
+    spec[0x00080012] = None
+    spec[0x0008002A] = ("DT", b"20190203040506+0100 ")  # AcquisitionDateTime: offset dropped
+    inst = read_instance(_write_variant(tmp_path, "times3.dcm", spec), fast_path=fast_path)
+    assert inst.image_datetime == datetime.datetime(2019, 2, 3, 4, 5, 6)
+    spec[0x00080021] = ("DA", b"20190203")
+    spec[0x00080031] = ("TM", b"99")  # an invalid time: the date's midnight
+    inst = read_instance(_write_variant(tmp_path, "times4.dcm", spec), fast_path=fast_path)
+    assert inst.image_datetime == datetime.datetime(2019, 2, 3)
 
 
 @pytest.mark.parametrize(
