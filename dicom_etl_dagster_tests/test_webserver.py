@@ -36,6 +36,8 @@ ASSET_GROUPS = {
     "dicom_data_element": "vocabulary",
     "procedure_occurrence": "imaging",
     "image_occurrence": "imaging",
+    "measurement": "imaging",
+    "image_feature": "imaging",
     "dicom_file_metadata": "imaging",
     "dicom_ingest_log": "imaging",
     "file_upload_metadata": "upload",

@@ -229,7 +229,7 @@ def materialization_url(base_url: str, asset: str) -> str:
 
 #: Wide enough that the graph is drawn with full asset nodes (narrower, it is drawn zoomed
 #: out with shortened names).
-GRAPH_WINDOW = (2560, 1150)
+GRAPH_WINDOW = (3200, 1300)  # wide enough that the UI shows whole asset names
 PAGE_WINDOW = (1600, 1000)
 
 

@@ -76,7 +76,8 @@ INGEST_SPECS = [
         "dicom_ingest_log",
         group_name=GROUP,
         kinds={"postgres"},
-        deps=["dicom_file_metadata"],
+        # The ledger is written with everything a batch writes: its lineage shows all of it.
+        deps=["dicom_file_metadata", "measurement", "image_feature"],
         metadata=column_schema("dicom_ingest_log"),
         description="One row per file path seen: ingested, duplicate, or failed with its reason.",
     ),

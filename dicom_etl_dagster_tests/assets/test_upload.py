@@ -226,6 +226,8 @@ def test_materialize_everything_without_config_does_not_upload(
         for k in (
             "procedure_occurrence",
             "image_occurrence",
+            "measurement",
+            "image_feature",
             "dicom_file_metadata",
             "dicom_ingest_log",
             "file_upload_metadata",

@@ -224,6 +224,17 @@ def values(root: Path, duplicate_of: Path) -> dict[Path, object]:
         SeriesDate="20231399",
         AcquisitionDate="00000000",
         ContentDate="2023-1-1",
+        InstanceCreationDate="2023",
+    )
+    # Real files exist whose only valid date is InstanceCreationDate: ingested on it.
+    out[folder / "only_instance_creation_date.dcm"] = "ingested"
+    clone(
+        CT_SMALL,
+        folder / "only_instance_creation_date.dcm",
+        StudyDate="",
+        SeriesDate=None,
+        AcquisitionDate=None,
+        ContentDate=None,
     )
     out[folder / "bad_date_study_only.dcm"] = "ingested"
     clone(CT_SMALL, folder / "bad_date_study_only.dcm", StudyDate="20231399", SeriesDate="20230615")
