@@ -10,13 +10,32 @@ import collections
 
 from psycopg import sql
 
+from dicom_etl_dagster.core.analytics.rows import MEASUREMENT_ID_FIELD_CONCEPT_ID
 from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster_tests.conftest import scalar
 
 
-def table_content(conn, schemas: Schemas) -> dict[str, collections.Counter]:
-    """Every row of the written tables without the ids, which legitimately differ between runs."""
+def _names(schemas: Schemas) -> dict[str, sql.Composable]:
     mi, cdm = schemas.medical_imaging, schemas.cdm
+    return dict(
+        io=sql.Identifier(mi, "image_occurrence"),
+        po=sql.Identifier(cdm, "procedure_occurrence"),
+        log=sql.Identifier(mi, "dicom_ingest_log"),
+        md=sql.Identifier(mi, "dicom_file_metadata"),
+        de=sql.Identifier(mi, "dicom_data_element"),
+        m=sql.Identifier(cdm, "measurement"),
+        f=sql.Identifier(mi, "image_feature"),
+        src=sql.Identifier(mi, "dicom_etl_feature_source"),
+        event=sql.Literal(MEASUREMENT_ID_FIELD_CONCEPT_ID),
+    )
+
+
+def table_content(conn, schemas: Schemas) -> dict[str, collections.Counter]:
+    """Every row of the written tables without the ids, which legitimately differ between runs.
+
+    A row's references are replaced by what they point at: a measurement by the series of
+    its image_feature and the SR instance it came from, an image_feature's event by the
+    measurement's values, its finding id by its rank among the findings of its instance."""
     q = {
         "ledger": sql.SQL(
             "SELECT file_path, status, error_message, sop_instance_uid, file_size, file_mtime_ns,"
@@ -47,28 +66,47 @@ def table_content(conn, schemas: Schemas) -> dict[str, collections.Counter]:
             "SELECT data_element_tag, data_element_name, data_element_keyword,"
             " value_representation, is_private FROM {de}"
         ),
+        "measurement": sql.SQL(
+            "SELECT m.person_id, m.measurement_concept_id, m.measurement_date, m.measurement_datetime,"
+            " m.measurement_type_concept_id, m.value_as_number, m.value_as_concept_id, m.unit_concept_id,"
+            " m.visit_occurrence_id, m.measurement_source_value, m.measurement_source_concept_id,"
+            " m.unit_source_value, m.value_source_value,"
+            " (SELECT string_agg(i.image_series_uid, ' ' ORDER BY i.image_series_uid) FROM {f} f"
+            " JOIN {io} i USING (image_occurrence_id) WHERE f.image_feature_event_field_concept_id = {event}"
+            " AND f.image_feature_event_id = m.measurement_id),"
+            " (SELECT string_agg(s.sop_instance_uid, ' ' ORDER BY s.sop_instance_uid) FROM {src} s"
+            " WHERE s.measurement_id = m.measurement_id)"
+            " FROM {m} m"
+        ),
+        "image_feature": sql.SQL(
+            "SELECT f.person_id, i.image_series_uid, f.image_feature_event_field_concept_id,"
+            " m.measurement_source_value, m.value_as_number, m.value_source_value,"
+            " f.image_feature_concept_id, f.image_feature_type_concept_id, f.image_finding_concept_id,"
+            " s.sop_instance_uid,"
+            " CASE WHEN f.image_finding_id IS NOT NULL THEN dense_rank() OVER"
+            " (PARTITION BY s.sop_instance_uid, f.image_finding_id IS NULL ORDER BY f.image_finding_id) END,"
+            " f.anatomic_site_concept_id, f.alg_system, f.alg_datetime"
+            " FROM {f} f LEFT JOIN {io} i USING (image_occurrence_id)"
+            " LEFT JOIN {m} m ON f.image_feature_event_field_concept_id = {event}"
+            " AND m.measurement_id = f.image_feature_event_id"
+            " LEFT JOIN {src} s ON s.image_feature_id = f.image_feature_id"
+        ),
+        "feature_source": sql.SQL(
+            "SELECT s.sop_instance_uid, s.measurement_id IS NULL, f.image_feature_concept_id,"
+            " i.image_series_uid, m.measurement_source_value, m.value_as_number"
+            " FROM {src} s LEFT JOIN {f} f USING (image_feature_id)"
+            " LEFT JOIN {io} i ON i.image_occurrence_id = f.image_occurrence_id"
+            " LEFT JOIN {m} m ON m.measurement_id = s.measurement_id"
+        ),
     }
-    names = dict(
-        io=sql.Identifier(mi, "image_occurrence"),
-        po=sql.Identifier(cdm, "procedure_occurrence"),
-        log=sql.Identifier(mi, "dicom_ingest_log"),
-        md=sql.Identifier(mi, "dicom_file_metadata"),
-        de=sql.Identifier(mi, "dicom_data_element"),
-    )
+    names = _names(schemas)
     return {
         k: collections.Counter(conn.execute(v.format(**names)).fetchall()) for k, v in q.items()
     }
 
 
 def assert_ids_consistent(conn, schemas: Schemas) -> None:
-    mi, cdm = schemas.medical_imaging, schemas.cdm
-    names = dict(
-        io=sql.Identifier(mi, "image_occurrence"),
-        po=sql.Identifier(cdm, "procedure_occurrence"),
-        log=sql.Identifier(mi, "dicom_ingest_log"),
-        md=sql.Identifier(mi, "dicom_file_metadata"),
-        de=sql.Identifier(mi, "dicom_data_element"),
-    )
+    names = _names(schemas)
     checks = {
         "duplicate metadata_id": "SELECT count(*) - count(DISTINCT metadata_id) FROM {md}",
         "duplicate ingest_log_id": "SELECT count(*) - count(DISTINCT ingest_log_id) FROM {log}",
@@ -91,6 +129,35 @@ def assert_ids_consistent(conn, schemas: Schemas) -> None:
         " (SELECT 1 FROM {po} p WHERE p.procedure_occurrence_id = i.procedure_occurrence_id)",
         "SOP ingested twice": "SELECT count(*) FROM (SELECT sop_instance_uid FROM {log} WHERE status = 'ingested'"
         " GROUP BY 1 HAVING count(*) > 1) d",
+        # measurement, image_feature, dicom_etl_feature_source
+        "duplicate measurement_id": "SELECT count(*) - count(DISTINCT measurement_id) FROM {m}",
+        "duplicate image_feature_id": "SELECT count(*) - count(DISTINCT image_feature_id) FROM {f}",
+        "duplicate feature_source image_feature_id": "SELECT count(*) - count(DISTINCT image_feature_id)"
+        " FROM {src}",
+        "dangling image_feature_event_id": "SELECT count(*) FROM {f} f WHERE"
+        " f.image_feature_event_field_concept_id = {event} AND NOT EXISTS"
+        " (SELECT 1 FROM {m} m WHERE m.measurement_id = f.image_feature_event_id)",
+        "event id without its event field": "SELECT count(*) FROM {f} WHERE"
+        " (image_feature_event_id IS NULL) <> (image_feature_event_field_concept_id IS NULL)",
+        "measurement of no image_feature, or of several": "SELECT count(*) FROM {m} m WHERE"
+        " (SELECT count(*) FROM {f} f WHERE f.image_feature_event_field_concept_id = {event}"
+        " AND f.image_feature_event_id = m.measurement_id) <> 1",
+        "image_feature of another person than its measurement": "SELECT count(*) FROM {f} f"
+        " JOIN {m} m ON f.image_feature_event_field_concept_id = {event}"
+        " AND m.measurement_id = f.image_feature_event_id WHERE m.person_id <> f.person_id",
+        "dangling image_feature image_occurrence_id": "SELECT count(*) FROM {f} f WHERE NOT EXISTS"
+        " (SELECT 1 FROM {io} i WHERE i.image_occurrence_id = f.image_occurrence_id)",
+        "dangling feature_source image_feature_id": "SELECT count(*) FROM {src} s WHERE NOT EXISTS"
+        " (SELECT 1 FROM {f} f WHERE f.image_feature_id = s.image_feature_id)",
+        "feature_source measurement_id is not its feature's event": "SELECT count(*) FROM {src} s"
+        " JOIN {f} f USING (image_feature_id)"
+        " WHERE s.measurement_id IS DISTINCT FROM f.image_feature_event_id",
+        "feature_source of an instance not ingested": "SELECT count(*) FROM {src} s WHERE NOT EXISTS"
+        " (SELECT 1 FROM {log} l WHERE l.status = 'ingested' AND l.sop_instance_uid = s.sop_instance_uid)",
+        "image_finding_id shared by two instances": "SELECT count(*) FROM (SELECT f.image_finding_id"
+        " FROM {f} f LEFT JOIN {src} s USING (image_feature_id) WHERE f.image_finding_id IS NOT NULL"
+        " GROUP BY 1 HAVING count(DISTINCT coalesce(s.sop_instance_uid, '')) > 1"
+        " OR bool_or(s.sop_instance_uid IS NULL)) d",
     }
     problems = {
         name: n for name, q in checks.items() if (n := scalar(conn, sql.SQL(q).format(**names)))

@@ -9,6 +9,10 @@ Phases, all on the same files:
 2. ETL: ``ingest.prepare_run`` + ``ingest.ingest_folder`` (the core of the
    ``ingest_metadata`` job) into a real PostgreSQL, after ``migrate.ensure_tables`` and the
    DICOM2OMOP vocabulary load (not timed). Then the same folder again (nothing to do).
+   Then, unless ``--skip-measurements-comparison``, the ETL once more into fresh schemas
+   with measurements off (``AnalyticsOptions(enabled=False)``: no measurement /
+   image_feature rows, and the parse workers skip their extraction), right after the
+   measurements-on run, for the cost of measurements in files/s and CPU per file.
 3. row-at-a-time baseline: the original plugin's statement pattern
    (``baseline_row_at_a_time.py``) on an evenly spread subset, in its own schema.
 4. Orthanc: ``POST /instances`` of every file to a throwaway Orthanc on a free loopback
@@ -18,8 +22,8 @@ PostgreSQL is a throwaway ``pgserver`` instance unless ``--database-url`` is giv
 given database the schemas ``dicom_etl_bench_*`` are dropped and re-created.
 
 Prints files/s, elements/s, peak RSS, CPU seconds per process group, rows written, the
-ratios against the targets, and the ETL's throughput over the first and last 10% of the
-run, as markdown tables with the exact command line.
+ratios against the targets, the ETL's throughput over the first and last 10% of the run
+and measurements on vs off, as markdown tables with the exact command line.
 
     python scripts/benchmark.py --files 20000
     python scripts/benchmark.py --corpus /data/dicom --baseline-files 200 --skip-orthanc
@@ -62,6 +66,7 @@ if str(SCRIPTS_DIR) not in sys.path:
 import baseline_row_at_a_time as baseline  # noqa: E402
 import make_corpus  # noqa: E402
 
+from dicom_etl_dagster.core.analytics.write import AnalyticsOptions  # noqa: E402
 from dicom_etl_dagster.core.cpu import available_cpus  # noqa: E402
 from dicom_etl_dagster.core.db.identifiers import Schemas  # noqa: E402
 from dicom_etl_dagster.core.db.migrate import ensure_tables  # noqa: E402
@@ -438,7 +443,9 @@ def run_etl(
     batch_size: int,
     total_files: int,
     label: str = "ETL (prepare_run + ingest_folder)",
+    analytics: AnalyticsOptions | None = None,
 ) -> PhaseResult:
+    """One ingest of ``root``; ``analytics`` as the job's options give it (default: measurements on)."""
     result = PhaseResult(label)
     marks: list[BatchMark] = []
     write_seconds: list[float] = []
@@ -502,6 +509,7 @@ def run_etl(
                     "use_id_zero",
                     MAPPING,
                     lambda message: log(f"  warning: {message}"),
+                    analytics=analytics,
                 )
                 report, seconds = ingest_folder(
                     conn, state, root, batch_size, workers, progress=progress
@@ -620,6 +628,68 @@ def flatness(result: PhaseResult, total_files: int) -> dict | None:
         "batch_seconds_median": statistics.median(per_batch) if per_batch else 0.0,
         "batch_seconds_max": max(per_batch) if per_batch else 0.0,
     }
+
+
+def own_cpu_per_1k_files(p: PhaseResult) -> float | None:
+    """CPU seconds of every group of ours (not other processes) per 1,000 files."""
+    own = sum(v for k, v in p.cpu.items() if k != "other processes")
+    return 1000 * own / p.files_ok if p.files_ok and own else None
+
+
+def measurements_comparison(on: PhaseResult, off: PhaseResult, cpus: int) -> dict:
+    """The ETL with measurements on vs off, run back to back on the same files: files/s,
+    their ratio and the throughput measurements cost, and the CPU per file (which a busy
+    machine disturbs less than files/s), with the rows each run wrote."""
+    ratio = on.files_per_second / off.files_per_second if off.files_per_second else None
+    cpu_on, cpu_off = own_cpu_per_1k_files(on), own_cpu_per_1k_files(off)
+
+    def rows(p: PhaseResult, table: str) -> int:
+        return p.extra.get("rows_by_table", {}).get(table, 0)
+
+    return {
+        "files_per_second_on": on.files_per_second,
+        "files_per_second_off": off.files_per_second,
+        "ratio_on_off": ratio,
+        # Throughput lost to measurements: 20 means 20% fewer files/s with them.
+        "cost_percent": None if ratio is None else 100 * (1 - ratio),
+        "own_cpu_s_per_1k_files_on": cpu_on,
+        "own_cpu_s_per_1k_files_off": cpu_off,
+        "cpu_cost_percent": 100 * (cpu_on / cpu_off - 1) if cpu_on and cpu_off else None,
+        "measurement_rows_on": rows(on, "measurement"),
+        "image_feature_rows_on": rows(on, "image_feature"),
+        "measurement_rows_off": rows(off, "measurement"),
+        "image_feature_rows_off": rows(off, "image_feature"),
+        "other_processes_share_on": busy_share(on, cpus),
+        "other_processes_share_off": busy_share(off, cpus),
+    }
+
+
+def measurements_lines(m: dict) -> list[str]:
+    """The report's lines on measurements on vs off."""
+
+    def number(value: float | None, form: str) -> str:
+        return "–" if value is None else format(value, form)
+
+    lines = [
+        "Measurements on vs off (the same ETL, back to back, each into fresh schemas):\n",
+        f"- files/s with measurements {m['files_per_second_on']:,.1f}, without "
+        f"{m['files_per_second_off']:,.1f}: ratio on/off {number(m['ratio_on_off'], '.2f')}x, "
+        f"cost {number(m['cost_percent'], '.1f')}% of the throughput",
+        f"- own CPU s per 1k files with {number(m['own_cpu_s_per_1k_files_on'], ',.2f')}, without "
+        f"{number(m['own_cpu_s_per_1k_files_off'], ',.2f')}: cost "
+        f"{number(m['cpu_cost_percent'], '+.1f')}% CPU per file",
+        f"- rows per run: measurement {m['measurement_rows_on']:,} / {m['measurement_rows_off']:,}, "
+        f"image_feature {m['image_feature_rows_on']:,} / {m['image_feature_rows_off']:,} (on / off)",
+    ]
+    busy = max(m["other_processes_share_on"], m["other_processes_share_off"])
+    if busy > BUSY_SHARE:
+        lines.append(
+            f"- **machine busy**: other processes used {m['other_processes_share_on']:.0%} (on) and "
+            f"{m['other_processes_share_off']:.0%} (off) of the CPUs: trust the CPU per file more "
+            "than files/s"
+        )
+    lines.append("")
+    return lines
 
 
 def wal_and_checkpoints(conn: psycopg.Connection) -> tuple[str | None, int | None]:
@@ -875,6 +945,7 @@ def markdown(
     db_rows: dict | None,
     setup: dict,
     environment: dict,
+    measurements: dict | None = None,
 ) -> str:
     out: list[str] = []
     out.append("## dicom_etl_dagster benchmark\n")
@@ -982,6 +1053,11 @@ def markdown(
                 f"{flat['first_costs']['other_share']:.0%} vs {flat['last_costs']['other_share']:.0%} of the CPUs; "
                 "see the per-window table) | | | |"
             )
+        if measurements and measurements["ratio_on_off"] is not None:
+            out.append(
+                f"| ETL measurements on / off (files/s) | {measurements['ratio_on_off']:,.2f}x | | "
+                f"cost {measurements['cost_percent']:.1f}% |"
+            )
         line(
             "ETL peak RSS, main + workers",
             etl.peak_rss / GIB if etl.peak_rss else None,
@@ -992,6 +1068,8 @@ def markdown(
     out.append("")
     if orthanc_note:
         out.append(f"Orthanc: {orthanc_note}\n")
+    if measurements:
+        out.extend(measurements_lines(measurements))
 
     if etl:
         extra = etl.extra
@@ -1159,6 +1237,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-parse-only", action="store_true")
     parser.add_argument("--skip-etl", action="store_true")
     parser.add_argument(
+        "--skip-measurements-comparison",
+        action="store_true",
+        help="do not run the ETL a second time with measurements off (into fresh schemas) "
+        "to compare files/s and CPU per file with measurements on",
+    )
+    parser.add_argument(
         "--database-url",
         help="use this PostgreSQL (schemas dicom_etl_bench_* are dropped "
         "and re-created) instead of a throwaway pgserver",
@@ -1202,7 +1286,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(workdir, 0o755)  # pgserver runs PostgreSQL as its own user when we are root
     phases: list[PhaseResult] = []
     parse = etl = rerun = row = orthanc = None
-    flat = db_rows = None
+    flat = db_rows = measurements = None
     setup: dict = {}
     orthanc_note = ""
     db: Database | None = None
@@ -1283,6 +1367,37 @@ def main(argv: list[str] | None = None) -> int:
             rerun.elements = 0
             phases.append(rerun)
 
+            if not args.skip_measurements_comparison:
+                # Fresh schemas (not timed), then the same ETL with measurements off, right
+                # after the run with them: the machine's speed drifts less in between.
+                def fresh() -> None:
+                    prepare_database(db, args.vocab_dir, corpus["patients"])
+
+                fresh()
+                off = measured(
+                    "phase 2c: ETL with measurements off",
+                    lambda: run_etl(
+                        db,
+                        root,
+                        args.workers,
+                        args.batch_size,
+                        len(paths),
+                        label="ETL, measurements off",
+                        analytics=AnalyticsOptions(enabled=False),
+                    ),
+                    reset=fresh,
+                )
+                phases.append(off)
+                measurements = measurements_comparison(etl, off, environment["cpus (usable)"])
+                log(
+                    f"  measurements on {measurements['files_per_second_on']:,.1f} files/s, off "
+                    f"{measurements['files_per_second_off']:,.1f} files/s: on/off "
+                    f"{measurements['ratio_on_off'] or 0:.2f}x, cost {measurements['cost_percent'] or 0:.1f}%; "
+                    f"measurement rows {measurements['measurement_rows_on']:,} / "
+                    f"{measurements['measurement_rows_off']:,}, image_feature rows "
+                    f"{measurements['image_feature_rows_on']:,} / {measurements['image_feature_rows_off']:,}"
+                )
+
         if args.baseline_files:
             subset = spread_subset(paths, args.baseline_files)
             row = measured(
@@ -1323,6 +1438,7 @@ def main(argv: list[str] | None = None) -> int:
         db_rows,
         setup,
         environment,
+        measurements,
     )
     print(report)
     if args.output:
@@ -1365,6 +1481,7 @@ def main(argv: list[str] | None = None) -> int:
                     "phases": [plain(p) for p in phases],
                     "flatness": flat,
                     "database_rows": db_rows,
+                    "measurements_comparison": measurements,
                     "setup_seconds": setup,
                 },
                 indent=2,

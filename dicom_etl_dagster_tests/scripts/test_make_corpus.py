@@ -224,3 +224,30 @@ def test_the_corpus_goes_through_the_benchmark(tmp_path: Path, database_url: str
     assert baseline["files_ok"] == 4 and baseline["extra"]["statements"] > baseline["elements"]
     text = report.read_text()
     assert "ETL / parse-only" in text and "--skip-orthanc" in text
+    # Measurements on (the ETL phase) vs off (the same files again, into fresh schemas).
+    off = phases["ETL, measurements off"]
+    assert off["files_ok"] == 24 and off["extra"]["status"] == {"ingested": 24}
+    assert off["elements"] == etl["elements"]
+    on_rows, off_rows = etl["extra"]["rows_by_table"], off["extra"]["rows_by_table"]
+    assert on_rows["measurement"] > 0 and on_rows["image_feature"] >= on_rows["measurement"]
+    assert off_rows.get("measurement", 0) == off_rows.get("image_feature", 0) == 0
+    comparison = json.loads(results.read_text())["measurements_comparison"]
+    assert comparison["measurement_rows_on"] == on_rows["measurement"]
+    assert comparison["image_feature_rows_on"] == on_rows["image_feature"]
+    assert comparison["measurement_rows_off"] == comparison["image_feature_rows_off"] == 0
+    assert comparison["ratio_on_off"] == pytest.approx(
+        etl["files_per_second"] / off["files_per_second"]
+    )
+    assert "ETL measurements on / off (files/s)" in text and "Measurements on vs off" in text
+
+
+def test_the_benchmark_can_skip_the_measurements_comparison(tmp_path: Path, database_url: str):
+    benchmark = load_script("benchmark")
+    results = tmp_path / "results.json"
+    argv = ["--files", "4", "--corpus", str(tmp_path / "corpus"), "--workers", "1"]
+    argv += ["--baseline-files", "0", "--skip-orthanc", "--skip-parse-only"]
+    argv += ["--skip-measurements-comparison", "--database-url", database_url]
+    assert benchmark.main([*argv, "--json", str(results)]) == 0
+    written = json.loads(results.read_text())
+    assert written["measurements_comparison"] is None
+    assert [p["name"].split(" (")[0] for p in written["phases"]] == ["ETL", "ETL re-run"]

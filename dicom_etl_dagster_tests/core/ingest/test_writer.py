@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import threading
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import psycopg
@@ -18,10 +19,16 @@ import pytest
 from psycopg import sql
 from pydicom.uid import generate_uid
 
+from dicom_etl_dagster.core.analytics.concepts import MeasurementConcepts
+from dicom_etl_dagster.core.analytics.rows import MEASUREMENT_ID_FIELD_CONCEPT_ID
 from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.core.db.migrate import ensure_tables
+from dicom_etl_dagster.core.db.tables import Tables
+from dicom_etl_dagster.core.ingest.file_scan import FileEntry
+from dicom_etl_dagster.core.ingest.parse_pool import Parsed, parse_file
 from dicom_etl_dagster.core.ingest.run import ingest_folder, prepare_run
 from dicom_etl_dagster.core.ingest.writer import PersonMapping
+from dicom_etl_dagster_tests import analytics_samples as samples
 from dicom_etl_dagster_tests.conftest import scalar
 from dicom_etl_dagster_tests.dicom_samples import expected_metadata_rows
 from dicom_etl_dagster_tests.written_rows import assert_ids_consistent, table_content
@@ -115,7 +122,8 @@ def _run(
 
 
 def _count(conn, schemas: Schemas, table: str) -> int:
-    schema = schemas.cdm if table == "procedure_occurrence" else schemas.medical_imaging
+    cdm_tables = ("procedure_occurrence", "measurement")
+    schema = schemas.cdm if table in cdm_tables else schemas.medical_imaging
     return scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table)))
 
 
@@ -128,8 +136,85 @@ def _counts(conn, schemas: Schemas) -> dict[str, int]:
             "dicom_file_metadata",
             "dicom_ingest_log",
             "dicom_data_element",
+            "measurement",
+            "image_feature",
+            "dicom_etl_feature_source",
         )
     }
+
+
+def _expected_analytics(conn, schemas: Schemas) -> tuple[Counter, Counter]:
+    """What one run must have written, from the files themselves (parsed again here):
+    the acquisition measurements (series, keyword, value) of the first instance of every
+    series, and the SR NUM items + SEG segments of every ingested instance, by SOP."""
+    mi = schemas.medical_imaging
+    first_files = conn.execute(
+        f"SELECT DISTINCT ON (i.image_series_uid) i.image_series_uid, l.file_path"
+        f" FROM {mi}.dicom_ingest_log l JOIN {mi}.image_occurrence i USING (image_occurrence_id)"
+        f" WHERE l.status = 'ingested' ORDER BY i.image_series_uid, l.ingest_log_id"
+    ).fetchall()
+    ingested = [
+        r[0]
+        for r in conn.execute(
+            f"SELECT file_path FROM {mi}.dicom_ingest_log WHERE status = 'ingested'"
+        ).fetchall()
+    ]
+    parsed: dict[str, Parsed] = {}
+    for path in {*ingested, *(p for _, p in first_files)}:
+        result = parse_file(FileEntry(path, 0, 0))
+        assert isinstance(result, Parsed), path
+        parsed[path] = result
+    # A coded (CS) value is written only when the vocabulary has a concept for it.
+    concepts = MeasurementConcepts(conn, Tables(schemas))
+    values = [v for _, path in first_files for v in parsed[path].findings.acquisition]
+    concepts.prepare((), [(v.tag, v.text) for v in values if v.number is None], ())
+    acquisition = Counter(
+        (series, v.keyword, v.text)
+        for series, path in first_files
+        for v in parsed[path].findings.acquisition
+        if v.number is not None or concepts.value(v.tag, v.text).source
+    )
+    findings: Counter = Counter()
+    for path in ingested:
+        p = parsed[path]
+        for kind, rows in (("numeric", p.findings.numeric), ("segment", p.findings.segments)):
+            if rows:
+                findings[(p.instance.sop_instance_uid, kind)] = len(rows)
+    return acquisition, findings
+
+
+def _written_analytics(conn, schemas: Schemas) -> tuple[Counter, Counter]:
+    """The acquisition measurements (series, keyword, value) and the SR / SEG rows by SOP
+    and kind (numeric: an SR NUM item's measurement, segment: a SEG segment's feature)."""
+    mi, cdm = schemas.medical_imaging, schemas.cdm
+    acquisition = Counter(
+        conn.execute(
+            f"SELECT i.image_series_uid, m.measurement_source_value, m.value_source_value"
+            f" FROM {cdm}.measurement m JOIN {mi}.image_feature f"
+            f" ON f.image_feature_event_field_concept_id = {MEASUREMENT_ID_FIELD_CONCEPT_ID}"
+            f" AND f.image_feature_event_id = m.measurement_id"
+            f" JOIN {mi}.image_occurrence i USING (image_occurrence_id)"
+            f" WHERE NOT EXISTS (SELECT 1 FROM {mi}.dicom_etl_feature_source s"
+            f" WHERE s.image_feature_id = f.image_feature_id)"
+        ).fetchall()
+    )
+    rows = conn.execute(
+        f"SELECT sop_instance_uid, CASE WHEN measurement_id IS NULL THEN 'segment'"
+        f" ELSE 'numeric' END, count(*) FROM {mi}.dicom_etl_feature_source GROUP BY 1, 2"
+    ).fetchall()
+    findings = Counter({(sop, kind): n for sop, kind, n in rows})
+    return acquisition, findings
+
+
+def _add_analytics_files(folder: Path) -> dict[str, str]:
+    """A TID 1500 report, a dose SR and a SEG over CT_small; their SOP Instance UIDs."""
+    ct = _read(CT_SMALL)
+    paths = {
+        "report": samples.write_measurement_report(folder, ct),
+        "dose": samples.write_ct_dose_report(folder, ct),
+        "seg": samples.write_segmentation(folder, [ct]),
+    }
+    return {name: str(_read(path).SOPInstanceUID) for name, path in paths.items()}
 
 
 # The stage of write_batch at which the second batch fails, and the constraint that makes it fail.
@@ -287,11 +372,21 @@ def test_rerun_after_success_writes_nothing(db, tmp_path):
 
 
 def test_overlapping_runs_write_what_one_run_writes(database_url, db, tmp_path):
-    """Two runs over the same folder at the same time (two connections, small batches)."""
+    """Two runs over the same folder at the same time (two connections, small batches), with
+    measurements: acquisition parameters once per series, SR / SEG rows once per instance."""
     folder = tmp_path / "test_files"
     shutil.copytree(TEST_FILES_DIR, folder)
+    sops = _add_analytics_files(folder / "analytics")
     # Every file twice (same SOP instances at other paths): duplicates across runs and batches.
     shutil.copytree(TEST_FILES_DIR, tmp_path / "test_files" / "zz_again")
+    assert _add_analytics_files(folder / "zz_again" / "analytics") == sops
+    # A series whose instances are spread over the whole folder (file names sort among the
+    # others'): a run adds instances to a series the other run created, and writes no
+    # acquisition measurement for it again.
+    study, series = generate_uid(), generate_uid()
+    for where in (folder, folder / "zz_again"):
+        for letter in "BHMRWcfkpsx":
+            _write(where / f"{letter}_one_series.dcm", study, series, "one series")
     _setup(db, MAIN)
     _setup(db, CLEAN)
     clean = _run(db, CLEAN, folder, batch_size=7, run_id="clean")
@@ -320,5 +415,43 @@ def test_overlapping_runs_write_what_one_run_writes(database_url, db, tmp_path):
     for part in main:
         assert main[part] == clean_rows[part], f"{part} differs from a single run"
     assert_ids_consistent(db, MAIN)
+    assert_ids_consistent(db, CLEAN)
     # Both runs really took part.
     assert scalar(db, "SELECT count(DISTINCT run_id) FROM cdmmedicalimaging.dicom_ingest_log") == 2
+
+    # Exactly what the files hold, once: not only the same as the clean run.
+    acquisition, findings = _expected_analytics(db, CLEAN)
+    assert _written_analytics(db, MAIN) == _written_analytics(db, CLEAN) == (acquisition, findings)
+    numeric_items = sum(len(g.measurements) for g in samples.MEASUREMENT_GROUPS)
+    dose_items = 2 + 2 * len(samples.DOSE_EVENTS)  # accumulated count and DLP total, per event 2
+    ours = {
+        (sops["report"], "numeric"): numeric_items,
+        (sops["dose"], "numeric"): dose_items,
+        (sops["seg"], "segment"): len(samples.SEGMENTS),
+    }
+    assert {key: findings[key] for key in ours} == ours
+    assert {sop for sop, _ in findings} >= set(sops.values())
+    numeric = sum(n for (_, kind), n in findings.items() if kind == "numeric")
+    segments = sum(n for (_, kind), n in findings.items() if kind == "segment")
+    for schemas in (MAIN, CLEAN):
+        counts = _counts(db, schemas)
+        assert counts["measurement"] == sum(acquisition.values()) + numeric
+        assert counts["image_feature"] == counts["measurement"] + segments
+        assert counts["dicom_etl_feature_source"] == numeric + segments
+    assert sum(acquisition.values()) > 100 and len({s for s, _, _ in acquisition}) > 20
+    # The report's and the segmentation's rows are about CT_small's series.
+    ct_series = str(_read(CT_SMALL).SeriesInstanceUID)
+    mi = MAIN.medical_imaging
+    about = db.execute(
+        f"SELECT s.sop_instance_uid, i.image_series_uid, count(*) FROM {mi}.dicom_etl_feature_source s"
+        f" JOIN {mi}.image_feature f USING (image_feature_id)"
+        f" JOIN {mi}.image_occurrence i USING (image_occurrence_id)"
+        " WHERE s.sop_instance_uid = ANY(%s) GROUP BY 1, 2",
+        [[sops["report"], sops["seg"]]],
+    ).fetchall()
+    assert sorted(about) == sorted(
+        [
+            (sops["report"], ct_series, numeric_items),
+            (sops["seg"], ct_series, len(samples.SEGMENTS)),
+        ]
+    )
