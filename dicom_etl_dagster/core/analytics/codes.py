@@ -14,6 +14,10 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from dicom_etl_dagster.core.analytics.findings import Code
+from dicom_etl_dagster.core.analytics.row_tree import RowDataset
+
+#: What the readers below accept: a pydicom dataset, or one rebuilt from metadata rows.
+DATASETS = (Dataset, RowDataset)
 
 _DA = re.compile(r"\s*(\d{4})(\d{2})(\d{2})\s*$")
 _TM = re.compile(r"\s*(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,6}))?)?)?")
@@ -98,7 +102,7 @@ def date_time(date_value: Any, time_value: Any) -> dt.datetime | None:
 
 def value_at(ds: Any, keyword: str) -> Any:
     """``ds.<keyword>``; None when ``ds`` is no dataset or pydicom cannot convert the value."""
-    if not isinstance(ds, Dataset):
+    if not isinstance(ds, DATASETS):
         return None
     try:
         return ds.get(keyword)
@@ -114,18 +118,18 @@ def text_at(ds: Any, keyword: str) -> str | None:
         return None
 
 
-def items_at(ds: Any, keyword: str) -> list[Dataset]:
+def items_at(ds: Any, keyword: str) -> list[Any]:
     """The dataset items of the sequence ``keyword``; [] for an absent or unreadable one."""
     value = value_at(ds, keyword)
     if value is None or isinstance(value, (str, bytes)):
         return []
     try:
-        return [item for item in value if isinstance(item, Dataset)]
+        return [item for item in value if isinstance(item, DATASETS)]
     except Exception:
         return []
 
 
-def first_item(ds: Any, keyword: str) -> Dataset | None:
+def first_item(ds: Any, keyword: str) -> Any:
     """The first dataset item of the sequence ``keyword``, if any."""
     items = items_at(ds, keyword)
     return items[0] if items else None

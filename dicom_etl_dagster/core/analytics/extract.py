@@ -1,21 +1,21 @@
 """Everything of one instance that analytics need, extracted in the parse worker.
 
-The acquisition profile and the procedure codes come from the metadata rows the reader
-already produced. Structured reports and segmentations need their content tree with
-pydicom's semantics: those instances (recognised by a top-level Content Sequence or Segment
-Sequence, whatever their Modality says) are read once more with pydicom, without pixel data.
-They are a small share of an archive, so the second read costs little; it never fails the
-file: an unreadable tree gives no findings, and the metadata rows are ingested as always.
+All of it comes from the metadata rows the reader already produced: the acquisition profile
+and the procedure codes from the top-level rows; for structured reports and segmentations
+(recognised by a top-level Content Sequence or Segment Sequence, whatever their Modality
+says) the content tree, rebuilt from the rows (``row_tree``), not read from the file again.
+An unreadable tree never fails the file: it gives no findings, and the metadata rows are
+ingested as always.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 
 from dicom_etl_dagster.core.analytics.acquisition import acquisition_values
 from dicom_etl_dagster.core.analytics.findings import Code, InstanceFindings
+from dicom_etl_dagster.core.analytics.row_tree import row_tree
 from dicom_etl_dagster.core.dicom.elements import ElementRow
 from dicom_etl_dagster.core.dicom.reader import DicomInstance
 
@@ -33,10 +33,8 @@ _CODE_KEYWORDS = (
 )
 
 
-def instance_findings(
-    path: str | os.PathLike, instance: DicomInstance, measurements: bool = True
-) -> InstanceFindings:
-    """The findings of ``instance`` (read from ``path``): its procedure codes, and with
+def instance_findings(instance: DicomInstance, measurements: bool = True) -> InstanceFindings:
+    """The findings of ``instance`` (with its element rows): its procedure codes, and with
     ``measurements`` its acquisition profile and, for SR and SEG, its content tree."""
     rows = instance.elements
     top = {
@@ -47,22 +45,19 @@ def instance_findings(
         return InstanceFindings(procedure_codes=codes)
     numeric, segments = (), ()
     if CONTENT_SEQUENCE in top or SEGMENT_SEQUENCE in top:
-        numeric, segments = _tree_findings(path, CONTENT_SEQUENCE in top)
+        numeric, segments = _tree_findings(rows, CONTENT_SEQUENCE in top)
     return InstanceFindings(acquisition_values(rows), numeric, segments, codes)
 
 
-def _tree_findings(path: str | os.PathLike, is_report: bool) -> tuple[tuple, tuple]:
-    from pydicom import dcmread
-
-    from dicom_etl_dagster.core.analytics.segmentation import segment_findings
-    from dicom_etl_dagster.core.analytics.structured_report import numeric_findings
+def _tree_findings(rows: Sequence[ElementRow], is_report: bool) -> tuple[tuple, tuple]:
+    from dicom_etl_dagster.core.analytics import segmentation, structured_report
 
     try:
-        ds = dcmread(path, stop_before_pixels=True)
+        tree = row_tree(rows)
         if is_report:
-            return numeric_findings(ds), ()
-        return (), segment_findings(ds)
-    except Exception:  # the tree is extra: a file that pydicom cannot re-read keeps its rows
+            return structured_report.numeric_findings(tree), ()  # type: ignore[arg-type]
+        return (), segmentation.segment_findings(tree)  # type: ignore[arg-type]
+    except Exception:  # the tree is extra: the file keeps its rows
         return (), ()
 
 

@@ -61,7 +61,7 @@ def parse_file(entry: FileEntry, measurements: bool = True) -> ParseResult:
         entry,
         dataclasses.replace(instance, elements=[]),
         render_metadata(instance),
-        instance_findings(entry.path, instance, measurements),
+        instance_findings(instance, measurements),
     )
 
 

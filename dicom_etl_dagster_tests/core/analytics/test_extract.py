@@ -33,7 +33,7 @@ def test_procedure_codes_come_performed_first_then_requested(tmp_path):
             code_item("24627-2", "LN", "CT Chest"),  # the same code again: listed once
         ],
     )
-    findings = extract.instance_findings(path, read_instance(path))
+    findings = extract.instance_findings(read_instance(path))
     assert findings.procedure_codes == (
         Code("LN", "24627-2", "CT Chest"),
         Code("RADLEX", "RPID16", "CT Chest wo"),
@@ -45,7 +45,7 @@ def test_procedure_codes_come_performed_first_then_requested(tmp_path):
 def test_without_measurements_only_the_procedure_codes_are_read(tmp_path):
     path = tmp_path / "ct.dcm"
     clone_instance(CT_SMALL, path, ProcedureCodeSequence=[code_item("1", "LN", "x")])
-    findings = extract.instance_findings(path, read_instance(path), measurements=False)
+    findings = extract.instance_findings(read_instance(path), measurements=False)
     assert findings.procedure_codes == (Code("LN", "1", "x"),)
     assert findings.acquisition == () and findings.numeric == ()
 
@@ -56,7 +56,7 @@ def test_reports_are_recognised_by_their_content_not_their_modality(tmp_path):
     ds = pydicom.dcmread(path)
     ds.Modality = "OT"  # some dose reports say OT
     ds.save_as(path)
-    findings = extract.instance_findings(path, read_instance(path))
+    findings = extract.instance_findings(read_instance(path))
     assert {f.concept.value for f in findings.numeric} >= {"113830", "113838"}
 
 
@@ -70,7 +70,36 @@ def test_a_tree_pydicom_cannot_walk_costs_the_findings_not_the_file(tmp_path, mo
 
     monkeypatch.setattr(
         "dicom_etl_dagster.core.analytics.structured_report.numeric_findings", broken
-    )
-    findings = extract.instance_findings(path, instance)
+    )  # as if the rebuilt tree held something the walker cannot read
+    findings = extract.instance_findings(instance)
     assert findings.numeric == ()
     assert findings.acquisition  # the rest of the file's findings are kept
+
+
+def _without_text(findings):
+    return [f._replace(text=None) if hasattr(f, "text") else f for f in findings]
+
+
+def test_the_tree_rebuilt_from_rows_gives_what_pydicom_gives(tmp_path):
+    """The workers walk the tree rebuilt from the reader's rows; pydicom's dataset of the same
+    file is the reference (the value text aside: DICOM JSON holds DS as numbers)."""
+    from dicom_etl_dagster.core.analytics.row_tree import row_tree
+    from dicom_etl_dagster.core.analytics.segmentation import segment_findings
+    from dicom_etl_dagster.core.analytics.structured_report import numeric_findings
+
+    image = clone_instance(CT_SMALL, tmp_path / "ct.dcm")
+    test_files = CT_SMALL.parent
+    reports = [
+        samples.write_measurement_report(tmp_path, image),
+        samples.write_ct_dose_report(tmp_path, image),
+        test_files / "test-SR.dcm",
+    ]
+    segmentations = [samples.write_segmentation(tmp_path, [image]), test_files / "liver_1frame.dcm"]
+    for paths, walk in ((reports, numeric_findings), (segmentations, segment_findings)):
+        for path in paths:
+            reference = walk(pydicom.dcmread(path, stop_before_pixels=True))
+            rebuilt = walk(row_tree(read_instance(path).elements))
+            assert reference, path
+            assert _without_text(rebuilt) == _without_text(reference), path
+            found = extract.instance_findings(read_instance(path))
+            assert _without_text(found.numeric or found.segments) == _without_text(reference)
