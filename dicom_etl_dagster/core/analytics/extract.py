@@ -33,9 +33,11 @@ _CODE_KEYWORDS = (
 )
 
 
-def instance_findings(instance: DicomInstance, measurements: bool = True) -> InstanceFindings:
+def instance_findings(
+    instance: DicomInstance, measurements: bool = True, acquisition: bool = True
+) -> InstanceFindings:
     """The findings of ``instance`` (with its element rows): its procedure codes, and with
-    ``measurements`` its acquisition profile and, for SR and SEG, its content tree."""
+    ``measurements`` the SR / SEG content tree and (with ``acquisition``) its profile."""
     rows = instance.elements
     top = {
         row.tag: row for row in rows if row.parent_sequence_index is None and row.tag in _TOP_TAGS
@@ -46,7 +48,8 @@ def instance_findings(instance: DicomInstance, measurements: bool = True) -> Ins
     numeric, segments = (), ()
     if CONTENT_SEQUENCE in top or SEGMENT_SEQUENCE in top:
         numeric, segments = _tree_findings(rows, CONTENT_SEQUENCE in top)
-    return InstanceFindings(acquisition_values(rows), numeric, segments, codes)
+    profile = acquisition_values(rows) if acquisition else ()
+    return InstanceFindings(profile, numeric, segments, codes)
 
 
 def _tree_findings(rows: Sequence[ElementRow], is_report: bool) -> tuple[tuple, tuple]:

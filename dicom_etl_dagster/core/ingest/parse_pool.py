@@ -48,31 +48,50 @@ class Failed(NamedTuple):
 ParseResult: TypeAlias = Parsed | Failed
 
 
-def parse_file(entry: FileEntry, measurements: bool = True) -> ParseResult:
+def parse_file(
+    entry: FileEntry, measurements: bool = True, profiled_series: set[str] | None = None
+) -> ParseResult:
     """Read one file and what analytics need of it (``core/analytics``); the measurement
-    findings only with ``measurements``."""
+    findings only with ``measurements``, and the acquisition profile only for a series not in
+    ``profiled_series`` (which the file's series then joins; None: always)."""
     try:
         instance = read_instance(entry.path)
     except DicomReadError as exc:
         return Failed(entry, str(exc))
     except OSError as exc:  # unreadable, vanished: a reason, not a crash
         return Failed(entry, f"cannot read file: {exc.strerror or exc}")
+    series = instance.series_instance_uid
+    profile = measurements and (profiled_series is None or series not in profiled_series)
+    if profile and profiled_series is not None:
+        profiled_series.add(series)
     return Parsed(
         entry,
         dataclasses.replace(instance, elements=[]),
         render_metadata(instance),
-        instance_findings(instance, measurements),
+        instance_findings(instance, measurements, acquisition=profile),
     )
+
+
+def parse_chunk(entries: list[FileEntry], measurements: bool = True) -> list[ParseResult]:
+    """Parse consecutive files of a batch, the acquisition profile once per series.
+
+    Only a new series' first file needs its profile (``plan.plan_batch``), and a chunk is a
+    contiguous slice of a batch, so the first file read of each series in each chunk
+    carries it: the batch's first file of every series always does. The others do not pay
+    for extracting and pickling it (measured: most of what measurements cost the workers).
+    """
+    profiled: set[str] = set()
+    return [parse_file(entry, measurements, profiled) for entry in entries]
 
 
 def parse_batches(
     batches: Iterable[list[FileEntry]], workers: int, measurements: bool = True
 ) -> Iterator[list[ParseResult]]:
     """Yield the parse results of each batch, in order, keeping one batch in flight."""
-    parse = functools.partial(parse_file, measurements=measurements)
+    parse = functools.partial(parse_chunk, measurements=measurements)
     if workers <= 1:
         for batch in batches:
-            yield [parse(entry) for entry in batch]
+            yield parse(batch)
         return
     # forkserver: workers start from a clean interpreter, not a fork of a threaded Dagster step.
     context = multiprocessing.get_context("forkserver")
@@ -80,9 +99,10 @@ def parse_batches(
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         in_flight: deque = deque()
         for batch in batches:
-            chunk = max(1, len(batch) // (workers * 4))
-            in_flight.append(pool.map(parse, batch, chunksize=chunk))
+            size = max(1, len(batch) // (workers * 4))
+            chunks = [batch[i : i + size] for i in range(0, len(batch), size)]
+            in_flight.append(pool.map(parse, chunks))
             if len(in_flight) > 1:
-                yield list(in_flight.popleft())
+                yield [result for chunk in in_flight.popleft() for result in chunk]
         while in_flight:
-            yield list(in_flight.popleft())
+            yield [result for chunk in in_flight.popleft() for result in chunk]

@@ -278,7 +278,7 @@ def plan_batch(
         if ledger[path].status == LedgerStatus.INGESTED
         and (sop := ledger[path].sop_instance_uid) is not None
     )
-    planner = _Planner(rows, policy, set(replaced))
+    planner = _Planner(rows, policy, set(replaced), _profiles(todo))
     for result in todo:
         planner.add(result)
     return BatchPlan(
@@ -293,11 +293,28 @@ def plan_batch(
     )
 
 
+def _profiles(results: Iterable[ParseResult]) -> dict[str, tuple[AcquisitionValue, ...]]:
+    """Each series' acquisition profile from the first file of the batch that carries one
+    (the workers extract it once per series and chunk: see ``parse_pool.parse_chunk``)."""
+    profiles: dict[str, tuple[AcquisitionValue, ...]] = {}
+    for r in results:
+        if isinstance(r, Parsed) and r.findings.acquisition:
+            profiles.setdefault(r.instance.series_instance_uid, r.findings.acquisition)
+    return profiles
+
+
 class _Planner:
     """One pass over the pending files in batch order; what earlier files decided is kept."""
 
-    def __init__(self, rows: DatabaseRows, policy: PersonPolicy, replaced: set[str]) -> None:
+    def __init__(
+        self,
+        rows: DatabaseRows,
+        policy: PersonPolicy,
+        replaced: set[str],
+        profiles: dict[str, tuple[AcquisitionValue, ...]],
+    ) -> None:
         self.policy = policy
+        self.profiles = profiles
         # Paths recorded again: their old 'ingested' rows go, so they hold no SOP any more.
         self.ingested = {
             r.sop_instance_uid: r for r in rows.ingested if r.file_path not in replaced
@@ -367,7 +384,10 @@ class _Planner:
                     body_part=instance.body_part_examined,
                     image_datetime=instance.image_datetime,
                     study_date=instance.procedure_date,
-                    acquisition=parsed.findings.acquisition,
+                    # Its own profile; the batch's earlier read of the series when the workers
+                    # gave it there (that file was a duplicate, or had no person).
+                    acquisition=parsed.findings.acquisition
+                    or self.profiles.get(instance.series_instance_uid, ()),
                 )
             )
         return ref

@@ -383,3 +383,23 @@ def test_statuses_and_policies_are_their_text_for_psycopg_and_strings():
         assert str(member) == f"{member}" == member.value and member == member.value
     assert MissingPersonPolicy.parse(" Use_ID_Zero ") is MissingPersonPolicy.USE_ID_ZERO
     assert LedgerRow("/p", 1, 1, "failed", None).status is LedgerStatus.FAILED  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------
+# Acquisition profiles (the workers send one per series and chunk)
+# --------------------------------------------------------------------------
+def test_a_new_series_takes_its_first_files_profile():
+    first = parsed("a")
+    second = parsed("b")._replace(findings=InstanceFindings())  # same series, no profile sent
+    (series,) = plan_batch([first, second], DatabaseRows(), USE_ID_ZERO).new_series
+    assert series.acquisition == (KVP,)
+
+
+def test_a_profile_read_from_a_file_without_person_serves_the_series_next_file():
+    other = AcquisitionValue("00180050", "SliceThickness", "DS", "5", 5.0)
+    nobody = parsed("a", patient="NOBODY")._replace(findings=InstanceFindings(acquisition=(other,)))
+    mapped = parsed("b", patient="P1")._replace(findings=InstanceFindings())
+    rows = DatabaseRows(persons=[PersonMatch("P1", "11", 1)])
+    plan = plan_batch([nobody, mapped], rows, SKIP)
+    (series,) = plan.new_series
+    assert (series.person_id, series.acquisition) == (11, (other,))
