@@ -24,16 +24,15 @@ _NUMBER_TEXT_VRS = frozenset({"DS", "IS"})
 
 
 class RowDataset(dict):
-    """keyword -> (VR, DICOM JSON value text) or a list of items; ``get`` decodes."""
+    """keyword -> a list of items (a sequence), a (VR, DICOM JSON text) pair not decoded yet,
+    or the decoded value; ``get`` decodes a value once, when it is first asked for."""
 
     def get(self, keyword: str, default: Any = None) -> Any:
-        entry = super().get(keyword)
-        if entry is None:
-            return default
-        if isinstance(entry, list):  # a sequence: its items
-            return entry
-        vr, value_json = entry
-        return _decoded(vr, value_json)
+        entry = dict.get(self, keyword)
+        if type(entry) is tuple:  # decoded values are never tuples (JSON has none)
+            entry = _decoded(*entry)
+            self[keyword] = entry
+        return default if entry is None else entry
 
 
 def _number_text(value: Any) -> Any:
@@ -45,6 +44,13 @@ def _number_text(value: Any) -> Any:
 def _decoded(vr: str, value_json: str | None) -> Any:
     if value_json is None:
         return None
+    if (
+        value_json.startswith('["')
+        and value_json.endswith('"]')
+        and "\\" not in value_json
+        and '"' not in value_json[2:-2]
+    ):
+        return value_json[2:-2]  # one string, the common case: no JSON decode
     try:
         value = json.loads(value_json)
     except ValueError:
@@ -72,7 +78,7 @@ def row_tree(rows: Iterable[ElementRow]) -> RowDataset:
                 target = items[row.parent_item_index] = RowDataset()
                 sequences.setdefault(row.parent_sequence_index, []).append(target)
         if row.is_sequence:
-            dict.__setitem__(target, row.keyword or row.tag, sequences.setdefault(row.index, []))
+            target[row.keyword or row.tag] = sequences.setdefault(row.index, [])
         elif row.keyword:  # private and unknown elements have no keyword: the walkers skip them
-            dict.__setitem__(target, row.keyword, (row.vr, row.value_json))
+            target[row.keyword] = (row.vr, row.value_json)
     return root
