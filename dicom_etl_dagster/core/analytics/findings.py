@@ -5,7 +5,8 @@ with the instance; the writer turns them into ``measurement`` and ``image_featur
 concepts are resolved. Nothing here knows about the database.
 
 - ``AcquisitionValue``: a top-level attribute of the acquisition profile (per series: the
-  writer keeps those of the first instance ingested for a new series).
+  workers send them for the first file of each series in a chunk, the planner gives a new
+  series those of its first file in the batch).
 - ``NumericFinding``: a NUM content item of a structured report (TID 1500, TID 10011, ...).
 - ``SegmentFinding``: one segment of a SEG instance.
 """

@@ -1,4 +1,5 @@
-"""Write one batch of parsed files: OMOP rows, EAV rows and ledger rows in one transaction.
+"""Write one batch of parsed files: OMOP rows (studies, series, measurements and image
+features: ``core/analytics/write.py``), EAV rows and ledger rows in one transaction.
 
 Everything a batch writes commits together or not at all, so a crash leaves whole batches;
 the ledger (dicom_ingest_log) is part of that transaction, so a re-run knows exactly what
