@@ -211,6 +211,7 @@ def _occurrence_results(
                 "rows_written": report.rows["procedure_occurrence"],
                 "dagster/row_count": facts.procedure_occurrences,
                 "procedure_concepts_set": dg.MetadataValue.json(dict(report.procedure_concepts)),
+                # Empty when the CDM schema has no visit_occurrence table.
                 "new_studies_by_visit_linkage": dg.MetadataValue.json(dict(report.visits)),
             },
         ),

@@ -170,6 +170,8 @@ def test_ct_small_gives_its_acquisition_parameters_with_units(vocab_url, db, tmp
     assert metadata["rows_written"] == len(found)
     assert metadata["measurements_with_concept_0"] == sum(1 for r in found.values() if r[0] == 0)
     assert file_metadata(result, "image_feature")["rows_written"] == len(found)
+    # No visit_occurrence table in this CDM schema: nothing linked, nothing counted.
+    assert file_metadata(result, "procedure_occurrence")["new_studies_by_visit_linkage"] == {}
 
     # Re-running adds nothing.
     before = scalar(db, f"SELECT count(*) FROM {CDM}.measurement")

@@ -90,8 +90,7 @@ def report_instances(plan: BatchPlan) -> list[InstanceWrite]:
 def visit_keys(plan: BatchPlan) -> Iterable[VisitKey]:
     """Every (person, study date) whose visit the batch's analytics rows need."""
     for s in plan.new_series:
-        if s.study_date is not None:
-            yield (s.person_id, s.study_date)
+        yield (s.person_id, s.study_date or s.image_date)
     for w in report_instances(plan):
         yield (w.person_id, w.parsed.instance.procedure_date)
 

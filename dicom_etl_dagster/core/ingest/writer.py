@@ -168,7 +168,7 @@ def write_batch(
         plan = plan_batch(results, rows, state.person_policy)
         _forget_replaced(conn, tables, plan, report)
         visits = _visits(conn, state, plan)
-        first_procedure_id = _write_studies(conn, tables, plan.new_studies, visits, report)
+        first_procedure_id = _write_studies(conn, state, plan.new_studies, visits, report)
         first_image_id = _write_series(conn, state, plan, first_procedure_id, visits, report)
         ids = BatchIds(first_procedure_id, first_image_id, visits)
         _write_analytics(conn, state, plan, ids, report)
@@ -229,7 +229,7 @@ def _visits(conn: psycopg.Connection, state: RunState, plan: BatchPlan) -> dict[
 
 def _write_studies(
     conn: psycopg.Connection,
-    tables: Tables,
+    state: RunState,
     studies: Sequence[NewStudy],
     visits: dict[VisitKey, int],
     report: IngestReport,
@@ -238,13 +238,15 @@ def _write_studies(
 
     procedure_concept_id starts at 0: ``procedures.refine_procedures`` sets it from what the
     batch's instances say, for new and earlier studies alike."""
+    tables = state.tables
     first = reserve_ids(
         conn, tables.sequence("dicom_etl_procedure_occurrence_id_seq"), len(studies)
     )
     rows = []
     for i, s in enumerate(studies):
         key = (s.person_id, s.procedure_date)
-        report.visits[visit_outcome(visits, key)] += 1
+        if state.has_visits:  # without the table there is nothing to count
+            report.visits[visit_outcome(visits, key)] += 1
         rows.append(
             (
                 first + i,
