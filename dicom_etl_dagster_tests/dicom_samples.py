@@ -30,7 +30,7 @@ SAMPLE_FILES = sorted(
 def read_rows(path: str | os.PathLike, fast_path: bool = True) -> list[ElementRow]:
     """Every row read_instance makes of the file, also when it then refuses the instance
     (no UIDs or no date: most charset_files) for a reason that is not about the elements."""
-    with mock.patch.object(dicom_reader, "_instance_from", lambda rows, values: rows):
+    with mock.patch.object(dicom_reader, "_instance_from", lambda rows, values, texts: rows):
         return read_instance(path, fast_path=fast_path)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from dicom_etl_dagster.core.analytics.findings import AcquisitionValue
 from dicom_etl_dagster.core.dicom.elements import ElementRow
@@ -65,7 +65,7 @@ def _single_text(value_json: str) -> str | None:
 
 
 def _candidate(
-    tag_text: str, keyword: str | None, vr: str, value_json: str
+    tag_text: str, keyword: str | None, vr: str, value_json: str, text: str | None
 ) -> AcquisitionValue | None:
     tag = tag_text[1:5] + tag_text[6:10]
     name = keyword or tag
@@ -78,14 +78,19 @@ def _candidate(
         return None
     if not math.isfinite(number):
         return None
-    return AcquisitionValue(tag, name, vr, _number_text(number)[:SOURCE_VALUE_LENGTH], number)
+    text = text or _number_text(number)  # the file's text when the reader kept it
+    return AcquisitionValue(tag, name, vr, text[:SOURCE_VALUE_LENGTH], number)
 
 
-def acquisition_values(rows: Iterable[ElementRow]) -> tuple[AcquisitionValue, ...]:
-    """The instance's attributes of the default profile, in tag order."""
+def acquisition_values(
+    rows: Iterable[ElementRow], number_texts: Mapping[int, str] | None = None
+) -> tuple[AcquisitionValue, ...]:
+    """The instance's attributes of the default profile, in tag order; ``number_texts``
+    (row index -> text, ``DicomInstance.number_texts``) gives numbers their file text."""
+    texts = number_texts or {}
     found = []
     # Unpacked rather than read by attribute: this loop runs over every row of every file.
-    for _, parent, _, tag, group, _, keyword, _, vr, vm, value_json, _, _, private, _ in rows:
+    for index, parent, _, tag, group, _, keyword, _, vr, vm, value_json, _, _, private, _ in rows:
         if (
             parent is None
             and vr in PROFILE_VRS
@@ -96,7 +101,7 @@ def acquisition_values(rows: Iterable[ElementRow]) -> tuple[AcquisitionValue, ..
             and keyword not in NOT_MEASUREMENTS
             and not tag.endswith("0000)")
         ):
-            value = _candidate(tag, keyword, vr, value_json)
+            value = _candidate(tag, keyword, vr, value_json, texts.get(index))
             if value is not None:
                 found.append(value)
     return tuple(found)

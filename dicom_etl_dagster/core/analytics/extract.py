@@ -48,7 +48,7 @@ def instance_findings(
     numeric, segments = (), ()
     if CONTENT_SEQUENCE in top or SEGMENT_SEQUENCE in top:
         numeric, segments = _tree_findings(rows, CONTENT_SEQUENCE in top)
-    profile = acquisition_values(rows) if acquisition else ()
+    profile = acquisition_values(rows, instance.number_texts) if acquisition else ()
     return InstanceFindings(profile, numeric, segments, codes)
 
 

@@ -7,6 +7,7 @@ once so that they cannot drift apart.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -16,6 +17,17 @@ from pydicom.datadict import (
     mask_match,
     private_dictionary_description,
 )
+
+#: VRs whose file text DICOM JSON turns into numbers; both readers keep it for measurements.
+NUMBER_TEXT_VRS = frozenset({"DS", "IS"})
+_PADDING = re.compile(r"^[\s\x00]+|[\s\x00]+$")
+
+
+def number_text(text: str) -> str:
+    """A DS / IS value's text without its padding: whitespace and NULs at either end (what
+    pydicom already removed, or not, the text is the same from both readers)."""
+    return _PADDING.sub("", text)
+
 
 #: PixelData, FloatPixelData, DoubleFloatPixelData: never stored as metadata rows.
 PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})

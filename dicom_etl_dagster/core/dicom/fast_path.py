@@ -27,9 +27,11 @@ from pydicom.charset import python_encoding
 from pydicom.datadict import DicomDictionary, RepeatersDictionary, mask_match
 
 from dicom_etl_dagster.core.dicom.elements import (
+    NUMBER_TEXT_VRS,
     PIXEL_DATA_TAGS,
     ElementRow,
     fmt_tag,
+    number_text,
     private_name,
     public_info,
 )
@@ -306,6 +308,7 @@ class _FastWalker:
         self.explicit = True
         self.transfer_syntax = ""
         self.instance_values: dict[int, Any] = {}
+        self.number_texts: dict[int, str] = {}  # see DicomInstance.number_texts
 
     def _bytes_at(self, start: int, length: int) -> bytes:
         end = start + length
@@ -427,6 +430,8 @@ class _FastWalker:
                     keyword, name, vr, vm, value_json, False, None, False, None,
                 )))
                 # fmt: on
+                if top and vm == "1" and vr in NUMBER_TEXT_VRS:
+                    self.number_texts[len(rows) - 1] = number_text(raw.decode("latin_1"))
         if end is None or pos != end:
             raise NeedsPydicom  # ran past the item's end or the file's end without a delimiter
         return pos
@@ -558,11 +563,12 @@ class _FastWalker:
 
 def read_fast(
     fp: BinaryIO, file_size: int, instance_tags: frozenset[int]
-) -> tuple[list[ElementRow], dict[int, Any]]:
-    """(rows, values of instance_tags at the top level) of an open file; NeedsPydicom if out of scope."""
+) -> tuple[list[ElementRow], dict[int, Any], dict[int, str]]:
+    """(rows, values of instance_tags at the top level, DS / IS texts) of an open file;
+    NeedsPydicom if out of scope."""
     walker = _FastWalker(fp, file_size, instance_tags)
     try:
         walker.meta_and_dataset()
     except (struct.error, IndexError, ValueError, OverflowError) as exc:
         raise NeedsPydicom from exc
-    return walker.rows, walker.instance_values
+    return walker.rows, walker.instance_values, walker.number_texts

@@ -33,7 +33,7 @@ import warnings
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from pydicom import dcmread
@@ -45,7 +45,12 @@ from pydicom.fileutil import read_undefined_length_value
 from pydicom.multival import MultiValue
 from pydicom.tag import SequenceDelimiterTag
 
-from dicom_etl_dagster.core.dicom.elements import PIXEL_DATA_TAGS, ElementRow
+from dicom_etl_dagster.core.dicom.elements import (
+    NUMBER_TEXT_VRS,
+    PIXEL_DATA_TAGS,
+    ElementRow,
+    number_text,
+)
 from dicom_etl_dagster.core.dicom.elements import fmt_tag as _fmt_tag
 from dicom_etl_dagster.core.dicom.elements import private_name as _private_name
 from dicom_etl_dagster.core.dicom.elements import public_info as _public_info
@@ -199,6 +204,9 @@ class DicomInstance:
     # date's midnight when that time is absent or invalid.
     procedure_datetime: datetime.datetime | None = None
     image_datetime: datetime.datetime | None = None
+    # Row index -> the text of a top-level single-valued DS / IS element as the file holds it
+    # (DICOM JSON holds these as numbers: "5.000" and "5" both read 5): measurements keep it.
+    number_texts: dict[int, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------
@@ -573,7 +581,7 @@ def _check_file_meta_bytes(fp: BinaryIO, start: int, file_size: int) -> None:
 # The walk
 # --------------------------------------------------------------------------
 class _Walker:
-    __slots__ = ("rows", "next_item", "source", "source_size", "instance_values")
+    __slots__ = ("rows", "next_item", "source", "source_size", "instance_values", "number_texts")
 
     def __init__(self, source: BinaryIO, source_size: int) -> None:
         self.rows: list[ElementRow] = []
@@ -581,6 +589,7 @@ class _Walker:
         self.source = source
         self.source_size = source_size
         self.instance_values: dict[int, Any] = {}
+        self.number_texts: dict[int, str] = {}
 
     def _load_deferred(self, raw: RawDataElement) -> RawDataElement:
         """Read a deferred value from the open file (pydicom would re-open it)."""
@@ -658,6 +667,10 @@ class _Walker:
                 continue
             if collect_instance_values and tag in _INSTANCE_TAGS:
                 self.instance_values[tag] = elem.value
+            if collect_instance_values and vr in NUMBER_TEXT_VRS and vm == "1" and not is_private:
+                text = getattr(elem.value, "original_string", None)
+                if text is not None:
+                    self.number_texts[index] = number_text(str(text))
 
     def _checked_raw(self, tag: int, raw: Any) -> RawDataElement | None:
         """The element's value loaded if pydicom deferred it; raises if it is truncated.
@@ -851,10 +864,12 @@ def _read_instance(path: str | os.PathLike, fast_path: bool) -> DicomInstance:
         walker.walk(meta, None, None)
         walker.walk(ds, None, None, collect_instance_values=True)
 
-    return _instance_from(walker.rows, walker.instance_values)
+    return _instance_from(walker.rows, walker.instance_values, walker.number_texts)
 
 
-def _instance_from(rows: list[ElementRow], values: dict[int, Any]) -> DicomInstance:
+def _instance_from(
+    rows: list[ElementRow], values: dict[int, Any], number_texts: dict[int, str]
+) -> DicomInstance:
     """The instance record from the walk's rows and its top-level instance attributes."""
     uids: dict[int, str | None] = {tag: _text(values.get(tag)) for _, tag in _REQUIRED_UIDS}
     missing = [kw for kw, tag in _REQUIRED_UIDS if not uids[tag]]
@@ -887,4 +902,5 @@ def _instance_from(rows: list[ElementRow], values: dict[int, Any]) -> DicomInsta
         elements=rows,
         procedure_datetime=procedure_datetime,
         image_datetime=image_datetime,
+        number_texts=number_texts,
     )

@@ -66,7 +66,7 @@ def parse_file(
         profiled_series.add(series)
     return Parsed(
         entry,
-        dataclasses.replace(instance, elements=[]),
+        dataclasses.replace(instance, elements=[], number_texts={}),  # both are in what follows
         render_metadata(instance),
         instance_findings(instance, measurements, acquisition=profile),
     )
