@@ -400,18 +400,15 @@ class _FastWalker:
                 header = 8
                 vr = "OB" if tag in PIXEL_DATA_TAGS else _implicit_vr(tag)
             start = pos + header
-
             if tag in PIXEL_DATA_TAGS:
                 pos = self._skip_pixel_data(start, length)
                 continue
             if vr == "SQ":
                 pos = self._sequence(tag, start, length, parent_sequence, parent_item, creators)
                 continue
-            if length == _UNDEFINED:
-                raise NeedsPydicom
+            if length == _UNDEFINED or start + length > limit:
+                raise NeedsPydicom  # undefined length outside a sequence, or past the end
             pos = start + length
-            if pos > limit:
-                raise NeedsPydicom
             raw = buf[start:pos] if pos <= len(buf) else self._bytes_at(start, length)
             vm, value_json, value = _CONVERTERS[vr](raw, self.encoding)
             if tag in noted_tags:
