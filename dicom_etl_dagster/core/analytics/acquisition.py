@@ -19,7 +19,7 @@ import math
 from collections.abc import Iterable, Mapping
 
 from dicom_etl_dagster.core.analytics.findings import AcquisitionValue
-from dicom_etl_dagster.core.dicom.elements import ElementRow
+from dicom_etl_dagster.core.dicom.elements import ElementRow, json_number_text
 
 NUMERIC_VRS = frozenset({"DS", "IS", "FL", "FD", "SS", "US", "SL", "UL", "SV", "UV"})
 CODED_VRS = frozenset({"CS"})
@@ -41,13 +41,6 @@ SOURCE_VALUE_LENGTH = 50
 
 
 PROFILE_VRS = NUMERIC_VRS | CODED_VRS
-
-
-def _number_text(number: float) -> str:
-    """A number as the DICOM JSON model holds it, in its shortest form (DS 120.0 -> "120")."""
-    if number.is_integer() and abs(number) < 1e15:
-        return str(int(number))
-    return repr(number)
 
 
 def _single_text(value_json: str) -> str | None:
@@ -78,7 +71,7 @@ def _candidate(
         return None
     if not math.isfinite(number):
         return None
-    text = text or _number_text(number)  # the file's text when the reader kept it
+    text = text or json_number_text(number)  # the file's text when the reader kept it
     return AcquisitionValue(tag, name, vr, text[:SOURCE_VALUE_LENGTH], number)
 
 

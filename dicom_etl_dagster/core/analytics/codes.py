@@ -8,19 +8,16 @@ must not cost a file its other findings.
 from __future__ import annotations
 
 import datetime as dt
-import re
 from typing import Any
 
 from pydicom.dataset import Dataset
 
 from dicom_etl_dagster.core.analytics.findings import Code
 from dicom_etl_dagster.core.analytics.row_tree import RowDataset
+from dicom_etl_dagster.core.dicom.reader import parse_date, parse_time  # the reader's rules
 
 #: What the readers below accept: a pydicom dataset, or one rebuilt from metadata rows.
 DATASETS = (Dataset, RowDataset)
-
-_DA = re.compile(r"\s*(\d{4})(\d{2})(\d{2})\s*$")
-_TM = re.compile(r"\s*(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,6}))?)?)?")
 
 
 def text_of(value: Any) -> str | None:
@@ -63,32 +60,6 @@ def first_code(ds: Dataset, keyword: str) -> Code | None:
     if not sequence:
         return None
     return code_of(sequence[0])
-
-
-def parse_date(value: Any) -> dt.date | None:
-    match = _DA.match(text_of(value) or "")
-    if not match:
-        return None
-    try:
-        return dt.date(*map(int, match.groups()))
-    except ValueError:  # 20231399
-        return None
-
-
-def parse_time(value: Any) -> dt.time | None:
-    match = _TM.match(text_of(value) or "")
-    if not match:
-        return None
-    hour, minute, second, fraction = match.groups()
-    try:
-        return dt.time(
-            int(hour),
-            int(minute or 0),
-            min(int(second or 0), 59),  # leap second 60: DICOM allows it, datetime does not
-            int((fraction or "0").ljust(6, "0")),
-        )
-    except ValueError:
-        return None
 
 
 def date_time(date_value: Any, time_value: Any) -> dt.datetime | None:

@@ -14,11 +14,10 @@ It also works for instances that never were a file (a DICOMweb source's JSON).
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable
 from typing import Any
 
-from dicom_etl_dagster.core.dicom.elements import ElementRow
+from dicom_etl_dagster.core.dicom.elements import ElementRow, json_number_text
 
 _NUMBER_TEXT_VRS = frozenset({"DS", "IS"})
 
@@ -33,12 +32,6 @@ class RowDataset(dict):
             entry = _decoded(*entry)
             self[keyword] = entry
         return default if entry is None else entry
-
-
-def _number_text(value: Any) -> Any:
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return str(int(value))
-    return str(value) if isinstance(value, (int, float)) else value
 
 
 def _decoded(vr: str, value_json: str | None) -> Any:
@@ -58,7 +51,7 @@ def _decoded(vr: str, value_json: str | None) -> Any:
     if not isinstance(value, list):
         return value  # InlineBinary text
     if vr in _NUMBER_TEXT_VRS:
-        value = [_number_text(v) for v in value]
+        value = [json_number_text(v) for v in value]
     if not value:
         return None
     return value[0] if len(value) == 1 else value

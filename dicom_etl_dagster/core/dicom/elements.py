@@ -7,9 +7,10 @@ once so that they cannot drift apart.
 
 from __future__ import annotations
 
+import math
 import re
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from pydicom.datadict import (
     DicomDictionary,
@@ -21,6 +22,21 @@ from pydicom.datadict import (
 #: VRs whose file text DICOM JSON turns into numbers; both readers keep it for measurements.
 NUMBER_TEXT_VRS = frozenset({"DS", "IS"})
 _PADDING = re.compile(r"^[\s\x00]+|[\s\x00]+$")
+
+
+def json_number_text(value: Any) -> Any:
+    """A DICOM JSON number as text in its shortest form (DS 120.0 -> "120"); other values
+    as they are. What a number reads when the file's own text is not at hand."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if (
+        isinstance(value, float)
+        and math.isfinite(value)
+        and value.is_integer()
+        and abs(value) < 1e15
+    ):
+        return str(int(value))
+    return str(value)
 
 
 def number_text(text: str) -> str:

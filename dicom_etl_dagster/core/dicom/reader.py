@@ -290,7 +290,7 @@ def _first(value: Any) -> Any:
     return items[0] if items else None
 
 
-def _parse_date(value: Any) -> datetime.date | None:
+def parse_date(value: Any) -> datetime.date | None:
     value = _first(value)
     if value is None:
         return None
@@ -310,7 +310,7 @@ def _parse_date(value: Any) -> datetime.date | None:
         return None
 
 
-def _parse_time(value: Any) -> datetime.time | None:
+def parse_time(value: Any) -> datetime.time | None:
     """A TM value (or a DT value's time part); None when absent or invalid."""
     value = _first(value)
     if value is None:
@@ -344,11 +344,11 @@ def _parse_datetime(value: Any) -> datetime.datetime | None:
     if match is None:
         return None
     year, month, day, time_text = match.groups()
-    date = _parse_date(year + month + day)
+    date = parse_date(year + month + day)
     if date is None:
         return None
     return datetime.datetime.combine(
-        date, (_parse_time(time_text) if time_text else None) or datetime.time()
+        date, (parse_time(time_text) if time_text else None) or datetime.time()
     )
 
 
@@ -362,9 +362,9 @@ def _date_and_time(values: dict[int, Any], order: tuple[int, ...]) -> datetime.d
             if found is not None:
                 return found
             continue
-        date = _parse_date(values.get(tag))
+        date = parse_date(values.get(tag))
         if date is not None:
-            time = _parse_time(values.get(time_tag))
+            time = parse_time(values.get(time_tag))
             return datetime.datetime.combine(date, time or datetime.time())
     return None
 
