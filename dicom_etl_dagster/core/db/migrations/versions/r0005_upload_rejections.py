@@ -1,0 +1,25 @@
+"""Revision 5: uploads the server rejected for their content.
+
+Revision ID: 0005
+Revises: 0004
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+from dicom_etl_dagster.core.db.migrations.support import create_missing, run_attributes, run_schemas
+
+revision = "0005"
+down_revision = "0004"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    created = create_missing(op.get_bind(), run_schemas(), revision)
+    run_attributes().setdefault("created", []).extend(created)
+
+
+def downgrade() -> None:
+    raise NotImplementedError("the ETL never drops tables")

@@ -1,0 +1,25 @@
+"""Revision 6: odd values counted per file in the ledger.
+
+Revision ID: 0006
+Revises: 0005
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+from dicom_etl_dagster.core.db.migrations.support import create_missing, run_attributes, run_schemas
+
+revision = "0006"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    created = create_missing(op.get_bind(), run_schemas(), revision)
+    run_attributes().setdefault("created", []).extend(created)
+
+
+def downgrade() -> None:
+    raise NotImplementedError("the ETL never drops tables")
