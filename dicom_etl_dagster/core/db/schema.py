@@ -426,7 +426,7 @@ dicom_data_element = Table(
         "is_private",
         Boolean,
         True,
-        "Private tag added by the ingest (keyed by tag, whatever the creator).",
+        "Private entry added by the ingest: one per private creator (see private_creator).",
     ),
     _col("is_retired", Boolean, True, "True for an attribute PS3.6 lists as retired."),
     _col(
@@ -437,12 +437,36 @@ dicom_data_element = Table(
     ),
     _col("etl_created_datetime", TIMESTAMP, False, "When the ETL added the row."),
     _col("etl_modified_datetime", TIMESTAMP, False, "When the ETL last changed the row."),
+    # Last: revision 0004 adds it to existing tables, where ADD COLUMN puts it at the end.
+    _col(
+        "private_creator",
+        String(255),
+        True,
+        "Private creator of a private entry, whose data_element_tag is then (gggg,xxee) for "
+        "any block or (gggg,00xx) for the creator element, named only from pydicom's private "
+        "dictionary of that creator. NULL: a public tag, a private element without a creator, "
+        "or a private entry written before revision 0004 (keyed by tag alone).",
+    ),
     PrimaryKeyConstraint("data_element_id", name="xpk_dicom_data_element"),
     schema=MI,
-    comment="The DICOM data dictionary (PS3.6, from DICOM2OMOP) plus the unknown and private "
-    "tags met while ingesting, once each.",
+    comment="The DICOM data dictionary (PS3.6, from DICOM2OMOP) plus the unknown tags met "
+    "while ingesting, once each, and the private elements, once per private creator.",
 )
-Index("idx_dicom_data_element_tag", dicom_data_element.c.data_element_tag, unique=True)
+# Public tags (and private elements without a creator) are keyed by tag, private elements by
+# their creator and (gggg,xxee): the same masked tag of two vendors is two entries.
+Index(
+    "idx_dicom_data_element_tag",
+    dicom_data_element.c.data_element_tag,
+    unique=True,
+    postgresql_where=dicom_data_element.c.private_creator.is_(None),
+)
+Index(
+    "idx_dicom_data_element_private",
+    dicom_data_element.c.private_creator,
+    dicom_data_element.c.data_element_tag,
+    unique=True,
+    postgresql_where=dicom_data_element.c.private_creator.isnot(None),
+)
 
 dicom_file_metadata = Table(
     "dicom_file_metadata",

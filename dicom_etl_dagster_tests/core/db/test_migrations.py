@@ -27,11 +27,20 @@ from psycopg.rows import dict_row
 from dicom_etl_dagster.core.db import migrate
 from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.core.db.migrate import HEAD, ensure_tables, schema_version
-from dicom_etl_dagster.core.db.schema import MI, metadata, real_schema
+from dicom_etl_dagster.core.db.migrations.versions.r0004_private_creator import EARLIER_COMMENTS
+from dicom_etl_dagster.core.db.schema import MI, metadata, real_schema, schema_translate_map
+from dicom_etl_dagster.core.db.tables import column_names
 from dicom_etl_dagster.core.ingest.run import ingest_folder, prepare_run
 from dicom_etl_dagster.core.ingest.writer import IngestReport, PersonMapping
 from dicom_etl_dagster_tests.conftest import fresh_database, scalar
 from dicom_etl_dagster_tests.dicom_samples import expected_metadata_rows
+from dicom_etl_dagster_tests.private_samples import (
+    GE,
+    GE_STARTING_VIEW,
+    OTHER,
+    expected_entry_tag,
+    write_private_file,
+)
 from dicom_etl_dagster_tests.written_rows import assert_ids_consistent, table_content
 
 FIXTURE = Path(__file__).parent / "fixtures" / "f2260e1"
@@ -76,6 +85,8 @@ CREATED_FOR_F2260E1 = [
 ]
 OWNED_AFTER_F2260E1 = OWNED_BY_F2260E1 | (ADDED_AFTER_F2260E1 & MI_TABLES)
 F2260E1_TABLES = TABLES.keys() - ADDED_AFTER_F2260E1
+#: Columns later revisions added to owned tables, with the value the rows there before get.
+ADDED_COLUMNS = {"dicom_data_element": {"private_creator": None}}
 SOP_INDEX = "idx_dicom_file_metadata_sop_instance"
 
 
@@ -143,6 +154,14 @@ def rows(conn: psycopg.Connection) -> dict[str, dict[int, dict]]:
     return found
 
 
+def as_upgraded(old_rows: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict]]:
+    """The rows as the upgrade leaves them: unchanged, plus the added columns."""
+    return {
+        table: {key: {**row, **ADDED_COLUMNS.get(table, {})} for key, row in by_key.items()}
+        for table, by_key in old_rows.items()
+    }
+
+
 def catalog(conn: psycopg.Connection, table: str) -> dict:
     """The table as the catalog describes it: columns, defaults, comments, constraints, indexes."""
     schema = real_schema(TABLES[table], SCHEMAS)
@@ -167,6 +186,26 @@ def catalog(conn: psycopg.Connection, table: str) -> dict:
         "constraints": sorted(constraints),
         "indexes": sorted(indexes),
         "comment": scalar(conn, "SELECT obj_description(to_regclass(%s), 'pg_class')", [regclass]),
+    }
+
+
+def shape_at_head(table: str, described: dict) -> dict:
+    """An f2260e1 table as later revisions shaped it: 0004 keys private entries per creator
+    (a column at the end, the tag index partial, a second index), nothing else."""
+    if table != "dicom_data_element":
+        return described
+    name = f"{MI_SCHEMA}.dicom_data_element"
+    by_name = dict(described["indexes"])
+    by_name["idx_dicom_data_element_tag"] += " WHERE (private_creator IS NULL)"
+    by_name["idx_dicom_data_element_private"] = (
+        f"CREATE UNIQUE INDEX idx_dicom_data_element_private ON {name} USING btree"
+        " (private_creator, data_element_tag) WHERE (private_creator IS NOT NULL)"
+    )
+    column = ("private_creator", "character varying(255)", False, None, None)
+    return {
+        **described,
+        "columns": [*described["columns"], column],
+        "indexes": sorted(by_name.items()),
     }
 
 
@@ -265,7 +304,7 @@ def test_an_f2260e1_database_is_upgraded_in_place_and_ingests_on(database_url, t
         # The release created every table but those of later revisions.
         assert ensure_tables(conn, SCHEMAS) == CREATED_FOR_F2260E1
         assert schema_version(conn, SCHEMAS) == HEAD
-        assert rows(conn) == before, "the migration changed rows"
+        assert rows(conn) == as_upgraded(before), "the migration changed rows"
         assert owned(conn) == OWNED_AFTER_F2260E1
         assert_commented(conn, OWNED_BY_F2260E1)
 
@@ -273,7 +312,7 @@ def test_an_f2260e1_database_is_upgraded_in_place_and_ingests_on(database_url, t
         assert dict(first.status_counts) == {"ingested": len(NEW_FILES), "failed": 1}
         assert first.files_already_done == len(OLD_FILES) - 1, "old files were read again"
         after = rows(conn)
-        assert_old_rows_intact(before, after, str(folder / FAILED_FILE))
+        assert_old_rows_intact(as_upgraded(before), after, str(folder / FAILED_FILE))
         assert_new_files_ingested(conn, folder, before, after)
 
         content = table_content(conn, SCHEMAS)
@@ -295,7 +334,7 @@ def test_a_btree_sop_index_of_an_older_release_becomes_the_hash_index(
         before = rows(conn)
         ensure_tables(conn, SCHEMAS)
         assert index_method(conn, SOP_INDEX) == "hash"
-        assert rows(conn) == before
+        assert rows(conn) == as_upgraded(before)
         upgraded = catalog(conn, "dicom_file_metadata")
         assert (
             ensure_tables(conn, SCHEMAS) == [] and catalog(conn, "dicom_file_metadata") == upgraded
@@ -313,6 +352,96 @@ def test_a_btree_sop_index_of_an_older_release_becomes_the_hash_index(
             [next(iter(before["dicom_file_metadata"].values()))["sop_instance_id"]],
         )
         assert count > 0
+
+
+def migrate_to(url: str, revision: str) -> None:
+    """The migrations up to ``revision`` only: what a release at that revision left."""
+    from alembic import command
+
+    with psycopg.connect(url) as conn:
+        engine = migrate.engine_like(conn)
+    try:
+        with engine.begin() as connection:
+            connection.execution_options(schema_translate_map=schema_translate_map(SCHEMAS))
+            command.upgrade(migrate.alembic_config(connection, SCHEMAS), revision)
+    finally:
+        engine.dispose()
+
+
+def _as_0003_commented(conn: psycopg.Connection) -> None:
+    """The comments releases up to 0003 gave dicom_data_element (0002 wrote head's texts)."""
+    for column, text in EARLIER_COMMENTS.items():
+        target = ("dicom_data_element",) if column is None else ("dicom_data_element", column)
+        conn.execute(
+            sql.SQL("COMMENT ON {} {} IS {}").format(
+                sql.SQL("TABLE" if column is None else "COLUMN"),
+                sql.Identifier(MI_SCHEMA, *target),
+                sql.Literal(text),
+            )
+        )
+
+
+def test_a_0003_database_gets_private_entries_per_creator_and_keeps_its_rows(
+    postgres_server, database_url, tmp_path
+):
+    """Revision 0004 on a database at 0003 (f2260e1's rows, upgraded to 0003): the column is
+    added, NULL in every row, rows and ids stay, and the table is then exactly what a fresh
+    install has. The old private entries (keyed by tag) are left as they were; files ingested
+    afterwards get entries per creator and their rows point at them."""
+    f2260e1_database(database_url, tmp_path / "dicom")
+    migrate_to(database_url, "0003")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        _as_0003_commented(conn)
+        assert schema_version(conn, SCHEMAS) == "0003"
+        assert "private_creator" not in column_names(conn, MI_SCHEMA, "dicom_data_element")
+        before = rows(conn)
+        old_private = {k: r for k, r in before["dicom_data_element"].items() if r["is_private"]}
+        assert "(0019,1002)" in {r["data_element_tag"] for r in old_private.values()}
+
+        assert ensure_tables(conn, SCHEMAS) == []
+        assert schema_version(conn, SCHEMAS) == HEAD
+        assert rows(conn) == as_upgraded(before), "the migration changed rows"
+        upgraded = catalog(conn, "dicom_data_element")
+        with (
+            fresh_database(postgres_server, "head") as url,
+            psycopg.connect(url, autocommit=True) as head,
+        ):
+            ensure_tables(head, SCHEMAS)
+            assert upgraded == catalog(head, "dicom_data_element")
+        assert (
+            ensure_tables(conn, SCHEMAS) == [] and catalog(conn, "dicom_data_element") == upgraded
+        )
+
+        new = tmp_path / "new"
+        write_private_file(new / "ge.dcm", (0x10, GE, {0x60: ("SL", 3)}))
+        write_private_file(new / "other.dcm", (0x11, OTHER, {0x60: ("LO", "probe")}))
+        assert dict(ingest(conn, new).status_counts) == {"ingested": 2}
+        after = rows(conn)
+        for table in ("dicom_data_element", "dicom_file_metadata"):
+            old = as_upgraded(before)[table]
+            assert {k: after[table][k] for k in old} == old, f"{table}: old rows changed"
+        old_entries = before["dicom_data_element"]
+        added = [r for k, r in after["dicom_data_element"].items() if k not in old_entries]
+        assert sorted(
+            (r["data_element_tag"], r["private_creator"], r["data_element_name"]) for r in added
+        ) == [
+            ("(0019,00xx)", GE, "Private Creator"),
+            ("(0019,00xx)", OTHER, "Private Creator"),
+            ("(0019,xx60)", GE, GE_STARTING_VIEW[2]),
+            ("(0019,xx60)", OTHER, None),
+        ]
+        entries = {r["data_element_id"]: r for r in after["dicom_data_element"].values()}
+        new_private = [
+            r
+            for k, r in after["dicom_file_metadata"].items()
+            if k not in before["dicom_file_metadata"] and r["is_private"]
+        ]
+        assert len(new_private) == 4
+        for r in new_private:
+            entry = entries[r["data_element_id"]]
+            assert entry["private_creator"] == r["private_creator"], r
+            assert entry["data_element_tag"] == expected_entry_tag(r["metadata_source_tag"]), r
+        assert_ids_consistent(conn, SCHEMAS)
 
 
 def _create_as_user(conn: psycopg.Connection, sql_file: str, table: str, schema: str) -> None:
@@ -364,7 +493,7 @@ def test_a_fresh_database_ends_at_head_with_comments_and_the_f2260e1_shape(postg
     ):
         apply_f2260e1_ddl(old)
         for name in F2260E1_TABLES:
-            assert without_comments(catalog(db, name)) == catalog(old, name), name
+            assert without_comments(catalog(db, name)) == shape_at_head(name, catalog(old, name))
         added = {"dicom_etl_measurement_id_seq", "dicom_etl_image_feature_id_seq"}
         added.add("dicom_etl_image_finding_id_seq")
         assert sorted(r for r in db.execute(sequences).fetchall() if r[0] not in added) == sorted(

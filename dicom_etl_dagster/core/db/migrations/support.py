@@ -9,7 +9,7 @@ a revision built from them is a no-op where there is nothing to do.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import cast
 
 import psycopg
@@ -20,7 +20,13 @@ from sqlalchemy.schema import CreateIndex, SetColumnComment, SetTableComment
 
 from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.core.db.schema import MI, metadata, owned_table, real_schema
-from dicom_etl_dagster.core.db.tables import SEQUENCES, Tables, column_type, table_exists
+from dicom_etl_dagster.core.db.tables import (
+    SEQUENCES,
+    Tables,
+    column_names,
+    column_type,
+    table_exists,
+)
 
 _NUMERIC = ("integer", "bigint", "smallint", "numeric")
 
@@ -181,8 +187,74 @@ def add_missing_comments(bind: sa.Connection, schemas: Schemas, table: sa.Table)
     return changes
 
 
+def add_missing_columns(bind: sa.Connection, schemas: Schemas, table: sa.Table) -> list[str]:
+    """ADD COLUMN the metadata's columns the table lacks, with their comments; returns their
+    names. Only nullable columns without a default: existing rows get NULL and keep the rest."""
+    conn = psycopg_connection(bind)
+    schema = real_schema(table, schemas)
+    present = column_names(conn, schema, table.name)
+    added = []
+    for column in table.columns:
+        if column.name in present:
+            continue
+        assert column.nullable and column.server_default is None, f"{column}: not addable"
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
+                sql.Identifier(schema, table.name),
+                sql.Identifier(column.name),
+                sql.SQL(column.type.compile(dialect=bind.dialect)),  # the metadata's type
+            )
+        )
+        added.append(column.name)
+    if added:
+        add_missing_comments(bind, schemas, table)
+    return added
+
+
+def replace_earlier_comments(
+    bind: sa.Connection, schemas: Schemas, table: sa.Table, earlier: Mapping[str | None, str]
+) -> int:
+    """Comments an earlier release wrote and the metadata has changed since: where the table
+    still has the earlier text (``earlier``: column name, or None for the table, -> text), it
+    gets the metadata's; a comment someone else wrote is kept. Returns how many changed."""
+    conn = psycopg_connection(bind)
+    name = sql.Identifier(real_schema(table, schemas), table.name).as_string(conn)
+    current: dict[str | None, str | None] = dict(
+        conn.execute(
+            "SELECT attname, col_description(attrelid, attnum) FROM pg_attribute"
+            " WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
+            [name],
+        ).fetchall()
+    )
+    row = conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", [name]).fetchone()
+    current[None] = None if row is None else row[0]
+    changes = 0
+    for column_name, text in earlier.items():
+        if current.get(column_name) != text:
+            continue
+        if column_name is None:
+            bind.execute(SetTableComment(table))
+        else:
+            bind.execute(SetColumnComment(table.columns[column_name]))
+        changes += 1
+    return changes
+
+
+def _index_shape(bind: sa.Connection, schema: str, name: str) -> tuple[str, bool, bool] | None:
+    """(access method, unique, partial) of the index ``schema.name``; None if there is none."""
+    conn = psycopg_connection(bind)
+    row = conn.execute(
+        "SELECT am.amname, i.indisunique, i.indpred IS NOT NULL FROM pg_index i"
+        " JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_am am ON am.oid = ic.relam"
+        " WHERE i.indexrelid = to_regclass(%s)",
+        [sql.Identifier(schema, name).as_string(conn)],
+    ).fetchone()
+    return None if row is None else (str(row[0]), bool(row[1]), bool(row[2]))
+
+
 def ensure_index(bind: sa.Connection, schemas: Schemas, index: sa.Index) -> bool:
-    """Give the table the metadata's ``index`` if it lacks it or has it with another method.
+    """Give the table the metadata's ``index`` if it lacks it or has it in another shape:
+    another method, uniqueness, or partial where the metadata's is not (or the other way).
 
     The old index is renamed, the new one built, then the old one dropped, all in the
     migration's transaction. Returns whether anything changed.
@@ -190,10 +262,12 @@ def ensure_index(bind: sa.Connection, schemas: Schemas, index: sa.Index) -> bool
     table = index.table
     assert table is not None and index.name is not None
     schema = real_schema(table, schemas)
-    wanted = index.dialect_options["postgresql"]["using"] or "btree"
-    found = index_methods(bind, schema, table.name).get(str(index.name))
-    if found == wanted:
+    options = index.dialect_options["postgresql"]
+    wanted = (options["using"] or "btree", bool(index.unique), options["where"] is not None)
+    shape = _index_shape(bind, schema, str(index.name))
+    if shape == wanted:
         return False
+    found = None if shape is None else shape[0]
     conn = psycopg_connection(bind)
     old = f"{index.name}_{found}_old"
     if found is not None:
