@@ -177,7 +177,8 @@ def assert_exactly_what_one_run_writes(
         "image_series_uid": f"SELECT count(*) - count(DISTINCT image_series_uid) FROM {MI}.image_occurrence",
         "procedure_occurrence_id": "SELECT count(*) - count(DISTINCT procedure_occurrence_id)"
         " FROM cdmdefault.procedure_occurrence",
-        "data_element_tag": f"SELECT count(*) - count(DISTINCT data_element_tag) FROM {MI}.dicom_data_element",
+        "data_element_tag": "SELECT count(*) - count(DISTINCT (data_element_tag, private_creator))"
+        f" FROM {MI}.dicom_data_element",
         "data_element_id": f"SELECT count(*) - count(DISTINCT data_element_id) FROM {MI}.dicom_data_element",
     }
     assert {k: scalar(conn, q) for k, q in no_duplicates.items()} == dict.fromkeys(no_duplicates, 0)

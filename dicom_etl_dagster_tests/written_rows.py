@@ -57,14 +57,14 @@ def table_content(conn, schemas: Schemas) -> dict[str, collections.Counter]:
             "SELECT m.sop_instance_id, m.metadata_source_tag, m.metadata_source_keyword,"
             " m.metadata_source_value_representation, m.metadata_source_value_multiplicity, m.metadata_source_value,"
             " m.is_sequence, m.sequence_length, m.is_private, m.private_creator, m.instance_number,"
-            " d.data_element_tag, s.metadata_source_tag, i.image_series_uid"
+            " d.data_element_tag, d.private_creator, s.metadata_source_tag, i.image_series_uid"
             " FROM {md} m LEFT JOIN {de} d ON d.data_element_id = m.data_element_id"
             " LEFT JOIN {md} s ON s.metadata_id = m.parent_sequence_id"
             " JOIN {io} i ON i.image_occurrence_id = m.image_occurrence_id"
         ),
         "data_element": sql.SQL(
             "SELECT data_element_tag, data_element_name, data_element_keyword,"
-            " value_representation, is_private FROM {de}"
+            " value_representation, value_multiplicity, is_private, private_creator FROM {de}"
         ),
         "measurement": sql.SQL(
             "SELECT m.person_id, m.measurement_concept_id, m.measurement_date, m.measurement_datetime,"
@@ -113,7 +113,12 @@ def assert_ids_consistent(conn, schemas: Schemas) -> None:
         "duplicate image_occurrence_id": "SELECT count(*) - count(DISTINCT image_occurrence_id) FROM {io}",
         "duplicate procedure_occurrence_id": "SELECT count(*) - count(DISTINCT procedure_occurrence_id) FROM {po}",
         "duplicate data_element_id": "SELECT count(*) - count(DISTINCT data_element_id) FROM {de}",
-        "duplicate data_element_tag": "SELECT count(*) - count(DISTINCT data_element_tag) FROM {de}",
+        "duplicate data_element_tag": "SELECT count(*) - count(DISTINCT (data_element_tag,"
+        " private_creator)) FROM {de}",
+        # Entries written before revision 0004 have no creator; a per-creator one is the row's own.
+        "private row with another creator's entry": "SELECT count(*) FROM {md} m JOIN {de} d"
+        " USING (data_element_id) WHERE d.private_creator IS DISTINCT FROM m.private_creator"
+        " AND d.private_creator IS NOT NULL",
         "dataset id shared by two instances": "SELECT count(*) FROM (SELECT parent_dataset_id FROM {md}"
         " WHERE parent_dataset_id IS NOT NULL GROUP BY 1 HAVING count(DISTINCT sop_instance_id) > 1) d",
         "dataset id under two sequences": "SELECT count(*) FROM (SELECT parent_dataset_id FROM {md}"

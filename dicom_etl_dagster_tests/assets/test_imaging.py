@@ -19,6 +19,7 @@ from dicom_etl_dagster_tests.dicom_samples import clone_instance as make_instanc
 from dicom_etl_dagster_tests.dicom_samples import expected_metadata_rows
 from dicom_etl_dagster_tests.dicom_samples import quiet_dcmread as read
 from dicom_etl_dagster_tests.helpers import ledger, options, run_job
+from dicom_etl_dagster_tests.private_samples import expected_entry_tag
 
 TEST_FILES_DIR = Path(pydicom.__file__).parent / "data" / "test_files"
 CT_SMALL = TEST_FILES_DIR / "CT_small.dcm"
@@ -366,10 +367,9 @@ def test_private_tags_are_recorded_once(vocab_url, db, tmp_path):
     ds = make_instance(CT_SMALL, first / "ct.dcm")
     private = {f"({e.tag.group:04X},{e.tag.element:04X})" for e in ds if e.tag.is_private}
     assert private
-    known_before = {
-        r[0] for r in db.execute(f"SELECT data_element_tag FROM {MI}.dicom_data_element")
-    }
-    assert not private & known_before
+    entries_query = f"SELECT data_element_tag, private_creator FROM {MI}.dicom_data_element"
+    known_before = set(db.execute(entries_query).fetchall())
+    assert not {tag for tag, _ in known_before} & private
     ingest(vocab_url, first)
 
     rows = db.execute(
@@ -389,24 +389,23 @@ def test_private_tags_are_recorded_once(vocab_url, db, tmp_path):
         assert isinstance(r[2], str) and r[2], f"private row without creator: {r}"
     assert all(r[3] is not None for r in rows), "a row without data_element_id"
 
-    # Exactly the file's tags the dictionary lacked were added (private ones, and the file meta
-    # group that DICOM2OMOP's part 6 table does not list).
+    # Exactly the entries the dictionary lacked were added: the file meta group that
+    # DICOM2OMOP's part 6 table does not list, and the private elements per creator.
     on_disk = read(first / "ct.dcm")
     in_file = {f"({e.tag.group:04X},{e.tag.element:04X})" for e in [*on_disk.file_meta, *on_disk]}
-    added = {
-        r[0] for r in db.execute(f"SELECT data_element_tag FROM {MI}.dicom_data_element")
-    } - known_before
-    assert added == in_file - known_before
-    assert private <= added
-    entries = dict(
-        db.execute(
-            f"SELECT data_element_tag, data_element_id FROM {MI}.dicom_data_element WHERE data_element_tag = ANY(%s)"
-            " AND is_private",
-            [sorted(private)],
+    per_creator = {(expected_entry_tag(r[0]), r[2]) for r in private_rows}
+    added = set(db.execute(entries_query).fetchall()) - known_before
+    assert added == {(t, None) for t in in_file - private} - known_before | per_creator
+    entries = {
+        (tag, creator): data_element_id
+        for tag, creator, data_element_id in db.execute(
+            f"SELECT data_element_tag, private_creator, data_element_id FROM {MI}.dicom_data_element"
+            " WHERE is_private"
         ).fetchall()
-    )
-    assert set(entries) == private
-    assert {r[0]: r[3] for r in private_rows} == entries
+    }
+    assert set(entries) == per_creator
+    pointed = {r[0]: r[3] for r in private_rows}
+    assert pointed == {r[0]: entries[(expected_entry_tag(r[0]), r[2])] for r in private_rows}
 
     # A second folder with the same private tags (another instance): nothing new in the dictionary.
     second = tmp_path / "second"
@@ -417,7 +416,9 @@ def test_private_tags_are_recorded_once(vocab_url, db, tmp_path):
     assert scalar(db, f"SELECT count(*) FROM {MI}.dicom_data_element") == count_before
     assert (
         scalar(
-            db, f"SELECT count(*) - count(DISTINCT data_element_tag) FROM {MI}.dicom_data_element"
+            db,
+            "SELECT count(*) - count(DISTINCT (data_element_tag, private_creator))"
+            f" FROM {MI}.dicom_data_element",
         )
         == 0
     )
@@ -429,7 +430,7 @@ def test_private_tags_are_recorded_once(vocab_url, db, tmp_path):
                 [str(ds2.SOPInstanceUID)],
             ).fetchall()
         )
-        == entries
+        == pointed
     )
 
 

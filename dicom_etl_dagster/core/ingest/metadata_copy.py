@@ -14,7 +14,9 @@ Fields of the template (one line per row, columns in ``COLUMNS`` order):
 - ``{i}``: metadata_id, positional field i = the row's index in the file;
 - ``{p}``: parent_sequence_id, the positional field of the parent sequence row;
 - ``{<n + k>}``: parent_dataset_id of item k, where n = the file's row count;
-- ``{d[<dictionary tag>]}``: data_element_id, looked up in a ``DataElementIds``;
+- ``{d[<entry key>]}``: data_element_id, looked up in a ``DataElementIds`` by the key of the
+  element's dicom_data_element entry (``private_entries.entry_key``: the dictionary tag, and
+  for a private element its private creator too);
 - ``{o}``: image_occurrence_id; ``{t}``: etl_created_datetime and etl_modified_datetime.
 
 Everything else is COPY text (``\\N`` for NULL, ``t``/``f``, escaped backslash, tab, newline
@@ -28,6 +30,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from dicom_etl_dagster.core.dicom.reader import DicomInstance, ElementRow
+from dicom_etl_dagster.core.ingest.private_entries import entry_key
 
 #: The COPY column list matching the template's column order.
 COLUMNS = (
@@ -63,20 +66,21 @@ _TEMPLATE_ESCAPES = str.maketrans(
 _NEEDS_ESCAPING = re.compile(r"[\\\t\n\r{}]")
 
 
-#: A dicom_data_element row the writer adds if the dictionary lacks the tag:
-#: (dictionary_tag, name, keyword, vr, is_private). A plain tuple: it unpickles faster than a NamedTuple.
-TagCandidate = tuple[str, str | None, str | None, str, bool]
+#: A dicom_data_element row the writer adds if the dictionary lacks the entry:
+#: (entry key, dictionary_tag, name, keyword, vr, is_private, private creator). A plain tuple:
+#: it unpickles faster than a NamedTuple.
+TagCandidate = tuple[str, str, str | None, str | None, str, bool, str | None]
 
 
 class RenderedMetadata(NamedTuple):
     template: str  # the file's rows as COPY text with str.format fields (see the module docstring)
     row_count: int  # metadata ids the file needs
     item_count: int  # dataset ids the file needs: sequence items, numbered 0..item_count-1
-    new_tag_candidates: tuple[TagCandidate, ...]  # one per distinct dictionary tag, first seen wins
+    new_tag_candidates: tuple[TagCandidate, ...]  # one per distinct entry key, first seen wins
 
 
 class DataElementIds(dict):
-    """dictionary tag -> data_element_id; a tag without an entry fills in as NULL."""
+    """entry key -> data_element_id; a key without an entry fills in as NULL."""
 
     def __missing__(self, tag: str) -> str:
         return NULL
@@ -101,12 +105,20 @@ def render_metadata(instance: DicomInstance) -> RenderedMetadata:
     candidates: dict[str, TagCandidate] = {}
     for position, row in enumerate(rows):
         _check_numbering(row, position, row_count)
-        lines.append(_render_row(row, row_count) + line_end)
+        creator = storable_text(row.private_creator, TEXT_COLUMN_LENGTH)
+        key = entry_key(row.dictionary_tag, row.is_private, creator)
+        lines.append(_render_row(row, row_count, key, creator) + line_end)
         if row.parent_item_index is not None and row.parent_item_index >= item_count:
             item_count = row.parent_item_index + 1
-        if row.dictionary_tag not in candidates:
-            candidates[row.dictionary_tag] = _tag_candidate(
-                row.dictionary_tag, row.name, row.keyword, row.vr, row.is_private
+        if key not in candidates:
+            candidates[key] = _tag_candidate(
+                key,
+                row.dictionary_tag,
+                row.name,
+                row.keyword,
+                row.vr,
+                row.is_private,
+                creator or None,
             )
     return RenderedMetadata(
         "".join(lines), row_count, item_count, _shared(tuple(candidates.values()))
@@ -146,32 +158,30 @@ def _check_numbering(row: ElementRow, position: int, row_count: int) -> None:
         raise ValueError(f"row {position}: negative item index {row.parent_item_index}")
 
 
-def _render_row(row: ElementRow, row_count: int) -> str:
+def _render_row(row: ElementRow, row_count: int, key: str, creator: str | None) -> str:
     """The row up to private_creator; the caller appends the per-file rest of the line."""
     return "\t".join(
         (
             f"{{{row.index}}}",
             NULL if row.parent_sequence_index is None else f"{{{row.parent_sequence_index}}}",
             NULL if row.parent_item_index is None else f"{{{row_count + row.parent_item_index}}}",
-            _element_columns(row.dictionary_tag, row.keyword, row.tag, row.group, row.vr, row.vm),
+            _element_columns(key, row.keyword, row.tag, row.group, row.vr, row.vm),
             _text(row.value_json),
             "t" if row.is_sequence else "f",
             _number(row.sequence_length),
             "t" if row.is_private else "f",
-            _text(storable_text(row.private_creator, TEXT_COLUMN_LENGTH)),
+            _text(creator),
         )
     )
 
 
 @lru_cache(maxsize=65536)
-def _element_columns(
-    dictionary_tag: str, keyword: str | None, tag: str, group: str, vr: str, vm: str
-) -> str:
+def _element_columns(key: str, keyword: str | None, tag: str, group: str, vr: str, vm: str) -> str:
     """data_element_id's field to metadata_source_value_multiplicity: the same few hundred
     combinations recur in every file, so each is rendered once per worker."""
     return "\t".join(
         (
-            _data_element_field(dictionary_tag),
+            _data_element_field(key),
             _text(keyword),
             _text(tag),
             _text(group),
@@ -192,20 +202,21 @@ def _number(value: int | None) -> str:
     return NULL if value is None else str(int(value))
 
 
-def _data_element_field(dictionary_tag: str) -> str:
-    """``{d[<tag>]}``, after proving that str.format looks up exactly ``dictionary_tag`` with it.
+def _data_element_field(key: str) -> str:
+    """``{d[<key>]}``, after proving that str.format looks up exactly ``key`` with it.
 
     A field name cannot hold every string (not "]", and an all-digit index becomes an int);
-    the reader's tags, "(0008,0016)" and "(60xx,3000)", are fine, and a surprise fails here,
-    in the worker, instead of filling in another tag's id.
+    the reader's tags, "(0008,0016)" and "(60xx,3000)", and the hex-encoded creators of
+    private keys are fine, and a surprise fails here, in the worker, instead of filling in
+    another entry's id.
     """
-    field = f"{{d[{dictionary_tag}]}}"
+    field = f"{{d[{key}]}}"
     try:
         looked_up = field.format(d=_KeyEcho())
     except (ValueError, IndexError, KeyError):
         looked_up = None
-    if looked_up != repr(dictionary_tag):
-        raise ValueError(f"dictionary tag {dictionary_tag!r} cannot be a str.format field name")
+    if looked_up != repr(key):
+        raise ValueError(f"dictionary tag {key!r} cannot be a str.format field name")
     return field
 
 
@@ -220,14 +231,22 @@ class _KeyEcho(dict):
 # main process one back-reference for their candidates instead of ~200 tuples to rebuild.
 @lru_cache(maxsize=65536)
 def _tag_candidate(
-    dictionary_tag: str, name: str | None, keyword: str | None, vr: str, is_private: bool
+    key: str,
+    dictionary_tag: str,
+    name: str | None,
+    keyword: str | None,
+    vr: str,
+    is_private: bool,
+    creator: str | None,
 ) -> TagCandidate:
     return (
+        key,
         dictionary_tag,
         storable_text(name, TEXT_COLUMN_LENGTH),
         storable_text(keyword, TEXT_COLUMN_LENGTH),
         vr,
         is_private,
+        creator,
     )
 
 

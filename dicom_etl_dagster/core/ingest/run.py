@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
-from psycopg import sql
 
 from dicom_etl_dagster.core.analytics.concepts import MeasurementConcepts
 from dicom_etl_dagster.core.analytics.write import AnalyticsOptions
@@ -23,9 +22,9 @@ from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.core.db.tables import Tables, column_names, table_exists
 from dicom_etl_dagster.core.errors import DicomEtlError
 from dicom_etl_dagster.core.ingest.concepts import ConceptResolver
+from dicom_etl_dagster.core.ingest.data_elements import has_private_creators, known_entries
 from dicom_etl_dagster.core.ingest.file_scan import FileEntry, iter_files
 from dicom_etl_dagster.core.ingest.lookups import PersonMapping, ledger_rows
-from dicom_etl_dagster.core.ingest.metadata_copy import DataElementIds
 from dicom_etl_dagster.core.ingest.parse_pool import parse_batches
 from dicom_etl_dagster.core.ingest.plan import is_done
 from dicom_etl_dagster.core.ingest.status import MissingPersonPolicy
@@ -84,13 +83,8 @@ def prepare_run(
 ) -> RunState:
     """What every batch of the run needs; ``policy`` is ``missing_person_id_options``."""
     person_policy = missing_person_policy(policy)
-    data_elements = DataElementIds(
-        conn.execute(
-            sql.SQL("SELECT data_element_tag, data_element_id FROM {}").format(
-                Tables(schemas)["dicom_data_element"]
-            )
-        ).fetchall()
-    )
+    private_creators = has_private_creators(conn, Tables(schemas))
+    data_elements = known_entries(conn, Tables(schemas), private_creators)
     if not data_elements:
         warn(
             "dicom_data_element is empty: run load_vocab first so that tags get their dictionary entries"
@@ -105,6 +99,7 @@ def prepare_run(
         measurement_concepts=MeasurementConcepts(conn, Tables(schemas)),
         analytics=analytics or AnalyticsOptions(),
         has_visits=has_visits(conn, Tables(schemas)),
+        private_creators=private_creators,
     )
 
 

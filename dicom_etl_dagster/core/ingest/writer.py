@@ -37,12 +37,12 @@ from dicom_etl_dagster.core.analytics.write import (
 from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.core.db.tables import Tables, copy_rows, reserve_ids, take_advisory_lock
 from dicom_etl_dagster.core.ingest.concepts import ConceptResolver
+from dicom_etl_dagster.core.ingest.data_elements import ensure_data_elements
 from dicom_etl_dagster.core.ingest.lookups import PersonMapping, batch_rows
 from dicom_etl_dagster.core.ingest.metadata_copy import COLUMNS as METADATA_COLUMNS
 from dicom_etl_dagster.core.ingest.metadata_copy import (
     DataElementIds,
     RenderedMetadata,
-    TagCandidate,
     fill,
     storable_text,
 )
@@ -108,10 +108,12 @@ class RunState:
     missing_person_policy: MissingPersonPolicy
     mapping: PersonMapping | None  # None: the mapping table does not exist
     concepts: ConceptResolver
-    data_elements: DataElementIds  # dictionary tag -> data_element_id, learnt as tags are added
+    data_elements: DataElementIds  # entry key -> data_element_id, learnt as entries are added
     measurement_concepts: MeasurementConcepts
     analytics: AnalyticsOptions = AnalyticsOptions()
     has_visits: bool = False  # the CDM schema has visit_occurrence: studies are linked to visits
+    # dicom_data_element has private_creator: private entries per creator (``data_elements``).
+    private_creators: bool = True
 
     @property
     def tables(self) -> Tables:
@@ -342,8 +344,8 @@ def _write_metadata(
     if not instances:
         return
     rendered = [w.parsed.metadata for w in instances]
-    _ensure_data_elements(conn, state, rendered)
     tables = state.tables
+    ensure_data_elements(conn, tables, state.data_elements, state.private_creators, rendered)
     # Reserved before COPY starts: the connection can run no other statement during COPY.
     first_metadata_id = reserve_ids(
         conn, tables.sequence("dicom_etl_metadata_id_seq"), sum(r.row_count for r in rendered)
@@ -430,47 +432,4 @@ def _write_ledger(
             report.failures.append((e.entry.path, e.reason or ""))
     report.rows["dicom_ingest_log"] += _copy_any(
         conn, tables["dicom_ingest_log"], _LEDGER_COLUMNS, rows
-    )
-
-
-def _ensure_data_elements(
-    conn: psycopg.Connection, state: RunState, rendered: list[RenderedMetadata]
-) -> None:
-    """Add tags the dictionary lacks (private, unknown) once, and learn their ids."""
-    missing: dict[str, TagCandidate] = {}
-    # Files with the same tags usually share one candidates object (see metadata_copy): look at it once.
-    distinct = {
-        id(r.new_tag_candidates): r.new_tag_candidates for r in rendered
-    }.values()  # first seen first
-    for candidates in distinct:
-        for candidate in candidates:  # (tag, name, keyword, vr, is_private), cut to width
-            tag = candidate[0]
-            if tag not in state.data_elements and tag not in missing:
-                missing[tag] = candidate
-    if not missing:
-        return
-    tables = state.tables
-    table = tables["dicom_data_element"]
-    tags, names, keywords, vrs, private = (list(col) for col in zip(*missing.values()))
-    conn.execute(
-        sql.SQL(
-            "INSERT INTO {table} (data_element_id, data_element_tag, data_element_name, data_element_keyword,"
-            " value_representation, is_private, is_retired, etl_created_datetime, etl_modified_datetime)"
-            " SELECT nextval({seq}::regclass), n.tag, n.name, n.keyword, n.vr, n.private, false, now(), now()"
-            " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::bool[]) AS n(tag, name, keyword, vr, private)"
-            " WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE t.data_element_tag = n.tag)"
-            " ON CONFLICT DO NOTHING"
-        ).format(
-            table=table,
-            seq=sql.Literal(tables.sequence_text("dicom_etl_data_element_id_seq", conn)),
-        ),
-        [tags, names, keywords, vrs, private],
-    )
-    state.data_elements.update(
-        conn.execute(
-            sql.SQL(
-                "SELECT data_element_tag, data_element_id FROM {} WHERE data_element_tag = ANY(%s)"
-            ).format(table),
-            [tags],
-        ).fetchall()
     )

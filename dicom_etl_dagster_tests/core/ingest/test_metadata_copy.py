@@ -30,6 +30,7 @@ from dicom_etl_dagster.core.ingest.metadata_copy import (
     fill,
     render_metadata,
 )
+from dicom_etl_dagster.core.ingest.private_entries import entry_key
 from dicom_etl_dagster.core.ingest.run import ingest_folder, prepare_run
 from dicom_etl_dagster.core.ingest.writer import PersonMapping
 from dicom_etl_dagster_tests.conftest import fresh_database
@@ -39,6 +40,7 @@ from dicom_etl_dagster_tests.dicom_samples import (
     accepted_sample_files,
     clone_instance,
 )
+from dicom_etl_dagster_tests.private_samples import expected_entry_tag
 
 SAMPLES = PYDICOM_TEST_FILES
 SCHEMAS = Schemas()
@@ -84,6 +86,11 @@ def _postgres_text(value: str | None, limit: int) -> str | None:
     return None if value is None else value.replace("\x00", "")[:limit]
 
 
+def _key(e: ElementRow) -> str:
+    """What a row's data_element_id field looks up: its tag, with its creator if private."""
+    return entry_key(e.dictionary_tag, e.is_private, _postgres_text(e.private_creator, 255))
+
+
 def expected_rows(
     instance: DicomInstance,
     metadata_id: int,
@@ -95,7 +102,7 @@ def expected_rows(
     return [
         (
             metadata_id + e.index,
-            data_elements.get(e.dictionary_tag),
+            data_elements.get(_key(e)),
             e.keyword,
             e.tag,
             e.group,
@@ -119,8 +126,8 @@ def expected_rows(
 
 
 def some_data_element_ids(instance: DicomInstance) -> DataElementIds:
-    """Ids for every other distinct dictionary tag: the rest must come out as NULL."""
-    tags = sorted({e.dictionary_tag for e in instance.elements})
+    """Ids for every other distinct entry key: the rest must come out as NULL."""
+    tags = sorted({_key(e) for e in instance.elements})
     return DataElementIds({tag: 1000 + n for n, tag in enumerate(tags) if n % 2 == 0})
 
 
@@ -326,8 +333,10 @@ def hostile_instance(instance_number: int | None) -> DicomInstance:
 @pytest.mark.parametrize("instance_number", [None, -7, 2**31 - 1])
 def test_rows_with_special_characters_are_the_old_tuple_rows(conn, instance_number) -> None:
     instance = hostile_instance(instance_number)
+    private = _key(instance.elements[10])
+    assert private.startswith("(0009,1001)@")
     data_elements = DataElementIds(
-        {"(0008,0016)": 16, "(0020,4000)": 4000, "(60xx,3000)": 6000, "(0009,1001)": 91}
+        {"(0008,0016)": 16, "(0020,4000)": 4000, "(60xx,3000)": 6000, private: 91}
     )
     stored = copy_and_read_back(conn, instance, data_elements)
     assert_same_rows(
@@ -349,14 +358,20 @@ def test_candidates_are_the_distinct_tags_first_seen_wins_cut_to_width() -> None
     rows = [
         _row(0, "(0009,0010)", is_private=True, name="Private Creator", vr="LO"),
         _row(1, "(0009,1001)", is_private=True, name=long_name, keyword="k\x00w", vr="UN"),
-        _row(2, "(0009,1001)", is_private=True, name="another creator's name", vr="LO"),
+        _row(2, "(0009,1001)", is_private=True, name="another name", vr="LO"),
         _row(3, "(0008,0016)", keyword="SOPClassUID", name="SOP Class UID", vr="UI"),
+        _row(4, "(0009,1001)", is_private=True, private_creator="A", vr="LO"),
+        _row(5, "(0009,1001)", is_private=True, private_creator="B\x00", name="b", vr="SH"),
+        _row(6, "(0009,1001)", is_private=True, private_creator="A", name="a", vr="SH"),
     ]
     instance = dataclasses.replace(hostile_instance(None), elements=rows)
     assert render_metadata(instance).new_tag_candidates == (
-        ("(0009,0010)", "Private Creator", None, "LO", True),
-        ("(0009,1001)", ("N" + "n" * 300)[:255], "kw", "UN", True),
-        ("(0008,0016)", "SOP Class UID", "SOPClassUID", "UI", False),
+        ("(0009,0010)", "(0009,0010)", "Private Creator", None, "LO", True, None),
+        ("(0009,1001)", "(0009,1001)", ("N" + "n" * 300)[:255], "kw", "UN", True, None),
+        ("(0008,0016)", "(0008,0016)", "SOP Class UID", "SOPClassUID", "UI", False, None),
+        # Private elements with a creator: one candidate per creator (cut as stored).
+        (entry_key("(0009,1001)", True, "A"), "(0009,1001)", None, None, "LO", True, "A"),
+        (entry_key("(0009,1001)", True, "B"), "(0009,1001)", "b", None, "SH", True, "B"),
     )
 
 
@@ -426,15 +441,26 @@ def test_ingested_rows_are_the_old_tuple_rows(db, tmp_path) -> None:
     report, _ = ingest_folder(db, state, folder, batch_size=2, workers=2)
     assert report.status_counts["ingested"] == 5
 
-    # Not the vocabulary's: every tag was added by the run, so every row has its entry.
-    data_elements = dict(
-        db.execute(
-            f"SELECT data_element_tag, data_element_id FROM {SCHEMAS.medical_imaging}.dicom_data_element"
+    # Not the vocabulary's: every tag was added by the run, so every row has its entry; a
+    # private element with a creator that of its creator and (gggg,xxee).
+    entries = {
+        (tag, creator): data_element_id
+        for tag, creator, data_element_id in db.execute(
+            "SELECT data_element_tag, private_creator, data_element_id"
+            f" FROM {SCHEMAS.medical_imaging}.dicom_data_element"
         ).fetchall()
-    )
+    }
+
+    def entry_id(e: ElementRow) -> int:
+        creator = _postgres_text(e.private_creator, 255)
+        if e.is_private and creator:
+            return entries[(expected_entry_tag(e.tag), creator)]
+        return entries[(e.dictionary_tag, None)]
+
     dataset_ids: list[range] = []
     for path in sorted(folder.iterdir()):
         instance = read_instance(path)
+        data_elements = {_key(e): entry_id(e) for e in instance.elements}
         stored = db.execute(
             sql.SQL("SELECT {}, {} FROM {} WHERE sop_instance_id = %s ORDER BY metadata_id").format(
                 sql.SQL(", ").join(map(sql.Identifier, ORACLE_COLUMNS)),
