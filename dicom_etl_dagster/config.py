@@ -14,7 +14,7 @@ from dicom_etl_dagster.core.analytics.rows import NonStandardConcepts
 from dicom_etl_dagster.core.analytics.write import AnalyticsOptions
 from dicom_etl_dagster.core.db.identifiers import Schemas, validate_identifier
 from dicom_etl_dagster.core.ingest.run import IngestSetupError, missing_person_policy
-from dicom_etl_dagster.core.ingest.status import MissingPersonPolicy
+from dicom_etl_dagster.core.ingest.status import MissingPersonPolicy, PhiPolicy
 
 
 class PersonToPatientMapping(dg.Config):
@@ -60,6 +60,9 @@ class EtlOptions(dg.Config):
     measurements: bool = True
     acquisition_attributes: list[str] | None = None  # keywords or 8-hex tags; None: default
     non_standard_measurement_concepts: str = "dicom"  # or "zero" (see README: Analytics)
+    # What dicom_file_metadata copies: "keep" everything (the original) or "drop" the PS3.15
+    # Basic Profile attributes and private elements (core/dicom/phi.py; README: phi_policy).
+    phi_policy: str = "keep"
 
     def missing_person_policy(self) -> MissingPersonPolicy:
         """``missing_person_id_options`` in any case; a clear error if it names no policy."""
@@ -81,6 +84,16 @@ class EtlOptions(dg.Config):
             attributes=None if attributes is None else frozenset(a.strip() for a in attributes),
             non_standard=policy,
         )
+
+    def phi(self) -> PhiPolicy:
+        """``phi_policy`` (any case); a clear one-line error for a value that is no policy."""
+        try:
+            return PhiPolicy.parse(self.phi_policy)
+        except ValueError:
+            choices = " or ".join(p.value for p in PhiPolicy)
+            raise IngestSetupError(
+                f"phi_policy must be {choices}, not {self.phi_policy!r}"
+            ) from None
 
     def dicom_folder(self) -> Path:
         """The folder to ingest: the option, else DICOM_ETL_FILES_DIR, else pydicom's samples."""

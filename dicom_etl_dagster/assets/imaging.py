@@ -20,6 +20,7 @@ from dicom_etl_dagster.core.ingest.checks import (
     table_facts,
 )
 from dicom_etl_dagster.core.ingest.run import ingest_folder, prepare_run
+from dicom_etl_dagster.core.ingest.status import PhiPolicy
 from dicom_etl_dagster.core.ingest.writer import IngestReport, PersonMapping
 from dicom_etl_dagster.resources.database import PostgresResource
 
@@ -252,7 +253,12 @@ def _occurrence_results(
 
 
 def _file_results(
-    report: IngestReport, seconds: Mapping[str, float], tables: Tables, common: dict, workers: int
+    report: IngestReport,
+    seconds: Mapping[str, float],
+    tables: Tables,
+    common: dict,
+    workers: int,
+    phi_policy: PhiPolicy,
 ) -> list[dg.MaterializeResult]:
     counts = report.status_counts
     elapsed = sum(seconds.values())
@@ -265,6 +271,9 @@ def _file_results(
                 "table": tables.qualified("dicom_file_metadata"),
                 "rows_written": report.rows["dicom_file_metadata"],
                 "rows_replaced_for_changed_files": report.rows["dicom_file_metadata_replaced"],
+                "phi_policy": phi_policy.value,
+                # Element rows (nested ones included) of the ingested files left out under drop.
+                "elements_dropped_by_phi_policy": report.rows["dicom_file_metadata_phi_dropped"],
                 "files_seen": report.files_seen,
                 "files_ingested": counts["ingested"],
                 "files_duplicate": counts["duplicate"],
@@ -324,6 +333,7 @@ def ingest_dicom_folder(
         policy = config.missing_person_policy()
         root = config.dicom_folder()
         workers = config.parse_workers or available_cpus()
+        phi_policy = config.phi()
         m = config.person_to_patient_mapping.validated()
         mapping = PersonMapping(
             m.schema_name, m.table_name, m.person_id_column_name, m.patient_id_column_name
@@ -352,6 +362,7 @@ def ingest_dicom_folder(
                     f"{sum(r.status_counts.values())} files written so far"
                 ),
                 changed_window=(config.changed_after_ns, config.changed_until_ns),
+                phi_policy=phi_policy,
             )
             figures = ingest_check_figures(conn, tables, context.run.run_id)
             orphans = features_without_measurement(conn, tables, report.feature_ids)
@@ -365,7 +376,7 @@ def ingest_dicom_folder(
         )
         common = {"dicom_files_abs_path": dg.MetadataValue.path(str(root))}
         yield from _occurrence_results(report, facts, tables, common)
-        yield from _file_results(report, seconds, tables, common, workers)
+        yield from _file_results(report, seconds, tables, common, workers, phi_policy)
         yield from _check_results(figures, report, orphans)
         if report.person_misses:
             raise _person_misses(report)

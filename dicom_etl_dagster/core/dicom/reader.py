@@ -135,6 +135,12 @@ _TIME_OF = {
     _TAG_ACQUISITION_DATETIME: None,
     _TAG_INSTANCE_CREATION_DATE: _TAG_INSTANCE_CREATION_TIME,
 }
+#: The top-level attributes the OMOP rows are keyed and dated by: the three UIDs and every
+#: date and time attribute of the date fallbacks below (``phi_policy: drop`` keeps these).
+OMOP_SOURCE_TAGS = frozenset(
+    {tag for _, tag in _REQUIRED_UIDS}
+    | {tag for pair in _TIME_OF.items() for tag in pair if tag is not None}
+)
 # Real files exist whose only date is InstanceCreationDate (or AcquisitionDateTime): they are
 # the last fallbacks, so such a file is ingested instead of failing for "no usable date".
 _PROCEDURE_DATE_ORDER = (

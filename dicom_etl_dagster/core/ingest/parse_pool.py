@@ -7,6 +7,9 @@ A worker also renders the file's metadata rows as COPY text (``metadata_copy``) 
 the instance without its element list: the main process, the only writer, then neither
 unpickles nor serialises rows one by one.
 
+Under ``phi_policy: drop`` the worker also omits the rows the policy names
+(``core/dicom/phi.py``), after analytics have read them: only the EAV rows lose them.
+
 A file's result is either ``Parsed`` or ``Failed``, two types rather than one with optional
 fields, so the writer cannot reach for an instance a failed file does not have. They are
 NamedTuples because a whole chunk of them is pickled back from every worker.
@@ -24,9 +27,11 @@ from typing import NamedTuple, TypeAlias
 
 from dicom_etl_dagster.core.analytics.extract import instance_findings
 from dicom_etl_dagster.core.analytics.findings import InstanceFindings
+from dicom_etl_dagster.core.dicom.phi import drop_phi
 from dicom_etl_dagster.core.dicom.reader import DicomInstance, DicomReadError, read_instance
 from dicom_etl_dagster.core.ingest.file_scan import FileEntry
 from dicom_etl_dagster.core.ingest.metadata_copy import RenderedMetadata, render_metadata
+from dicom_etl_dagster.core.ingest.status import PhiPolicy
 
 
 class Parsed(NamedTuple):
@@ -36,6 +41,7 @@ class Parsed(NamedTuple):
     instance: DicomInstance  # without its elements: they are in ``metadata``
     metadata: RenderedMetadata
     findings: InstanceFindings = InstanceFindings()  # none when the run writes no measurements
+    phi_dropped: int = 0  # element rows phi_policy left out of ``metadata``
 
 
 class Failed(NamedTuple):
@@ -49,11 +55,15 @@ ParseResult: TypeAlias = Parsed | Failed
 
 
 def parse_file(
-    entry: FileEntry, measurements: bool = True, profiled_series: set[str] | None = None
+    entry: FileEntry,
+    measurements: bool = True,
+    profiled_series: set[str] | None = None,
+    phi_policy: PhiPolicy = PhiPolicy.KEEP,
 ) -> ParseResult:
     """Read one file and what analytics need of it (``core/analytics``); the measurement
     findings only with ``measurements``, and the acquisition profile only for a series not in
-    ``profiled_series`` (which the file's series then joins; None: always)."""
+    ``profiled_series`` (which the file's series then joins; None: always). The metadata rows
+    are those ``phi_policy`` leaves; the findings are made from all of them."""
     try:
         instance = read_instance(entry.path)
     except DicomReadError as exc:
@@ -64,15 +74,22 @@ def parse_file(
     profile = measurements and (profiled_series is None or series not in profiled_series)
     if profile and profiled_series is not None:
         profiled_series.add(series)
+    findings = instance_findings(instance, measurements, acquisition=profile)
+    rows, dropped = (instance.elements, 0)
+    if phi_policy is PhiPolicy.DROP:
+        rows, dropped = drop_phi(instance.elements)
     return Parsed(
         entry,
         dataclasses.replace(instance, elements=[], number_texts={}),  # both are in what follows
-        render_metadata(instance),
-        instance_findings(instance, measurements, acquisition=profile),
+        render_metadata(dataclasses.replace(instance, elements=rows)),
+        findings,
+        dropped,
     )
 
 
-def parse_chunk(entries: list[FileEntry], measurements: bool = True) -> list[ParseResult]:
+def parse_chunk(
+    entries: list[FileEntry], measurements: bool = True, phi_policy: PhiPolicy = PhiPolicy.KEEP
+) -> list[ParseResult]:
     """Parse consecutive files of a batch, the acquisition profile once per series.
 
     Only a new series' first file needs its profile (``plan.plan_batch``), and a chunk is a
@@ -81,14 +98,17 @@ def parse_chunk(entries: list[FileEntry], measurements: bool = True) -> list[Par
     for extracting and pickling it (measured: most of what measurements cost the workers).
     """
     profiled: set[str] = set()
-    return [parse_file(entry, measurements, profiled) for entry in entries]
+    return [parse_file(entry, measurements, profiled, phi_policy) for entry in entries]
 
 
 def parse_batches(
-    batches: Iterable[list[FileEntry]], workers: int, measurements: bool = True
+    batches: Iterable[list[FileEntry]],
+    workers: int,
+    measurements: bool = True,
+    phi_policy: PhiPolicy = PhiPolicy.KEEP,
 ) -> Iterator[list[ParseResult]]:
     """Yield the parse results of each batch, in order, keeping one batch in flight."""
-    parse = functools.partial(parse_chunk, measurements=measurements)
+    parse = functools.partial(parse_chunk, measurements=measurements, phi_policy=phi_policy)
     if workers <= 1:
         for batch in batches:
             yield parse(batch)

@@ -27,7 +27,7 @@ from dicom_etl_dagster.core.ingest.file_scan import FileEntry, iter_files
 from dicom_etl_dagster.core.ingest.lookups import PersonMapping, ledger_rows
 from dicom_etl_dagster.core.ingest.parse_pool import parse_batches
 from dicom_etl_dagster.core.ingest.plan import is_done
-from dicom_etl_dagster.core.ingest.status import MissingPersonPolicy
+from dicom_etl_dagster.core.ingest.status import MissingPersonPolicy, PhiPolicy
 from dicom_etl_dagster.core.ingest.visits import has_visits
 from dicom_etl_dagster.core.ingest.writer import IngestReport, RunState, write_batch
 
@@ -121,11 +121,13 @@ def ingest_folder(
     workers: int,
     progress: Callable[[IngestReport], None] | None = None,
     changed_window: tuple[int | None, int | None] = (None, None),
+    phi_policy: PhiPolicy = PhiPolicy.KEEP,
 ) -> tuple[IngestReport, dict[str, float]]:
     """Ingest every regular file under ``root``; returns the report and seconds per stage.
 
     ``changed_window`` (after, until], in ns of inode change time, restricts the run to the
-    files a sensor batch stands for; None ends are open.
+    files a sensor batch stands for; None ends are open. ``phi_policy`` decides which rows of
+    each file the EAV table gets (``core/dicom/phi.py``).
     """
     if not root.is_dir():
         raise IngestSetupError(f"dicom_files_abs_path {root} is not a folder")
@@ -152,7 +154,9 @@ def ingest_folder(
             if todo:
                 yield todo
 
-    outcomes_per_batch = parse_batches(pending_batches(), workers, state.analytics.enabled)
+    outcomes_per_batch = parse_batches(
+        pending_batches(), workers, state.analytics.enabled, phi_policy
+    )
     while True:
         started = time.perf_counter()
         outcomes = next(outcomes_per_batch, None)

@@ -1,4 +1,4 @@
-"""The ingest's closed sets of words: ledger statuses and the missing-person policies.
+"""The ingest's closed sets of words: ledger statuses, the missing-person and PHI policies.
 
 They are ``StrEnum``s so that a typo is an error instead of a silent mismatch, while every
 member still *is* its text: psycopg sends it as plain text (query parameters and COPY
@@ -42,5 +42,17 @@ class MissingPersonPolicy(StrEnum):
 
     @classmethod
     def parse(cls, value: str) -> MissingPersonPolicy:
+        """The policy named by ``value`` in any case and spacing; ValueError if none is."""
+        return cls(str(value).strip().lower())
+
+
+class PhiPolicy(StrEnum):
+    """``phi_policy``: what dicom_file_metadata copies of a file (``core/dicom/phi.py``)."""
+
+    KEEP = "keep"  # every element, as the original plugin
+    DROP = "drop"  # not the PS3.15 Basic Profile's attributes, not private elements
+
+    @classmethod
+    def parse(cls, value: str) -> PhiPolicy:
         """The policy named by ``value`` in any case and spacing; ValueError if none is."""
         return cls(str(value).strip().lower())

@@ -355,6 +355,8 @@ def _write_metadata(
     )
     # etl_created/modified_datetime, as psycopg would send a naive datetime in text format.
     now_text = dt.datetime.now().isoformat(sep=" ")
+    # Element rows phi_policy left out: counted for the files written, not for duplicates.
+    report.rows["dicom_file_metadata_phi_dropped"] += sum(w.parsed.phi_dropped for w in instances)
     report.rows["dicom_file_metadata"] += _copy_metadata(
         conn,
         tables["dicom_file_metadata"],
