@@ -85,7 +85,8 @@ def test_load_vocab_with_original_options_on_embedded_database(
         (
             "missing vocabulary file",
             {"DICOM_ETL_VOCAB_DIR": "{empty}", "DICOM_ETL_VOCAB_MIRROR_URL": "http://127.0.0.1:9/"},
-            "omop_table_staging_v5.csv is missing from",
+            "vocabulary files omop_table_staging_v5.csv, cs_values_maps_to.csv, "
+            "cs_values_maps_to_value.csv, part6_attributes.csv are missing from",
         ),
     ],
 )
