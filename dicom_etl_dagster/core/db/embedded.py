@@ -12,6 +12,7 @@ that is. It never starts a server or creates a folder.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import pwd
 import subprocess
@@ -23,10 +24,14 @@ from dicom_etl_dagster.core.errors import DicomEtlError
 
 
 def pg_ctl_path() -> Path:
-    """pgserver's bundled pg_ctl (not on PATH: it lives inside the installed package)."""
-    import pgserver
+    """pgserver's bundled pg_ctl (not on PATH: it lives inside the installed package).
 
-    return Path(pgserver.__file__).parent / "pginstall" / "bin" / "pg_ctl"
+    Found without importing pgserver, whose import warns about XDG_RUNTIME_DIR as root.
+    """
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or spec.origin is None:
+        raise DicomEtlError("the pgserver package is not installed")
+    return Path(spec.origin).parent / "pginstall" / "bin" / "pg_ctl"
 
 
 def server_owner(data_dir: Path) -> str:

@@ -73,3 +73,11 @@ def test_stop_on_a_folder_without_a_server_creates_nothing(tmp_path):
         f"error: {folder} is not an embedded PostgreSQL data folder"
     )
     assert not folder.exists()
+
+
+def test_stop_prints_one_line_and_nothing_else(running_server):
+    pgdata, _ = running_server
+    completed = _run(pgdata)
+    assert completed.returncode == 0
+    assert len(completed.stdout.splitlines()) == 1
+    assert completed.stderr == ""  # no warning of pgserver's import on the way
