@@ -10,7 +10,7 @@ import psycopg
 from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.core.db.connection import (
     connect,
-    default_embedded_data_dir,
+    embedded_data_dir,
     embedded_database_url,
     redact_url,
 )
@@ -33,11 +33,7 @@ class PostgresResource(dg.ConfigurableResource):
     medical_imaging_schema_name: str = "cdmmedicalimaging"
 
     def embedded_dir(self) -> Path:
-        return Path(
-            self.embedded_data_dir
-            or settings.EMBEDDED_PGDATA.value()
-            or default_embedded_data_dir()
-        )
+        return Path(self.embedded_data_dir) if self.embedded_data_dir else embedded_data_dir()
 
     def url(self) -> str:
         return self.database_url or embedded_database_url(self.embedded_dir())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psycopg
 
+from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.core.errors import DicomEtlError
 
 _PASSWORD_IN_URL = re.compile(r"(://[^:/@]*:)[^@]*@")
@@ -29,6 +30,11 @@ def default_embedded_data_dir() -> Path:
         return Path("/var/lib/dicom_etl_dagster/pgdata")
     data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
     return data_home / "dicom_etl_dagster" / "pgdata"
+
+
+def embedded_data_dir() -> Path:
+    """The embedded server's data folder: DICOM_ETL_EMBEDDED_PGDATA, else the default."""
+    return Path(settings.EMBEDDED_PGDATA.value() or default_embedded_data_dir())
 
 
 class DatabaseUnavailableError(DicomEtlError):

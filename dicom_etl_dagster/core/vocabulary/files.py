@@ -102,12 +102,27 @@ def ensure_file(spec: VocabularyFile, folder: Path | None = None) -> Path:
         )
     except Exception as exc:  # network down, folder read-only, hash mismatch: all end the same way
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise VocabularyFileError(
-            f"vocabulary file {spec.name} is missing from {folder} and could not be downloaded "
-            f"from {spec.url} ({reason}). Provide it either by setting {settings.VOCAB_DIR.name} to a folder "
-            f"that holds it, or by copying it into {folder} (sha256 {spec.sha256})."
-        ) from None
+        raise missing_files_error(folder, spec, reason) from None
     return Path(fetched)
+
+
+def missing_files_error(folder: Path, failed: VocabularyFile, reason: str) -> VocabularyFileError:
+    """One error naming every manifest file absent from ``folder``, not only the one that failed.
+
+    Offline, the other files would fail the same way one run later each; the download of the
+    others is not tried (they come from the same place, and each try can take a timeout).
+    """
+    missing = [s for s in MANIFEST if s == failed or not (folder / s.name).is_file()]
+    names = ", ".join(s.name for s in missing)
+    where = folder.absolute()
+    noun, them = ("file", "it") if len(missing) == 1 else ("files", "them")
+    verb = "is" if len(missing) == 1 else "are"
+    return VocabularyFileError(
+        f"vocabulary {noun} {names} {verb} missing from {where} and could not be downloaded "
+        f"({failed.name} from {failed.url}: {reason}). Provide {them} either by setting "
+        f"{settings.VOCAB_DIR.name} to a folder that holds {them} (an absolute path), or by "
+        f"copying {them} into {where}; the README lists the files and their sha256."
+    )
 
 
 def clean_text(value: str) -> str:

@@ -53,16 +53,44 @@ def test_download_with_wrong_content_is_refused(tmp_path, monkeypatch, mirror):
     assert files.MAPS_TO.name in str(error.value)
 
 
-def test_offline_error_names_the_file_and_both_remedies(tmp_path, monkeypatch):
+def test_offline_error_names_the_file_and_both_remedies(tmp_path, monkeypatch, vocab_dir):
     monkeypatch.setenv(
         settings.VOCAB_MIRROR_URL.name, "http://127.0.0.1:9/"
     )  # discard port: refused at once
+    for spec in (files.MAPS_TO, files.MAPS_TO_VALUE, files.DATA_ELEMENTS):
+        shutil.copy(vocab_dir / spec.name, tmp_path / spec.name)
     with pytest.raises(files.VocabularyFileError) as error:
         files.ensure_file(files.CONCEPTS, tmp_path)
     message = str(error.value)
     assert "\n" not in message
-    assert "omop_table_staging_v5.csv is missing from" in message
+    assert "vocabulary file omop_table_staging_v5.csv is missing from" in message
     assert settings.VOCAB_DIR.name in message and f"copying it into {tmp_path}" in message
+
+
+def test_offline_error_names_every_missing_file_at_once(tmp_path, monkeypatch, vocab_dir):
+    """Offline, one failed run names all the files to provide, not one file per run."""
+    monkeypatch.setenv(settings.VOCAB_MIRROR_URL.name, "http://127.0.0.1:9/")
+    shutil.copy(vocab_dir / files.CONCEPTS.name, tmp_path / files.CONCEPTS.name)
+    with pytest.raises(files.VocabularyFileError) as error:
+        files.read_rows(files.MAPS_TO, tmp_path)
+    message = str(error.value)
+    assert "\n" not in message
+    missing = [files.MAPS_TO, files.MAPS_TO_VALUE, files.DATA_ELEMENTS]
+    names = ", ".join(spec.name for spec in missing)
+    assert f"vocabulary files {names} are missing from {tmp_path}" in message
+    assert files.CONCEPTS.name not in message  # present: not asked for
+    assert f"copying them into {tmp_path}" in message
+    # Nothing half-downloaded is left behind that a later run could mistake for a file.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [files.CONCEPTS.name]
+
+
+def test_offline_error_shows_a_relative_folder_as_absolute(tmp_path, monkeypatch):
+    monkeypatch.setenv(settings.VOCAB_MIRROR_URL.name, "http://127.0.0.1:9/")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(settings.VOCAB_DIR.name, "relative/vocab")
+    with pytest.raises(files.VocabularyFileError) as error:
+        files.read_rows(files.CONCEPTS)
+    assert f"missing from {tmp_path / 'relative' / 'vocab'} " in str(error.value)
 
 
 def test_present_but_modified_file_is_refused(tmp_path, vocab_dir):
