@@ -598,14 +598,7 @@ def test_other_schema_names_get_their_own_tables_and_version(db):
 def test_head_is_the_newest_revision():
     scripts = ScriptDirectory.from_config(migrate.alembic_config(None, SCHEMAS))
     assert scripts.get_heads() == [HEAD]
-    assert [r.revision for r in scripts.walk_revisions()] == [
-        "0006",
-        "0005",
-        "0004",
-        "0003",
-        "0002",
-        "0001",
-    ]
+    assert [r.revision for r in scripts.walk_revisions()] == ["0004", "0003", "0002", "0001"]
 
 
 # --------------------------------------------------------------------------
