@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import time
 from pathlib import Path
 
 import psycopg
@@ -63,7 +65,13 @@ def embedded_database_url(data_dir: Path) -> str:
     import pgserver
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(data_dir, cleanup_mode=None)
+    try:
+        server = pgserver.get_server(data_dir, cleanup_mode=None)
+    except subprocess.CalledProcessError:
+        # pgserver gives pg_ctl 10 s; a loaded machine can need longer (seen in CI with
+        # other test processes running). Once more: a server that came up late is reused.
+        time.sleep(2)
+        server = pgserver.get_server(data_dir, cleanup_mode=None)
     return server.get_uri()
 
 
