@@ -161,14 +161,13 @@ def ensure_sequences(bind: sa.Connection, schemas: Schemas) -> None:
 # --------------------------------------------------------------------------
 # Upgrading owned tables
 # --------------------------------------------------------------------------
-def add_missing_comments(bind: sa.Connection, schemas: Schemas, table: sa.Table) -> int:
-    """COMMENT ON the table and on its columns that have no comment yet; returns how many.
-
-    A comment someone wrote on an owned table is kept; columns the table lacks are skipped.
-    """
+def _comments(
+    bind: sa.Connection, schemas: Schemas, table: sa.Table
+) -> dict[str | None, str | None]:
+    """Column name -> its comment in the database, and None -> the table's comment."""
     conn = psycopg_connection(bind)
     name = sql.Identifier(real_schema(table, schemas), table.name).as_string(conn)
-    current: dict[str, str | None] = dict(
+    current: dict[str | None, str | None] = dict(
         conn.execute(
             "SELECT attname, col_description(attrelid, attnum) FROM pg_attribute"
             " WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
@@ -176,8 +175,18 @@ def add_missing_comments(bind: sa.Connection, schemas: Schemas, table: sa.Table)
         ).fetchall()
     )
     row = conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", [name]).fetchone()
+    current[None] = None if row is None else row[0]
+    return current
+
+
+def add_missing_comments(bind: sa.Connection, schemas: Schemas, table: sa.Table) -> int:
+    """COMMENT ON the table and on its columns that have no comment yet; returns how many.
+
+    A comment someone wrote on an owned table is kept; columns the table lacks are skipped.
+    """
+    current = _comments(bind, schemas, table)
     changes = 0
-    if table.comment and row is not None and row[0] is None:
+    if table.comment and current.get(None, "") is None:
         bind.execute(SetTableComment(table))
         changes += 1
     for column in table.columns:
@@ -217,17 +226,7 @@ def replace_earlier_comments(
     """Comments an earlier release wrote and the metadata has changed since: where the table
     still has the earlier text (``earlier``: column name, or None for the table, -> text), it
     gets the metadata's; a comment someone else wrote is kept. Returns how many changed."""
-    conn = psycopg_connection(bind)
-    name = sql.Identifier(real_schema(table, schemas), table.name).as_string(conn)
-    current: dict[str | None, str | None] = dict(
-        conn.execute(
-            "SELECT attname, col_description(attrelid, attnum) FROM pg_attribute"
-            " WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
-            [name],
-        ).fetchall()
-    )
-    row = conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", [name]).fetchone()
-    current[None] = None if row is None else row[0]
+    current = _comments(bind, schemas, table)
     changes = 0
     for column_name, text in earlier.items():
         if current.get(column_name) != text:
