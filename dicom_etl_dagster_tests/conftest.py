@@ -92,3 +92,14 @@ def db(database_url):
 
 def scalar(conn: psycopg.Connection, query: str, params=None):
     return conn.execute(query, params).fetchone()[0]
+
+
+@pytest.fixture
+def embedded_pgdata(tmp_path):
+    """A data folder for the embedded PostgreSQL a CLI run starts; stopped afterwards."""
+    pgdata = tmp_path / "pgdata"
+    yield pgdata
+    if pgdata.exists():  # stop the server the CLI left running for later runs
+        import pgserver
+
+        pgserver.get_server(pgdata, cleanup_mode="stop").cleanup()

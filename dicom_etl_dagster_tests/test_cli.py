@@ -45,16 +45,6 @@ def dagster_job_execute(
     )
 
 
-@pytest.fixture
-def embedded_pgdata(tmp_path):
-    pgdata = tmp_path / "pgdata"
-    yield pgdata
-    if pgdata.exists():  # stop the server the CLI left running for later runs
-        import pgserver
-
-        pgserver.get_server(pgdata, cleanup_mode="stop").cleanup()
-
-
 def test_load_vocab_with_original_options_on_embedded_database(
     tmp_path, vocab_dir, embedded_pgdata
 ):

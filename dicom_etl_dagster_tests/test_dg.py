@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import psycopg
-import pytest
 
 from dicom_etl_dagster_tests.conftest import REPO_ROOT, scalar
 from dicom_etl_dagster_tests.helpers import ORIGINAL_OPTIONS, load_script
@@ -31,16 +30,6 @@ def _dg(args: list[str], tmp_path: Path, env: dict[str, str]) -> subprocess.Comp
     return subprocess.run(
         [DG, *args], cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=600
     )
-
-
-@pytest.fixture
-def embedded_pgdata(tmp_path):
-    pgdata = tmp_path / "pgdata"
-    yield pgdata
-    if pgdata.exists():  # stop the server the CLI left running for later runs
-        import pgserver
-
-        pgserver.get_server(pgdata, cleanup_mode="stop").cleanup()
 
 
 def test_dg_list_defs_sees_the_contract_jobs_and_the_sensor(tmp_path, vocab_dir):
