@@ -26,6 +26,12 @@ from typing import Any, BinaryIO
 from pydicom.charset import python_encoding
 from pydicom.datadict import DicomDictionary, RepeatersDictionary, mask_match
 
+from dicom_etl_dagster.core.dicom.corrections import (
+    code_strings,
+    real_vr,
+    same_encoding,
+    stray_meta_end,
+)
 from dicom_etl_dagster.core.dicom.elements import (
     NUMBER_TEXT_VRS,
     PIXEL_DATA_TAGS,
@@ -127,6 +133,10 @@ def _strings(items: list[str]) -> tuple[str, str | None, Any]:
 # --------------------------------------------------------------------------
 def _plain_string(raw: bytes, encoding: str):  # AS CS DA DT TM: multi_string
     return _strings(raw.decode("latin_1").rstrip(" \x00").split("\\"))
+
+
+def _code_string(raw: bytes, encoding: str):  # CS: each value without its spaces (corrections)
+    return _strings(code_strings(raw.decode("latin_1").rstrip(" \x00").split("\\")))
 
 
 def _ae(raw: bytes, encoding: str):
@@ -239,7 +249,7 @@ def _binary(raw: bytes, encoding: str):  # OB OD OF OL OV OW: InlineBinary
 _CONVERTERS = {
     "AE": _ae,
     "AS": _plain_string,
-    "CS": _plain_string,
+    "CS": _code_string,
     "DA": _plain_string,
     "DT": _plain_string,
     "TM": _plain_string,
@@ -259,7 +269,7 @@ _CONVERTERS = {
 }
 # Explicit VR: the two VR bytes -> (VR, header length), for the VRs handled here.
 _EXPLICIT_VRS = {
-    vr.encode(): (vr, 12 if vr in _LONG_LENGTH_VRS else 8) for vr in (*_CONVERTERS, "SQ")
+    vr.encode(): (vr, 12 if vr in _LONG_LENGTH_VRS else 8) for vr in (*_CONVERTERS, "SQ", "UN")
 }
 
 
@@ -270,11 +280,13 @@ def _implicit_vr(tag: int) -> str:
         mask = mask_match(tag)
         if mask is not None:
             entry = RepeatersDictionary[mask]
-        elif tag & 0xFFFF == 0 and not tag >> 16 & 1:
-            return "UL"  # group length, as pydicom assumes
+        elif tag & 0xFFFF == 0:
+            return "UL"  # group length, as pydicom assumes (private ones too: corrections)
         else:
             raise NeedsPydicom  # private or unknown: pydicom's own rules
     vr = entry[0]
+    if vr in ("OB or OW", "US or SS or OW"):
+        vr = real_vr(vr)  # OW in implicit VR, whatever else decides it (corrections.py)
     if vr not in _CONVERTERS and vr != "SQ":
         raise NeedsPydicom  # "US or SS", "OB or OW", UN...: depends on other elements
     return vr
@@ -309,6 +321,7 @@ class _FastWalker:
         self.transfer_syntax = ""
         self.instance_values: dict[int, Any] = {}
         self.number_texts: dict[int, str] = {}  # see DicomInstance.number_texts
+        self.meta_end: int | None = None  # where the real file meta ends, if a stray copy follows
 
     def _bytes_at(self, start: int, length: int) -> bytes:
         end = start + length
@@ -339,6 +352,7 @@ class _FastWalker:
         buf = self.buf
         if len(buf) < 132 or buf[128:132] != b"DICM":
             raise NeedsPydicom
+        self.meta_end = stray_meta_end(buf)
         pos = self.dataset(132, self.file_size, None, None, meta=True)
         syntax = self.transfer_syntax
         if syntax == _IMPLICIT_LE:
@@ -380,22 +394,15 @@ class _FastWalker:
                 if tag == _ITEM_DELIMITER and end is None:
                     return pos + 8
                 raise NeedsPydicom
-            if meta and group != 0x0002:
+            if meta and (group != 0x0002 or pos == self.meta_end):
                 return pos
-            if group == 0x0002 and not meta:
-                raise NeedsPydicom  # file meta elements inside the dataset
+            if group == 0x0002 and not meta and not (top and self.meta_end):
+                raise NeedsPydicom  # file meta elements inside the dataset, not a stray copy
             if tag <= previous_tag:
                 raise NeedsPydicom  # unsorted or repeated: pydicom sorts, keeps the last
             previous_tag = tag
             if explicit:
-                known = _EXPLICIT_VRS.get(vr_bytes)
-                if known is None:
-                    raise NeedsPydicom  # UN, UR, invalid VR...
-                vr, header = known
-                if header == 12:
-                    if pos + 12 > len(buf):
-                        raise NeedsPydicom
-                    length = _UINT32.unpack_from(buf, pos + 8)[0]
+                vr, header, length = self._explicit_vr(pos, vr_bytes, length)
             else:
                 header = 8
                 vr = "OB" if tag in PIXEL_DATA_TAGS else _implicit_vr(tag)
@@ -403,8 +410,9 @@ class _FastWalker:
             if tag in PIXEL_DATA_TAGS:
                 pos = self._skip_pixel_data(start, length)
                 continue
-            if vr == "SQ":
-                pos = self._sequence(tag, start, length, parent_sequence, parent_item, creators)
+            if vr == "SQ" or vr == "UN":
+                read = self._sequence if vr == "SQ" else self._un_sequence
+                pos = read(tag, start, length, parent_sequence, parent_item, creators)
                 continue
             if length == _UNDEFINED or start + length > limit:
                 raise NeedsPydicom  # undefined length outside a sequence, or past the end
@@ -413,6 +421,8 @@ class _FastWalker:
             vm, value_json, value = _CONVERTERS[vr](raw, self.encoding)
             if tag in noted_tags:
                 self._note(tag, value, top, meta)
+            if group == 0x0002 and not meta:
+                continue  # the stray copy of the file meta: dropped (corrections.stray_meta_end)
             if group & 1:
                 names = self._private_names(tag, vr, value, creators)
                 row = (*names[:5], vr, vm, value_json, False, None, True, names[5])
@@ -432,6 +442,18 @@ class _FastWalker:
         if end is None or pos != end:
             raise NeedsPydicom  # ran past the item's end or the file's end without a delimiter
         return pos
+
+    def _explicit_vr(self, pos: int, vr_bytes: bytes, length: int) -> tuple[str, int, int]:
+        """(VR, header length, value length) of an explicit VR element header at pos."""
+        known = _EXPLICIT_VRS.get(vr_bytes)
+        if known is None:
+            raise NeedsPydicom  # UR, invalid or blank VR...
+        vr, header = known
+        if header == 12:
+            if pos + 12 > len(self.buf):
+                raise NeedsPydicom
+            length = _UINT32.unpack_from(self.buf, pos + 8)[0]
+        return vr, header, length
 
     @staticmethod
     def _private_names(
@@ -471,6 +493,8 @@ class _FastWalker:
             self.instance_values[tag] = value
         if meta and tag == _TRANSFER_SYNTAX_TAG:
             self.transfer_syntax = value if isinstance(value, str) else ""
+        elif tag == _TRANSFER_SYNTAX_TAG and not same_encoding(value, self.transfer_syntax):
+            raise NeedsPydicom  # a stray file meta copy naming another encoding: pydicom's path
 
     def _set_charset(self, value: Any, top: bool) -> None:
         if not top or isinstance(value, list) or value not in _CHARSETS:
@@ -540,6 +564,25 @@ class _FastWalker:
             names[5],
         )
         return pos
+
+    def _un_sequence(
+        self,
+        tag: int,
+        start: int,
+        length: int,
+        parent_sequence: int | None,
+        parent_item: int | None,
+        creators: dict,
+    ) -> int:
+        """A UN element of undefined length: a sequence in implicit VR little endian (CP-246),
+        as DCMTK reads it (corrections.py); pydicom's path reads it the same way."""
+        if length != _UNDEFINED:
+            raise NeedsPydicom  # UN bytes: pydicom's path converts them by the dictionary
+        explicit, self.explicit = self.explicit, False
+        try:
+            return self._sequence(tag, start, length, parent_sequence, parent_item, creators)
+        finally:
+            self.explicit = explicit
 
     def _skip_pixel_data(self, start: int, length: int) -> int:
         if length != _UNDEFINED:

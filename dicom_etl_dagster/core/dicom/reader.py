@@ -21,6 +21,7 @@ worker processes over millions of files, so it
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
 import logging
@@ -36,7 +37,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from pydicom import dcmread
 from pydicom.datadict import DicomDictionary
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
@@ -45,6 +45,13 @@ from pydicom.fileutil import read_undefined_length_value
 from pydicom.multival import MultiValue
 from pydicom.tag import SequenceDelimiterTag
 
+from dicom_etl_dagster.core.dicom.corrections import (
+    AMBIGUOUS_VRS,
+    WORD_VRS,
+    code_strings,
+    little_endian_binary,
+    real_vr,
+)
 from dicom_etl_dagster.core.dicom.elements import (
     NUMBER_TEXT_VRS,
     PIXEL_DATA_TAGS,
@@ -55,6 +62,7 @@ from dicom_etl_dagster.core.dicom.elements import fmt_tag as _fmt_tag
 from dicom_etl_dagster.core.dicom.elements import private_name as _private_name
 from dicom_etl_dagster.core.dicom.elements import public_info as _public_info
 from dicom_etl_dagster.core.dicom.fast_path import NeedsPydicom, read_fast
+from dicom_etl_dagster.core.dicom.recovery import dcmread_as_dcmtk
 
 __all__ = [
     "PIXEL_DATA_TAGS",
@@ -712,11 +720,14 @@ class _Walker:
         """(element, VR, VM, DICOM JSON value) as pydicom converts the element."""
         value_json: str | None = None
         try:
+            loaded = _with_group_length_vr(loaded if loaded is not None else raw) or loaded
             if loaded is not None:
                 ds[tag] = loaded  # so pydicom converts it without re-opening the file
             elem = ds[tag]  # converts the raw value (and fixes ambiguous VRs)
             if elem.VR == "SQ":
                 vr = "SQ"
+            elif elem.VR in AMBIGUOUS_VRS:  # what pydicom cannot resolve (its JSON model fails)
+                vr, value_json = real_vr(elem.VR), _inline_binary(elem.value)
             else:
                 json_model = elem.to_json_dict(None, _NO_BULK_THRESHOLD)
                 vr = json_model["vr"]
@@ -724,6 +735,7 @@ class _Walker:
                     value_json = json.dumps(json_model["Value"], ensure_ascii=False)
                 elif "InlineBinary" in json_model:
                     value_json = json.dumps(json_model["InlineBinary"], ensure_ascii=False)
+                value_json = _corrected_value(raw, vr, value_json)
             return elem, vr, str(elem.VM), value_json
         except DicomReadError:
             raise
@@ -757,6 +769,44 @@ class _Walker:
             if creator:
                 name = _private_name(tag, creator)
         return _fmt_tag(tag), None, name, creator
+
+
+def _with_group_length_vr(raw: Any) -> RawDataElement | None:
+    """A private group length (gggg,0000) of an implicit VR file with its VR, UL, as every
+    group length has (pydicom: UN bytes; corrections.py); None for any other element."""
+    if (
+        isinstance(raw, RawDataElement)
+        and raw.VR is None
+        and raw.tag >> 16 & 1
+        and raw.tag & 0xFFFF == 0
+        and raw.length % 4 == 0
+    ):
+        return raw._replace(VR="UL")
+    return None
+
+
+def _inline_binary(value: Any) -> str | None:
+    """An element's bytes as DICOM JSON InlineBinary (None when empty)."""
+    if not isinstance(value, bytes):
+        raise TypeError(f"expected the value's bytes, not {type(value).__name__}")
+    return json.dumps(base64.b64encode(value).decode("ascii")) if value else None
+
+
+def _corrected_value(raw: Any, vr: str, value_json: str | None) -> str | None:
+    """pydicom's DICOM JSON value with the corrections of corrections.py: CS values without
+    their spaces, binary values of big-endian files in little-endian byte order."""
+    if value_json is None:
+        return None
+    if vr == "CS":
+        values = json.loads(value_json)
+        return json.dumps(
+            [code_strings([v])[0] if isinstance(v, str) else v for v in values],
+            ensure_ascii=False,
+        )
+    if vr in WORD_VRS and isinstance(raw, RawDataElement) and raw.is_little_endian is False:
+        swapped = little_endian_binary(base64.b64decode(json.loads(value_json)), vr)
+        return json.dumps(base64.b64encode(swapped).decode("ascii"))
+    return value_json
 
 
 # Values can appear inside pydicom/ValueError messages (e.g. "could not
@@ -831,7 +881,7 @@ def _read_instance(path: str | os.PathLike, fast_path: bool) -> DicomInstance:
 
         try:
             # force only for files without preamble: they are DICOM too.
-            ds = dcmread(fp, defer_size=_DEFER_SIZE, force=not has_prefix)
+            ds, meta = dcmread_as_dcmtk(fp, file_size, _DEFER_SIZE, force=not has_prefix)
         except InvalidDicomError as exc:
             raise DicomReadError(f"not a DICOM file: {_exc_text(exc)}") from exc
         except zlib.error as exc:
@@ -854,7 +904,6 @@ def _read_instance(path: str | os.PathLike, fast_path: bool) -> DicomInstance:
         deflated = ds.buffer is not None
         source: BinaryIO = ds.buffer if deflated else fp  # type: ignore[assignment]
         source_size = _stream_size(source) if deflated else file_size
-        meta = ds.file_meta if ds.file_meta is not None else Dataset()
 
         if len(ds) == 0 and not deflated:
             # Nothing after the file meta: pydicom has already converted some

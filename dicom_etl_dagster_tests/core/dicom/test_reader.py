@@ -38,6 +38,7 @@ from dicom_etl_dagster.core.dicom.reader import (
     read_instance,
 )
 from dicom_etl_dagster_tests.dicom_samples import expected_metadata_rows
+from dicom_etl_dagster_tests.pydicom_corrections import corrected_attribute
 
 TEST_FILES_DIR = Path(pydicom.__file__).parent / "data" / "test_files"
 # Written out here rather than imported, so the test does not trust the module.
@@ -108,6 +109,7 @@ def _reference_rows(path: str | os.PathLike) -> list[tuple]:
     ds = _quiet_dcmread(path)
     rows: list[tuple] = []
     next_item = [0]
+    implicit, little = ds.original_encoding
 
     def walk(dataset: Dataset, parent_seq: int | None, parent_item: int | None) -> None:
         for elem in dataset:  # pydicom's iteration: sorted tags, values read, VRs resolved
@@ -131,7 +133,12 @@ def _reference_rows(path: str | os.PathLike) -> list[tuple]:
                     next_item[0] += 1
                     walk(item, index, number)
             else:
-                model = elem.to_json_dict(None, 2**62)
+                model = corrected_attribute(  # pydicom's model, with the documented corrections
+                    f"{elem.tag:08X}",
+                    elem.to_json_dict(None, 2**62),
+                    big_endian=little is False and dataset is not ds.file_meta,
+                    implicit=bool(implicit) and dataset is not ds.file_meta,
+                )
                 if "Value" in model:
                     value_json = json.dumps(model["Value"], ensure_ascii=False)
                 elif "InlineBinary" in model:

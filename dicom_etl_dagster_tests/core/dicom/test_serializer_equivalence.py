@@ -4,7 +4,8 @@ The property: for every element of every bundled pydicom file whose elements
 ``read_instance`` reads (also where it then refuses the instance for lack of UIDs or a
 date), through whichever path it takes (the raw-bytes fast path or pydicom), ``value_json`` is ``json.dumps`` of the element's ``"Value"`` (or
 ``"InlineBinary"``; None when it has neither) in pydicom's own JSON model with all bulk
-data inlined, and ``vr`` is that model's ``"vr"``.
+data inlined, and ``vr`` is that model's ``"vr"``, both after the documented corrections
+of pydicom_corrections.py (where pydicom disagrees with the standard and DCMTK).
 
 test_reader.py checks the same values element by element, in walk order, next to
 many structural checks. Here the oracle is the whole document, ``Dataset.to_json_dict``,
@@ -32,6 +33,7 @@ from dicom_etl_dagster_tests.dicom_samples import (
     read_rows,
     sample_files_read_by,
 )
+from dicom_etl_dagster_tests.pydicom_corrections import corrected_document
 
 SAMPLES = PYDICOM_TEST_FILES
 PIXEL_DATA_KEYS = {"7FE00010", "7FE00008", "7FE00009"}  # never stored
@@ -42,12 +44,16 @@ ACCEPTED = accepted_sample_files()
 
 
 def pydicom_json(path: Path) -> tuple[dict, dict]:
-    """(file meta, dataset) as pydicom's DICOM JSON model, bulk data inlined."""
+    """(file meta, dataset) as pydicom's DICOM JSON model, bulk data inlined, corrected."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = pydicom.dcmread(path, force=True)
         meta = ds.file_meta.to_json_dict(HUGE) if ds.file_meta is not None else {}
-        return meta, ds.to_json_dict(HUGE)
+        implicit, little = ds.original_encoding
+        encoding = {"big_endian": little is False, "implicit": bool(implicit)}
+        return corrected_document(meta, big_endian=False, implicit=False), corrected_document(
+            ds.to_json_dict(HUGE), **encoding
+        )
 
 
 def expected_value_json(attribute: dict) -> str | None:
