@@ -18,10 +18,11 @@ import base64
 import datetime
 import json
 import re
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from dicom_etl_dagster.core.dicom.elements import ElementRow, number_text
+from dicom_etl_dagster.core.dicom.elements import ElementRow, number_text, public_info
 
 #: VRs whose values are text; a value of another VR pydicom cannot convert is kept as bytes.
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"})
@@ -137,3 +138,15 @@ def ledger_tags(tags: Iterable[str]) -> str | None:
     """The first ``LEDGER_TAGS`` distinct tags, comma-separated: the ledger's summary."""
     distinct = list(dict.fromkeys(tags))[:LEDGER_TAGS]
     return ",".join(distinct) or None
+
+
+def tags_by_files(files_per_tag: Counter, limit: int) -> list[tuple[str, str, int]]:
+    """(tag, keyword or "private" / "unknown", files) of the tags most files have odd values in."""
+    return [
+        (tag, "private" if int(tag[4], 16) & 1 else public_info(_tag_int(tag))[1] or "unknown", n)
+        for tag, n in sorted(files_per_tag.items(), key=lambda item: (-item[1], item[0]))[:limit]
+    ]
+
+
+def _tag_int(tag: str) -> int:
+    return int(tag[1:5] + tag[6:10], 16)

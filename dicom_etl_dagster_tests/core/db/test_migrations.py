@@ -77,6 +77,9 @@ CREATED_FOR_F2260E1 = [
 OWNED_AFTER_F2260E1 = OWNED_BY_F2260E1 | (ADDED_AFTER_F2260E1 & MI_TABLES)
 F2260E1_TABLES = TABLES.keys() - ADDED_AFTER_F2260E1
 SOP_INDEX = "idx_dicom_file_metadata_sop_instance"
+#: Columns later revisions added to tables f2260e1 had (0006: the ledger's odd-value summary);
+#: the release's rows have NULL there, and its shape is compared without them.
+ADDED_COLUMNS = {"dicom_ingest_log": ("value_warnings", "value_warning_tags")}
 
 
 # --------------------------------------------------------------------------
@@ -140,7 +143,15 @@ def rows(conn: psycopg.Connection) -> dict[str, dict[int, dict]]:
         name = sql.Identifier(real_schema(TABLES[table], SCHEMAS), table)
         cursor = conn.cursor(row_factory=dict_row)
         found[table] = {r[key]: r for r in cursor.execute(sql.SQL("SELECT * FROM {}").format(name))}
+        for row in found[table].values():
+            for column in ADDED_COLUMNS.get(table, ()):
+                row.pop(column, None)
     return found
+
+
+def without_added_columns(described: dict, table: str) -> dict:
+    added = ADDED_COLUMNS.get(table, ())
+    return {**described, "columns": [c for c in described["columns"] if c[0] not in added]}
 
 
 def catalog(conn: psycopg.Connection, table: str) -> dict:
@@ -364,7 +375,8 @@ def test_a_fresh_database_ends_at_head_with_comments_and_the_f2260e1_shape(postg
     ):
         apply_f2260e1_ddl(old)
         for name in F2260E1_TABLES:
-            assert without_comments(catalog(db, name)) == catalog(old, name), name
+            shape = without_added_columns(without_comments(catalog(db, name)), name)
+            assert shape == catalog(old, name), name
         added = {"dicom_etl_measurement_id_seq", "dicom_etl_image_feature_id_seq"}
         added.add("dicom_etl_image_finding_id_seq")
         assert sorted(r for r in db.execute(sequences).fetchall() if r[0] not in added) == sorted(
