@@ -521,3 +521,38 @@ def test_the_migration_connects_with_the_callers_password(password_server):
         assert len(ensure_tables(conn, SCHEMAS)) == len(TABLES)
         assert schema_version(conn, SCHEMAS) == HEAD
         assert scalar(conn, "SELECT tableowner FROM pg_tables WHERE tablename = 'concept'") == "etl"
+
+
+def test_revision_0006_gives_an_older_ledger_the_odd_value_columns(
+    postgres_server, database_url, tmp_path
+):
+    """The f2260e1 ledger gets value_warnings / value_warning_tags exactly as a ledger created
+    at head has them; the release's rows keep NULL (not counted), new files are counted."""
+    folder = tmp_path / "dicom"
+    f2260e1_database(database_url, folder)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        place_files(conn, folder)
+        old_ids = set(rows(conn)["dicom_ingest_log"])
+        ensure_tables(conn, SCHEMAS)
+        upgraded = catalog(conn, "dicom_ingest_log")
+        with (
+            fresh_database(postgres_server, "head") as url,
+            psycopg.connect(url, autocommit=True) as head,
+        ):
+            ensure_tables(head, SCHEMAS)
+            assert upgraded == catalog(head, "dicom_ingest_log")
+        odd = pydicom.dcmread(TEST_FILES / "badVR.dcm")  # NumberOfFrames "1A"
+        odd.save_as(folder / "new" / "badVR.dcm")
+        ingest(conn, folder)
+        ledger = {
+            row[0]: row[1:]
+            for row in conn.execute(
+                f"SELECT ingest_log_id, file_path, status, value_warnings, value_warning_tags"
+                f" FROM {MI_SCHEMA}.dicom_ingest_log"
+            )
+        }
+        kept = [ledger[i] for i in old_ids if i in ledger]
+        assert kept and all(row[2:] == (None, None) for row in kept)
+        by_path = {row[0]: row[1:] for row in ledger.values()}
+        assert by_path[str(folder / "new" / "badVR.dcm")] == ("ingested", 1, "(0028,0008)")
+        assert by_path[str(folder / "new" / "rtplan.dcm")] == ("ingested", 0, None)
