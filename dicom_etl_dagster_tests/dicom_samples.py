@@ -65,10 +65,14 @@ def quiet_dcmread(path: str | os.PathLike) -> pydicom.FileDataset:
 def count_elements(dataset) -> int:
     """Every element at every level (a sequence is one row, plus its items' elements), no pixel data."""
     total = 0
-    for elem in dataset:
-        if elem.tag in PIXEL_TAGS:
+    for tag in dataset.keys():
+        if tag in PIXEL_TAGS:
             continue
         total += 1
+        try:
+            elem = dataset[tag]
+        except Exception:  # a value pydicom cannot convert: one row all the same (kept verbatim)
+            continue
         if elem.VR == "SQ":
             total += sum(count_elements(item) for item in elem.value)
     return total

@@ -11,6 +11,7 @@ from dicom_etl_dagster.assets.table_schemas import column_schema
 from dicom_etl_dagster.config import EtlOptions
 from dicom_etl_dagster.core.cpu import available_cpus
 from dicom_etl_dagster.core.db.tables import Tables
+from dicom_etl_dagster.core.dicom.odd_values import tags_by_files
 from dicom_etl_dagster.core.errors import DicomEtlError
 from dicom_etl_dagster.core.ingest.checks import (
     IngestCheckFigures,
@@ -26,6 +27,8 @@ from dicom_etl_dagster.resources.database import PostgresResource
 
 GROUP = "imaging"
 MAX_FAILURES_SHOWN = 20
+#: Tags shown in the odd-values table of dicom_file_metadata's materialization.
+MAX_ODD_VALUE_TAGS_SHOWN = 20
 UNMAPPED_MODALITY_WARN_SHARE = 0.2
 CONCEPT_0_WARN_SHARE = 0.2
 MAX_MEASUREMENT_KINDS_SHOWN = 50
@@ -287,6 +290,14 @@ def _file_results(
                     {k: round(v, 3) for k, v in seconds.items()}
                 ),
                 "parse_workers": workers,
+                # Values that violate their VR, kept verbatim (core/dicom/odd_values.py).
+                "files_with_odd_values": report.odd_value_files,
+                "odd_values_by_tag": dg.MetadataValue.md(
+                    markdown_table(
+                        ("tag", "keyword", "files"),
+                        tags_by_files(report.odd_value_tags, MAX_ODD_VALUE_TAGS_SHOWN),
+                    )
+                ),
             },
         ),
         dg.MaterializeResult(
@@ -295,6 +306,7 @@ def _file_results(
                 **common,
                 "table": tables.qualified("dicom_ingest_log"),
                 "rows_written": report.rows["dicom_ingest_log"],
+                "files_with_odd_values": report.odd_value_files,
                 "failures_by_reason": dg.MetadataValue.md(
                     markdown_table(("reason", "files"), _failures_by_reason(report).most_common())
                 ),

@@ -65,9 +65,11 @@ def _candidate(
     if vr in CODED_VRS:
         text = (_single_text(value_json) or "").strip()
         return AcquisitionValue(tag, name, vr, text[:SOURCE_VALUE_LENGTH], None) if text else None
+    if not value_json.startswith("["):
+        return None  # an odd value kept as bytes (InlineBinary): no number, no measurement
     try:
         number = float(value_json[1:-1])  # "[120.0]": one JSON number
-    except ValueError:  # several values, or an odd value kept as text
+    except ValueError:  # several values, or an odd value kept as text ("1A"): skipped
         return None
     if not math.isfinite(number):
         return None

@@ -20,6 +20,9 @@ from typing import Any
 from dicom_etl_dagster.core.dicom.elements import ElementRow, json_number_text
 
 _NUMBER_TEXT_VRS = frozenset({"DS", "IS"})
+#: Binary VRs whose DICOM JSON is a Value array: InlineBinary there is an odd value kept as
+#: bytes (core/dicom/odd_values.py), never a number for the walkers.
+_BINARY_NUMBER_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "SV", "UV", "AT"})
 
 
 class RowDataset(dict):
@@ -49,7 +52,7 @@ def _decoded(vr: str, value_json: str | None) -> Any:
     except ValueError:
         return None
     if not isinstance(value, list):
-        return value  # InlineBinary text
+        return None if vr in _BINARY_NUMBER_VRS else value  # InlineBinary text
     if vr in _NUMBER_TEXT_VRS:
         value = [json_number_text(v) for v in value]
     if not value:

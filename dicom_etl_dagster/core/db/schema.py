@@ -627,6 +627,21 @@ dicom_ingest_log = Table(
     ),
     _col("run_id", String(255), True, "Dagster run that processed the file."),
     _col("processed_at", TIMESTAMPTZ, False, "When the file was last processed."),
+    # Revision 0005: odd values (a value that violates its VR is kept, not a failure).
+    _col(
+        "value_warnings",
+        Integer,
+        True,
+        "Elements whose value violates its VR (an IS '1A', a date '20231399'), stored "
+        "verbatim in dicom_file_metadata; NULL when the file could not be read.",
+    ),
+    _col(
+        "value_warning_tags",
+        Text,
+        True,
+        "The first five distinct tags of those elements, comma-separated (tags only: the "
+        "values may be patient data).",
+    ),
     PrimaryKeyConstraint("ingest_log_id", name="xpk_dicom_ingest_log"),
     CheckConstraint(
         "status IN ('ingested', 'failed', 'duplicate')", name="chk_dicom_ingest_log_status"

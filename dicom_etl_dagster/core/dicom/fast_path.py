@@ -41,6 +41,7 @@ from dicom_etl_dagster.core.dicom.elements import (
     private_name,
     public_info,
 )
+from dicom_etl_dagster.core.dicom.odd_values import verbatim_value
 
 __all__ = ["NeedsPydicom", "read_fast"]
 
@@ -195,7 +196,7 @@ def _decimal_string(raw: bytes, encoding: str):
     if len(items) == 1 and not items[0]:
         return "0", None, ""
     if not all(_DECIMAL(item) for item in items):
-        raise NeedsPydicom
+        return _verbatim_number("DS", raw, items)
     numbers = [float(item) for item in items]
     return str(len(items)), json.dumps(numbers), numbers[0] if len(numbers) == 1 else numbers
 
@@ -205,13 +206,33 @@ def _integer_string(raw: bytes, encoding: str):
     if len(items) == 1 and not items[0]:
         return "0", None, ""
     if not all(_INTEGER(item) for item in items):
-        raise NeedsPydicom
+        return _verbatim_number("IS", raw, items)
     numbers = [int(item) for item in items]
     return (
         str(len(items)),
         "[" + ", ".join(map(str, numbers)) + "]",
         numbers[0] if len(numbers) == 1 else numbers,
     )
+
+
+def _verbatim_number(vr: str, raw: bytes, items: list[str]):
+    """A DS / IS value with an item that is not a number at all (``1A``, ``2,5``, ``1.9.10.0``):
+    pydicom cannot convert it (its DS / IS call float()), and the pydicom path keeps it verbatim
+    as ``odd_values.verbatim_value``, so this path does the same. Values float() reads but the
+    patterns above do not ("nan", "1_0", "1.5" as IS) stay with pydicom's own rules."""
+    if all(_float_reads(item) for item in items):
+        raise NeedsPydicom
+    return verbatim_value(vr, raw)
+
+
+def _float_reads(item: str) -> bool:
+    if not item.strip(" \x00"):
+        return True  # an empty value: pydicom keeps it, it is not odd
+    try:
+        float(item)
+    except ValueError:
+        return False
+    return True
 
 
 def _number_converter(code: str):

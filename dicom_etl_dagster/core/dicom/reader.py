@@ -35,13 +35,14 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from pydicom.datadict import DicomDictionary
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.fileutil import read_undefined_length_value
+from pydicom.hooks import raw_element_vr
 from pydicom.multival import MultiValue
 from pydicom.tag import SequenceDelimiterTag
 
@@ -62,6 +63,7 @@ from dicom_etl_dagster.core.dicom.elements import fmt_tag as _fmt_tag
 from dicom_etl_dagster.core.dicom.elements import private_name as _private_name
 from dicom_etl_dagster.core.dicom.elements import public_info as _public_info
 from dicom_etl_dagster.core.dicom.fast_path import NeedsPydicom, read_fast
+from dicom_etl_dagster.core.dicom.odd_values import odd_value_tags, verbatim_value
 from dicom_etl_dagster.core.dicom.recovery import dcmread_as_dcmtk
 
 __all__ = [
@@ -221,6 +223,8 @@ class DicomInstance:
     # Row index -> the text of a top-level single-valued DS / IS element as the file holds it
     # (DICOM JSON holds these as numbers: "5.000" and "5" both read 5): measurements keep it.
     number_texts: dict[int, str] = field(default_factory=dict)
+    # The tag of every element whose value violates its VR (kept verbatim: see odd_values).
+    odd_value_tags: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------
@@ -716,8 +720,9 @@ class _Walker:
     @staticmethod
     def _converted(
         ds: Dataset, tag: int, raw: Any, loaded: RawDataElement | None
-    ) -> tuple[DataElement, str, str, str | None]:
-        """(element, VR, VM, DICOM JSON value) as pydicom converts the element."""
+    ) -> tuple[DataElement | _Verbatim, str, str, str | None]:
+        """(element, VR, VM, DICOM JSON value) as pydicom converts the element; a value it
+        cannot convert is kept verbatim (``_verbatim``)."""
         value_json: str | None = None
         try:
             loaded = _with_group_length_vr(loaded if loaded is not None else raw) or loaded
@@ -740,11 +745,14 @@ class _Walker:
         except DicomReadError:
             raise
         except Exception as exc:
-            raise DicomReadError(_decode_reason(tag, raw, exc)) from exc
+            kept = _verbatim(ds, loaded if loaded is not None else raw)
+            if kept is None:
+                raise DicomReadError(_decode_reason(tag, raw, exc)) from exc
+            return kept
 
     @staticmethod
     def _private_info(
-        ds: Dataset, tag: int, elem: DataElement, creators: dict[int, str | None]
+        ds: Dataset, tag: int, elem: DataElement | _Verbatim, creators: dict[int, str | None]
     ) -> tuple[str, None, str | None, str | None]:
         """(dictionary tag, keyword, name, private creator) of a private element."""
         group, element = tag >> 16, tag & 0xFFFF
@@ -807,6 +815,47 @@ def _corrected_value(raw: Any, vr: str, value_json: str | None) -> str | None:
         swapped = little_endian_binary(base64.b64decode(json.loads(value_json)), vr)
         return json.dumps(base64.b64encode(swapped).decode("ascii"))
     return value_json
+
+
+class _VerbatimText(str):
+    """A text value kept verbatim; like pydicom's DS / IS it has ``original_string``, so that
+    the walk keeps a single DS / IS value's text for measurements as it does for numbers."""
+
+    @property
+    def original_string(self) -> str:
+        return str(self)
+
+
+class _Verbatim(NamedTuple):
+    """Stands in for the DataElement of a value pydicom cannot convert (the walk reads .value)."""
+
+    value: Any
+
+
+def _verbatim(ds: Dataset, raw: Any) -> tuple[_Verbatim, str, str, str | None] | None:
+    """An element pydicom cannot convert (an IS ``1A``, a private DS ``1.9.10.0``, a US of
+    odd length), kept as the file holds it: an odd value, not a reason to fail the file.
+
+    The VR is the one pydicom converts with (its own lookup, private dictionary included);
+    an ambiguous one ("US or SS") is UN. None when there is nothing to keep (then the
+    conversion error is the file's reason).
+    """
+    if not isinstance(raw, RawDataElement) or not isinstance(raw.value, bytes):
+        return None
+    found: dict[str, Any] = {}
+    try:
+        raw_element_vr(raw, found, ds=ds)
+    except Exception:
+        return None
+    vr = str(found["VR"])
+    if vr == "SQ":
+        return None  # items that do not parse are structure, not a value
+    if " or " in vr:
+        vr = "UN"
+    vm, value_json, value = verbatim_value(vr, raw.value)
+    if isinstance(value, str):
+        value = _VerbatimText(value)
+    return _Verbatim(value), vr, vm, value_json
 
 
 # Values can appear inside pydicom/ValueError messages (e.g. "could not
@@ -958,4 +1007,5 @@ def _instance_from(
         procedure_datetime=procedure_datetime,
         image_datetime=image_datetime,
         number_texts=number_texts,
+        odd_value_tags=odd_value_tags(rows),
     )

@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeAlias
 
 from dicom_etl_dagster.core.analytics.findings import AcquisitionValue
@@ -181,6 +181,8 @@ class LedgerEntry:
     reason: str | None = None  # set exactly when status is failed
     sop_instance_uid: str | None = None
     image_occurrence: IdRef | None = None
+    # Tags of the file's odd values (elements that violate their VR); None: the file was not read.
+    odd_value_tags: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -338,7 +340,8 @@ class _Planner:
         if isinstance(result, Failed):
             self.ledger.append(LedgerEntry(result.entry, LedgerStatus.FAILED, result.reason))
         else:
-            self.ledger.append(self._parsed(result))
+            entry = self._parsed(result)
+            self.ledger.append(replace(entry, odd_value_tags=result.instance.odd_value_tags))
 
     def _parsed(self, parsed: Parsed) -> LedgerEntry:
         entry, sop = parsed.entry, parsed.instance.sop_instance_uid

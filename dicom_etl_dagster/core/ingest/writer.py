@@ -36,6 +36,7 @@ from dicom_etl_dagster.core.analytics.write import (
 )
 from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.core.db.tables import Tables, copy_rows, reserve_ids, take_advisory_lock
+from dicom_etl_dagster.core.dicom.odd_values import ledger_tags
 from dicom_etl_dagster.core.ingest.concepts import ConceptResolver
 from dicom_etl_dagster.core.ingest.data_elements import ensure_data_elements
 from dicom_etl_dagster.core.ingest.lookups import PersonMapping, batch_rows
@@ -96,6 +97,8 @@ _LEDGER_COLUMNS = (
     "image_occurrence_id",
     "run_id",
     "processed_at",
+    "value_warnings",
+    "value_warning_tags",
 )
 
 
@@ -141,6 +144,8 @@ class IngestReport:
     visits: Counter = field(default_factory=Counter)  # new studies: linked / none / ambiguous
     procedure_concepts: Counter = field(default_factory=Counter)  # by procedure code / modality
     feature_ids: list[range] = field(default_factory=list)  # image_feature ids written
+    odd_value_files: int = 0  # files read with at least one odd value (see core/dicom/odd_values)
+    odd_value_tags: Counter = field(default_factory=Counter)  # tag -> files that have it
 
     def merge(self, other: IngestReport) -> None:
         self.files_already_done += other.files_already_done
@@ -153,6 +158,8 @@ class IngestReport:
         self.visits.update(other.visits)
         self.procedure_concepts.update(other.procedure_concepts)
         self.feature_ids.extend(other.feature_ids)
+        self.odd_value_files += other.odd_value_files
+        self.odd_value_tags.update(other.odd_value_tags)
 
 
 def write_batch(
@@ -427,6 +434,7 @@ def _write_ledger(
                 io_id,
                 state.run_id,
                 processed_at,
+                *_odd_value_columns(e.odd_value_tags, report),
             )
         )
         report.status_counts[e.status.value] += 1  # plain text keys, as reports print them
@@ -435,3 +443,15 @@ def _write_ledger(
     report.rows["dicom_ingest_log"] += _copy_any(
         conn, tables["dicom_ingest_log"], _LEDGER_COLUMNS, rows
     )
+
+
+def _odd_value_columns(
+    tags: tuple[str, ...] | None, report: IngestReport
+) -> tuple[int | None, str | None]:
+    """The ledger's value_warnings and value_warning_tags of a file; counted in the report."""
+    if tags is None:
+        return None, None
+    if tags:
+        report.odd_value_files += 1
+        report.odd_value_tags.update(set(tags))
+    return len(tags), ledger_tags(tags)

@@ -86,7 +86,11 @@ CREATED_FOR_F2260E1 = [
 OWNED_AFTER_F2260E1 = OWNED_BY_F2260E1 | (ADDED_AFTER_F2260E1 & MI_TABLES)
 F2260E1_TABLES = TABLES.keys() - ADDED_AFTER_F2260E1
 #: Columns later revisions added to owned tables, with the value the rows there before get.
-ADDED_COLUMNS = {"dicom_data_element": {"private_creator": None}}
+#: (0004: private entries per creator; 0005: the ledger's odd-value summary.)
+ADDED_COLUMNS = {
+    "dicom_data_element": {"private_creator": None},
+    "dicom_ingest_log": {"value_warnings": None, "value_warning_tags": None},
+}
 SOP_INDEX = "idx_dicom_file_metadata_sop_instance"
 
 
@@ -190,8 +194,15 @@ def catalog(conn: psycopg.Connection, table: str) -> dict:
 
 
 def shape_at_head(table: str, described: dict) -> dict:
-    """An f2260e1 table as later revisions shaped it: 0004 keys private entries per creator
-    (a column at the end, the tag index partial, a second index), nothing else."""
+    """An f2260e1 table as later revisions shaped it, nothing else: 0004 keys private entries
+    per creator (a column at the end, the tag index partial, a second index), 0005 gives the
+    ledger its odd-value columns."""
+    if table == "dicom_ingest_log":
+        added = [
+            ("value_warnings", "integer", False, None, None),
+            ("value_warning_tags", "text", False, None, None),
+        ]
+        return {**described, "columns": [*described["columns"], *added]}
     if table != "dicom_data_element":
         return described
     name = f"{MI_SCHEMA}.dicom_data_element"
@@ -598,7 +609,13 @@ def test_other_schema_names_get_their_own_tables_and_version(db):
 def test_head_is_the_newest_revision():
     scripts = ScriptDirectory.from_config(migrate.alembic_config(None, SCHEMAS))
     assert scripts.get_heads() == [HEAD]
-    assert [r.revision for r in scripts.walk_revisions()] == ["0004", "0003", "0002", "0001"]
+    assert [r.revision for r in scripts.walk_revisions()] == [
+        "0005",
+        "0004",
+        "0003",
+        "0002",
+        "0001",
+    ]
 
 
 # --------------------------------------------------------------------------
@@ -631,3 +648,38 @@ def test_the_migration_connects_with_the_callers_password(password_server):
         assert len(ensure_tables(conn, SCHEMAS)) == len(TABLES)
         assert schema_version(conn, SCHEMAS) == HEAD
         assert scalar(conn, "SELECT tableowner FROM pg_tables WHERE tablename = 'concept'") == "etl"
+
+
+def test_revision_0005_gives_an_older_ledger_the_odd_value_columns(
+    postgres_server, database_url, tmp_path
+):
+    """The f2260e1 ledger gets value_warnings / value_warning_tags exactly as a ledger created
+    at head has them; the release's rows keep NULL (not counted), new files are counted."""
+    folder = tmp_path / "dicom"
+    f2260e1_database(database_url, folder)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        place_files(conn, folder)
+        old_ids = set(rows(conn)["dicom_ingest_log"])
+        ensure_tables(conn, SCHEMAS)
+        upgraded = catalog(conn, "dicom_ingest_log")
+        with (
+            fresh_database(postgres_server, "head") as url,
+            psycopg.connect(url, autocommit=True) as head,
+        ):
+            ensure_tables(head, SCHEMAS)
+            assert upgraded == catalog(head, "dicom_ingest_log")
+        odd = pydicom.dcmread(TEST_FILES / "badVR.dcm")  # NumberOfFrames "1A"
+        odd.save_as(folder / "new" / "badVR.dcm")
+        ingest(conn, folder)
+        ledger = {
+            row[0]: row[1:]
+            for row in conn.execute(
+                f"SELECT ingest_log_id, file_path, status, value_warnings, value_warning_tags"
+                f" FROM {MI_SCHEMA}.dicom_ingest_log"
+            )
+        }
+        kept = [ledger[i] for i in old_ids if i in ledger]
+        assert kept and all(row[2:] == (None, None) for row in kept)
+        by_path = {row[0]: row[1:] for row in ledger.values()}
+        assert by_path[str(folder / "new" / "badVR.dcm")] == ("ingested", 1, "(0028,0008)")
+        assert by_path[str(folder / "new" / "rtplan.dcm")] == ("ingested", 0, None)

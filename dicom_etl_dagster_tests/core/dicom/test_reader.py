@@ -35,6 +35,7 @@ from dicom_etl_dagster.core.dicom.reader import (
     DicomInstance,
     DicomReadError,
     ElementRow,
+    _decode_reason,
     read_instance,
 )
 from dicom_etl_dagster_tests.dicom_samples import expected_metadata_rows
@@ -133,12 +134,16 @@ def _reference_rows(path: str | os.PathLike) -> list[tuple]:
                     next_item[0] += 1
                     walk(item, index, number)
             else:
-                model = corrected_attribute(  # pydicom's model, with the documented corrections
-                    f"{elem.tag:08X}",
-                    elem.to_json_dict(None, 2**62),
-                    big_endian=little is False and dataset is not ds.file_meta,
-                    implicit=bool(implicit) and dataset is not ds.file_meta,
-                )
+                try:
+                    model = corrected_attribute(  # pydicom's model, with the documented corrections
+                        f"{elem.tag:08X}",
+                        elem.to_json_dict(None, 2**62),
+                        big_endian=little is False and dataset is not ds.file_meta,
+                        implicit=bool(implicit) and dataset is not ds.file_meta,
+                    )
+                except ValueError:  # the documented correction: an odd value is kept as text
+                    items = [elem.value] if isinstance(elem.value, str) else list(elem.value)
+                    model = {"vr": elem.VR, "Value": [_strip(item) for item in items]}
                 if "Value" in model:
                     value_json = json.dumps(model["Value"], ensure_ascii=False)
                 elif "InlineBinary" in model:
@@ -957,7 +962,14 @@ def test_value_with_quotes_backslashes_and_nul(tmp_path: Path) -> None:
     assert "caf\u00e9" in row.value_json  # ensure_ascii=False keeps text readable
 
 
-def test_decode_error_names_tag_but_not_patient_value(tmp_path: Path) -> None:
+def _row(inst: DicomInstance, tag: str) -> ElementRow:
+    (row,) = [r for r in inst.elements if r.tag == tag and r.parent_sequence_index is None]
+    return row
+
+
+def test_odd_patient_value_is_kept_and_only_its_tag_reported(tmp_path: Path) -> None:
+    """Odd values are data (issue 16): a DS that is not a number no longer fails the file; it
+    is kept verbatim, and what leaves the reader about it is its tag, never the value."""
     out = _write_variant(
         tmp_path,
         "badweight.dcm",
@@ -966,32 +978,41 @@ def test_decode_error_names_tag_but_not_patient_value(tmp_path: Path) -> None:
             0x00101030: ("DS", b"SECRETNAME"),
         },
     )
-    with pytest.raises(DicomReadError) as info:
-        read_instance(out)
-    reason = str(info.value)
-    assert reason.startswith("cannot decode element (0010,1030)")
+    for fast_path in (True, False):
+        inst = read_instance(out, fast_path=fast_path)
+        assert _row(inst, "(0010,1030)").value_json == '["SECRETNAME"]'
+        assert inst.odd_value_tags == ("(0010,1030)",)
+
+
+def test_decode_reason_withholds_values_of_patient_elements() -> None:
+    """Elements that still fail (a sequence whose items do not parse) name the tag; for
+    patient groups, person names and private elements the message is withheld."""
+    leak = ValueError("could not convert string to float: 'SECRET'")
+    raw = _raw_element(0x00101030, "DS", b"SECRET")
+    reason = _decode_reason(0x00101030, raw, leak)
+    assert reason.startswith("cannot decode element (0010,1030) PatientWeight: ValueError")
     assert "SECRET" not in reason
-    assert info.value.__cause__ is not None
+    assert "SECRET" in _decode_reason(0x00180050, raw, leak)  # technical: pydicom's message
 
 
-def test_decode_error_of_technical_element_keeps_pydicom_message(tmp_path: Path) -> None:
+def test_odd_technical_value_is_kept_verbatim(tmp_path: Path) -> None:
     out = _write_variant(tmp_path, "badthickness.dcm", {0x00180050: ("DS", b"thick ")})
-    with pytest.raises(DicomReadError) as info:
-        read_instance(out)
-    reason = str(info.value)
-    assert reason.startswith("cannot decode element (0018,0050) SliceThickness: ")
-    assert "thick" in reason
+    for fast_path in (True, False):
+        inst = read_instance(out, fast_path=fast_path)
+        row = _row(inst, "(0018,0050)")
+        assert (row.vr, row.vm, row.value_json) == ("DS", "1", '["thick"]')
+        assert inst.odd_value_tags == ("(0018,0050)",)
 
 
-def test_decode_error_does_not_dump_raw_bytes(tmp_path: Path) -> None:
-    # A US element whose (odd) length swallows text: pydicom's
-    # BytesLengthException quotes the raw bytes, the reason must not.
+def test_binary_value_of_impossible_length_is_kept_as_bytes(tmp_path: Path) -> None:
+    # A US element whose (odd) length swallows text: pydicom cannot convert it (its
+    # BytesLengthException quotes the raw bytes); the bytes are kept, as InlineBinary.
     out = _write_variant(tmp_path, "badrows.dcm", {0x00280010: ("US", b"SECRET^NAME")})
-    with pytest.raises(DicomReadError) as info:
-        read_instance(out)
-    reason = str(info.value)
-    assert reason.startswith("cannot decode element (0028,0010) Rows: ")
-    assert "SECRET" not in reason
+    inst = read_instance(out)
+    row = _row(inst, "(0028,0010)")
+    assert row.vr == "US"
+    assert base64.b64decode(json.loads(row.value_json)) == b"SECRET^NAME"
+    assert inst.odd_value_tags == ("(0028,0010)",)
 
 
 def test_accepts_str_and_pathlike() -> None:

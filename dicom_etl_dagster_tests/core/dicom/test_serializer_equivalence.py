@@ -44,16 +44,32 @@ ACCEPTED = accepted_sample_files()
 
 
 def pydicom_json(path: Path) -> tuple[dict, dict]:
-    """(file meta, dataset) as pydicom's DICOM JSON model, bulk data inlined, corrected."""
+    """(file meta, dataset) as pydicom's DICOM JSON model, bulk data inlined, corrected; a
+    top-level value pydicom cannot convert (badVR.dcm's NumberOfFrames ``1A``) is in the model
+    as its text (``verbatim``), not left out."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = pydicom.dcmread(path, force=True)
         meta = ds.file_meta.to_json_dict(HUGE) if ds.file_meta is not None else {}
         implicit, little = ds.original_encoding
         encoding = {"big_endian": little is False, "implicit": bool(implicit)}
+        document = {}
+        for tag in ds.keys():
+            try:
+                document[f"{tag:08X}"] = ds[tag].to_json_dict(None, HUGE)
+            except ValueError:  # what pydicom raises for badVR.dcm
+                document[f"{tag:08X}"] = verbatim(ds[tag])
         return corrected_document(meta, big_endian=False, implicit=False), corrected_document(
-            ds.to_json_dict(HUGE), **encoding
+            document, **encoding
         )
+
+
+def verbatim(elem) -> dict:
+    """An odd text value as the readers keep it: its text, split at backslashes (pydicom keeps
+    such a value as text in the element; it is its JSON model that fails)."""
+    assert elem.VR in ("IS", "DS"), elem  # the only kind among the sample files
+    items = [elem.value] if isinstance(elem.value, str) else list(elem.value)
+    return {"vr": elem.VR, "Value": [str(item).strip(" \x00") for item in items]}
 
 
 def expected_value_json(attribute: dict) -> str | None:

@@ -104,7 +104,7 @@ def new_series(series: str = "S1", study: str = "T1", person: int = 0, procedure
 
 
 def ingested(p: Parsed, ref) -> LedgerEntry:
-    return LedgerEntry(p.entry, INGESTED, None, p.instance.sop_instance_uid, ref)
+    return LedgerEntry(p.entry, INGESTED, None, p.instance.sop_instance_uid, ref, ())
 
 
 def ledger_row(name: str, status: str, sop: str | None, size: int = 100) -> LedgerRow:
@@ -192,7 +192,7 @@ def test_a_copy_in_the_same_batch_is_a_duplicate_of_the_first_copy():
         instances=(InstanceWrite(first, NewId(0), 0, NewId(0)),),
         ledger=(
             ingested(first, NewId(0)),
-            LedgerEntry(copy.entry, DUPLICATE, None, "X", NewId(0)),
+            LedgerEntry(copy.entry, DUPLICATE, None, "X", NewId(0), ()),
         ),
     )
 
@@ -205,8 +205,8 @@ def test_a_copy_of_a_file_without_person_fails_the_same_way():
     )
     assert plan_batch([first, copy], DatabaseRows(), SKIP) == BatchPlan(
         ledger=(
-            LedgerEntry(first.entry, FAILED, reason, "X"),
-            LedgerEntry(copy.entry, FAILED, reason, "X"),
+            LedgerEntry(first.entry, FAILED, reason, "X", None, ()),
+            LedgerEntry(copy.entry, FAILED, reason, "X", None, ()),
         ),
         person_misses=1,
     )
@@ -216,7 +216,7 @@ def test_a_copy_of_an_ingested_sop_is_a_duplicate_pointing_at_its_series():
     copy = parsed("b", sop="X")
     rows = DatabaseRows(ingested=[IngestedSop("X", "/data/elsewhere", 9)])
     assert plan_batch([copy], rows, USE_ID_ZERO) == BatchPlan(
-        ledger=(LedgerEntry(copy.entry, DUPLICATE, None, "X", ExistingId(9)),)
+        ledger=(LedgerEntry(copy.entry, DUPLICATE, None, "X", ExistingId(9), ()),)
     )
 
 
@@ -271,7 +271,7 @@ def test_a_changed_duplicate_is_recorded_again_without_touching_the_ingested_cop
     )
     assert plan_batch([changed], rows, USE_ID_ZERO) == BatchPlan(
         replaced_paths=("/data/b",),
-        ledger=(LedgerEntry(changed.entry, DUPLICATE, None, "X", ExistingId(7)),),
+        ledger=(LedgerEntry(changed.entry, DUPLICATE, None, "X", ExistingId(7), ()),),
     )
 
 
@@ -281,6 +281,16 @@ def test_a_previously_failed_file_is_retried():
     plan = plan_batch([retried], rows, USE_ID_ZERO)
     assert (plan.already_done, plan.replaced_paths, plan.changed_sops) == (0, ("/data/a",), ())
     assert plan.ledger == (ingested(retried, NewId(0)),)
+
+
+def test_the_ledger_entry_of_a_read_file_carries_its_odd_value_tags():
+    """Read files carry the tags of their odd values (none: an empty tuple, counted 0); a file
+    that could not be read has none to carry (NULL in the ledger)."""
+    odd = parsed("a")
+    odd = odd._replace(instance=dataclasses.replace(odd.instance, odd_value_tags=("(0028,0008)",)))
+    bad = Failed(entry("b"), "truncated")
+    plan = plan_batch([odd, bad, parsed("c")], DatabaseRows(), USE_ID_ZERO)
+    assert [e.odd_value_tags for e in plan.ledger] == [("(0028,0008)",), None, ()]
 
 
 def test_ledger_rows_follow_the_batch_order():
