@@ -60,6 +60,9 @@ class EtlOptions(dg.Config):
     measurements: bool = True
     acquisition_attributes: list[str] | None = None  # keywords or 8-hex tags; None: default
     non_standard_measurement_concepts: str = "dicom"  # or "zero" (see README: Analytics)
+    # Uploads: send files the DICOM server refused for their content before (and recorded
+    # in file_upload_rejection) again, although they have not changed since.
+    retry_rejected_uploads: bool = False
 
     def missing_person_policy(self) -> MissingPersonPolicy:
         """``missing_person_id_options`` in any case; a clear error if it names no policy."""

@@ -1,5 +1,10 @@
 """Revision 5: uploads the server rejected for their content.
 
+Creates ``file_upload_rejection`` (medical-imaging schema, owned by the ETL since this
+revision) when it is missing. It is a table of its own, so ``file_upload_metadata``, which
+may be the original plugin's, is not altered. A database created at head already has it
+(revision 1 creates everything missing): then this is a no-op.
+
 Revision ID: 0005
 Revises: 0004
 """
