@@ -7,6 +7,11 @@ each in its own short transaction, so a run that stops half-way keeps every uplo
 and records none it did not. Re-running uploads exactly what is missing; a unique index on
 (server_url, sop_instance_id) keeps overlapping runs from recording an instance twice.
 
+A file the server refuses for its content (``ServerRejectedError``) does not stop the run:
+it is recorded in file_upload_rejection with the server's reason, in the same transactions,
+and is not sent again while its ledger row is unchanged (unless ``retry_rejected``). Only a
+server that cannot take uploads at all (``ServerUnavailableError``) stops the run.
+
 The client (``UploadClient``) is any object with the attributes and ``upload`` method
 below; ``core.upload.clients`` has the Orthanc and DICOMweb ones.
 """
