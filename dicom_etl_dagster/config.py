@@ -63,6 +63,9 @@ class EtlOptions(dg.Config):
     # What dicom_file_metadata copies: "keep" everything (the original) or "drop" the PS3.15
     # Basic Profile attributes and private elements (core/dicom/phi.py; README: phi_policy).
     phi_policy: str = "keep"
+    # Uploads: send files the DICOM server refused for their content before (and recorded
+    # in file_upload_rejection) again, although they have not changed since.
+    retry_rejected_uploads: bool = False
 
     def missing_person_policy(self) -> MissingPersonPolicy:
         """``missing_person_id_options`` in any case; a clear error if it names no policy."""

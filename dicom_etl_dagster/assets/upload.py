@@ -6,6 +6,10 @@ Left unset (a UI launch or ``dagster asset materialize`` without config), it upl
 launched without the ingest step and skips when the ingest runs in the same run, so
 "materialize all" on a machine without a DICOM server works and "materialize
 file_upload_metadata" uploads.
+
+A file the server refuses for its content does not fail the run: core.upload records it in
+file_upload_rejection with the server's reason and does not send it again while it is
+unchanged; the asset check ``no_file_rejected_by_the_server`` warns with this run's count.
 """
 
 import dagster as dg
@@ -20,8 +24,11 @@ from dicom_etl_dagster.resources.database import PostgresResource
 from dicom_etl_dagster.resources.dicom_server import DicomServerConfigError, DicomServerResource
 
 GROUP = "upload"
+UPLOAD_ASSET = dg.AssetKey("file_upload_metadata")
 INGEST_ASSET = dg.AssetKey("dicom_file_metadata")
 MAX_FAILURES_SHOWN = 20
+REJECTION_CHECK = "no_file_rejected_by_the_server"
+REJECTION_CHECK_KEY = dg.AssetCheckKey(UPLOAD_ASSET, REJECTION_CHECK)
 
 
 class UploadOptions(EtlOptions):
@@ -51,6 +58,8 @@ def _metadata(report: UploadReport, server: str, links: dict | None = None) -> d
         "files_uploaded": report.uploaded,
         "files_already_on_server": report.already_present,
         "files_failed": report.failed,
+        "files_rejected": report.rejected,
+        "files_rejected_before_not_sent": report.rejected_before,
         "files_already_recorded": report.already_recorded,
         "rows_written": report.recorded,
         "bytes_sent": report.bytes_sent,
@@ -64,6 +73,33 @@ def _metadata(report: UploadReport, server: str, links: dict | None = None) -> d
         ),
         **(links or {}),
     }
+
+
+def _rejection_check(report: UploadReport, rejections_table: str) -> dg.AssetCheckResult:
+    """This run's rejections only: files refused before and held back are in the metadata."""
+    if report.rejected:
+        description = (
+            f"{report.rejected} file(s) rejected by the DICOM server for their content, recorded "
+            f"in {rejections_table} with the server's reason; they are not sent again until "
+            "they change (and are ingested again) or retry_rejected_uploads: true is given"
+        )
+    else:
+        description = "no file rejected by the DICOM server in this run"
+    return dg.AssetCheckResult(
+        check_name=REJECTION_CHECK,
+        asset_key=UPLOAD_ASSET,
+        passed=report.rejected == 0,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=description,
+        metadata={
+            "files_rejected": report.rejected,
+            "files_rejected_before_not_sent": report.rejected_before,
+            "rejections_table": rejections_table,
+            "first_rejections": dg.MetadataValue.md(
+                markdown_table(("file", "reason"), report.rejections[:MAX_FAILURES_SHOWN])
+            ),
+        },
+    )
 
 
 class UploadsStopped(DicomEtlError):
@@ -81,27 +117,46 @@ class UploadsStopped(DicomEtlError):
 
 
 class FilesRejected(DicomEtlError):
-    """The server refused some files; the others were uploaded."""
+    """Some files could not be sent (gone, unreadable, changed since ingested); the others were
+    uploaded. Files the server refused for their content are not among them: they are recorded."""
 
     def __init__(self, report: UploadReport) -> None:
         first = "; ".join(reason for _, reason in report.failures[:3])
         super().__init__(
-            f"{report.failed} file(s) were rejected by the DICOM server (the others were "
-            f"uploaded): {first}. Fix or remove those files and run again to upload them.",
+            f"{report.failed} file(s) could not be uploaded (the others were): {first}. "
+            "Fix or remove those files and run again to upload them.",
             metadata={"files_failed": report.failed},
         )
 
 
-@dg.asset(
+# A multi-asset of one, because only can_subset makes the check's output optional: a run
+# that skips the upload reports no check result rather than a vacuous "passed".
+@dg.multi_asset(
     name="file_upload_metadata",
-    group_name=GROUP,
-    kinds={"postgres", "dicom"},
-    output_required=False,
-    metadata=column_schema("file_upload_metadata"),
+    specs=[
+        dg.AssetSpec(
+            UPLOAD_ASSET,
+            group_name=GROUP,
+            kinds={"postgres", "dicom"},
+            skippable=True,
+            metadata=column_schema("file_upload_metadata"),
+            deps=["dicom_file_metadata", "dicom_ingest_log"],
+            description="Ingested files uploaded to the DICOM server (Orthanc REST or DICOMweb "
+            "STOW-RS): one row per upload; sets image_occurrence.wadors_uri when the server "
+            "speaks DICOMweb. Files the server refuses are recorded in file_upload_rejection.",
+        )
+    ],
+    check_specs=[
+        dg.AssetCheckSpec(
+            REJECTION_CHECK,
+            asset=UPLOAD_ASSET,
+            description="Warns with the count of files the DICOM server refused for their "
+            "content in this run (recorded in file_upload_rejection, not sent again while "
+            "unchanged).",
+        )
+    ],
+    can_subset=True,
     pool="dicom_etl_dicom_server",
-    deps=["dicom_file_metadata", "dicom_ingest_log"],
-    description="Ingested files uploaded to the DICOM server (Orthanc REST or DICOMweb STOW-RS): one row per "
-    "upload; sets image_occurrence.wadors_uri when the server speaks DICOMweb.",
 )
 def file_upload_metadata(
     context: dg.AssetExecutionContext,
@@ -133,18 +188,30 @@ def file_upload_metadata(
                 task_run_id=f"{context.run.run_id}:{context.op_execution_context.op.name}",
                 concurrency=dicom_server.max_concurrent_uploads,
                 log=context.log.info,
+                retry_rejected=config.retry_rejected_uploads,
             )
             sample_uri = newest_wadors_uri(conn, tables)
 
         context.log.info(
             f"{report.uploaded} file(s) uploaded, {report.already_present} already on the server, "
-            f"{report.failed} failed, {report.already_recorded} recorded before; "
+            f"{report.rejected} rejected by the server, {report.failed} failed, "
+            f"{report.already_recorded} recorded before; "
             f"{report.bytes_sent} bytes, {report.files_per_second()} files/s"
         )
         if report.aborted:
             raise UploadsStopped(report, _metadata(report, server))
         links = {"sample_wadors_uri": dg.MetadataValue.url(sample_uri)} if sample_uri else {}
-        yield dg.MaterializeResult(metadata=_metadata(report, server, links))
+        if UPLOAD_ASSET in context.selected_asset_keys:
+            yield dg.MaterializeResult(
+                asset_key=UPLOAD_ASSET, metadata=_metadata(report, server, links)
+            )
+        if report.rejected:
+            context.log.warning(
+                f"{report.rejected} file(s) rejected by the DICOM server, recorded in "
+                f"{tables.qualified('file_upload_rejection')}: {report.rejections[0][1]}"
+            )
+        if REJECTION_CHECK_KEY in context.selected_asset_check_keys:
+            yield _rejection_check(report, tables.qualified("file_upload_rejection"))
         if report.failed:
             raise FilesRejected(report)
 

@@ -7,14 +7,17 @@ from the product's own record.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import dagster as dg
 import psycopg
 import pytest
+import requests
 
 from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.core.db.identifiers import Schemas
@@ -25,7 +28,12 @@ from dicom_etl_dagster.resources.database import PostgresResource
 from dicom_etl_dagster.resources.dicom_server import DicomServerResource
 from dicom_etl_dagster_tests.conftest import REPO_ROOT, scalar
 from dicom_etl_dagster_tests.helpers import options
-from dicom_etl_dagster_tests.orthanc import ORTHANC_PASSWORD, ORTHANC_USER, write_sample_folder
+from dicom_etl_dagster_tests.orthanc import (
+    ORTHANC_PASSWORD,
+    ORTHANC_USER,
+    pydicom_test_file,
+    write_sample_folder,
+)
 from dicom_etl_dagster_tests.test_cli import DAGSTER, dagster_job_execute
 
 MI = "cdmmedicalimaging"
@@ -93,6 +101,12 @@ def ingested(db) -> dict[str, tuple[str, int]]:
 
 def upload_rows(db) -> list[dict]:
     cursor = db.execute(f"SELECT * FROM {MI}.file_upload_metadata ORDER BY file_upload_id")
+    names = [c.name for c in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+def rejections(db) -> list[dict]:
+    cursor = db.execute(f"SELECT * FROM {MI}.file_upload_rejection ORDER BY file_path")
     names = [c.name for c in cursor.description]
     return [dict(zip(names, row)) for row in cursor.fetchall()]
 
@@ -286,6 +300,7 @@ def test_server_stopped_mid_run_then_the_next_run_uploads_exactly_the_rest(
     assert recorded <= set(done), (
         "a file was recorded as uploaded although its upload did not succeed"
     )
+    assert rejections(db) == [], "an unavailable server is not a refusal of the files"
 
     orthanc.start()
     on_server = set(orthanc.sop_instance_uids())
@@ -339,6 +354,7 @@ def test_credentials_never_appear_in_logs_or_metadata(
         refused = run_ingest(database_url, None, folder, instance=instance, upload_files=True)
         assert not refused.success
         assert "refused the credentials (HTTP 401)" in failure_message(refused)
+        assert rejections(db) == []
         text = _run_text(instance, refused)
         assert wrong not in text and ORTHANC_PASSWORD not in text
     captured = capfd.readouterr()
@@ -349,27 +365,168 @@ def test_credentials_never_appear_in_logs_or_metadata(
 # --------------------------------------------------------------------------
 # A file the server rejects
 # --------------------------------------------------------------------------
-def test_rejected_file_fails_the_run_naming_it_and_the_others_are_uploaded(
-    orthanc, database_url, db, folder
-):
-    server = DicomServerResource(url=orthanc.url, **FAST)
-    assert run_ingest(database_url, server, folder).success
-    # Same size and mtime as ingested (so it is not "changed"), but no longer a DICOM file.
-    victim = folder / "series1" / "ct004.dcm"
-    stat = victim.stat()
-    victim.write_bytes(b"\0" * stat.st_size)
-    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+#: pydicom's JPEG Baseline RGB secondary capture: pydicom (and so the ingest) reads it, Orthanc
+#: 1.10 refuses it ("Bad file format"), over REST (HTTP 400) and STOW-RS (HTTP 400).
+REFUSED = "SC_rgb_jpeg.dcm"
+REJECTION_CHECK = "no_file_rejected_by_the_server"
 
-    result = run_upload_alone(database_url, server)
-    assert not result.success
-    message = failure_message(result)
-    assert "1 file(s) were rejected" in message and str(victim) in message and "HTTP 400" in message
-    metadata = upload_metadata(result)  # the other uploads are reported and recorded
-    assert (metadata["files_uploaded"], metadata["files_failed"]) == (41, 1)
-    assert str(victim) in metadata["first_failures"]
-    assert len(orthanc.instances()) == 41
-    assert str(victim) not in {row["original_file_path"] for row in upload_rows(db)}
-    assert len(upload_rows(db)) == 41
+
+@pytest.fixture
+def folder_with_refused(folder) -> Path:
+    """The 42 good files and notes.txt, plus one file Orthanc refuses for its content."""
+    (folder / "refused").mkdir()
+    shutil.copy(pydicom_test_file(REFUSED), folder / "refused" / REFUSED)
+    return folder
+
+
+@pytest.fixture
+def posts(monkeypatch) -> list[str]:
+    """Paths of the POST requests the uploader sends (to the real server: a spy, not a stub)."""
+    seen: list[str] = []
+    real_request = requests.Session.request
+
+    def spy(self, method, url, *args, **kwargs):
+        if method == "POST":
+            seen.append(urlsplit(url).path)
+        return real_request(self, method, url, *args, **kwargs)
+
+    monkeypatch.setattr(requests.Session, "request", spy)
+    return seen
+
+
+def run_upload_with(database_url: str, server: DicomServerResource, **config):
+    """The upload asset alone, with options (as the UI's launchpad would pass them)."""
+    defs = build_definitions(PostgresResource(database_url=database_url), server)
+    return defs.resolve_implicit_global_asset_job_def().execute_in_process(
+        asset_selection=[UPLOAD_KEY],
+        run_config={"ops": {"file_upload_metadata": {"config": config}}},
+        raise_on_error=False,
+    )
+
+
+def rejection_check(result) -> tuple[bool, int, str]:
+    """(passed, files_rejected, description) of the run's one rejection-check evaluation."""
+    (evaluation,) = [
+        e for e in result.get_asset_check_evaluations() if e.check_name == REJECTION_CHECK
+    ]
+    assert evaluation.severity == dg.AssetCheckSeverity.WARN
+    count = evaluation.metadata["files_rejected"].value
+    return evaluation.passed, count, evaluation.description or ""
+
+
+def test_a_file_orthanc_refuses_is_recorded_once_and_the_run_stays_green(
+    orthanc, database_url, db, folder_with_refused, posts
+):
+    refused = str(folder_with_refused / "refused" / REFUSED)
+    server = DicomServerResource(url=orthanc.url, **FAST)
+    first = run_ingest(database_url, server, folder_with_refused, upload_files=True)
+    assert first.success, failure_message(first)
+    files = ingested(db)
+    assert len(files) == 43 and refused in {path for path, _ in files.values()}
+    assert posts.count("/instances") == 43
+    # The good files are stored and recorded; the refused one is recorded as refused, once.
+    assert len(orthanc.instances()) == 42 and len(upload_rows(db)) == 42
+    assert refused not in {row["original_file_path"] for row in upload_rows(db)}
+    (row,) = rejections(db)
+    sop = next(s for s, (path, _) in files.items() if path == refused)
+    assert (row["file_path"], row["server_url"], row["server_kind"]) == (
+        refused,
+        orthanc.url,
+        "orthanc",
+    )
+    assert (row["sop_instance_uid"], row["http_status"], row["times_rejected"]) == (sop, 400, 1)
+    assert row["reason"].startswith("Bad file format: Cannot parse an invalid DICOM file")
+    stat = os.stat(refused)
+    assert (row["file_size"], row["file_mtime_ns"]) == (stat.st_size, stat.st_mtime_ns)
+    assert row["run_id"] == first.run_id
+    passed, count, description = rejection_check(first)
+    assert (passed, count) == (False, 1) and description.startswith("1 file(s) rejected")
+    metadata = upload_metadata(first)
+    assert (metadata["files_uploaded"], metadata["files_rejected"], metadata["files_failed"]) == (
+        42,
+        1,
+        0,
+    )
+
+    # The next run is green and sends nothing: the refused file is held back, not retried.
+    posts.clear()
+    again = run_upload_alone(database_url, server)
+    assert again.success, failure_message(again)
+    assert posts == []
+    assert rejection_check(again)[:2] == (True, 0)
+    metadata = upload_metadata(again)
+    assert (metadata["files_already_recorded"], metadata["files_rejected_before_not_sent"]) == (
+        42,
+        1,
+    )
+    assert rejections(db) == [row]
+
+
+def test_a_refused_file_is_sent_again_once_changed_or_when_retry_is_asked(
+    orthanc, database_url, db, folder_with_refused, posts
+):
+    refused = folder_with_refused / "refused" / REFUSED
+    server = DicomServerResource(url=orthanc.url, **FAST)
+    assert run_ingest(database_url, server, folder_with_refused, upload_files=True).success
+    (first,) = rejections(db)
+
+    # Changed (a new mtime) and ingested again: sent once more, refused once more, one row.
+    later = first["file_mtime_ns"] + 5_000_000_000
+    os.utime(refused, ns=(later, later))
+    posts.clear()
+    changed = run_ingest(database_url, server, folder_with_refused, upload_files=True)
+    assert changed.success, failure_message(changed)
+    assert posts == ["/instances"]
+    (row,) = rejections(db)
+    assert (row["file_mtime_ns"], row["times_rejected"]) == (later, 2)
+    assert row["first_rejected_at"] == first["first_rejected_at"] < row["rejected_at"]
+    assert rejection_check(changed)[:2] == (False, 1)
+
+    # Unchanged, but retry_rejected_uploads: true sends it again (and only it).
+    posts.clear()
+    retried = run_upload_with(database_url, server, retry_rejected_uploads=True)
+    assert retried.success, failure_message(retried)
+    assert posts == ["/instances"]
+    assert rejections(db)[0]["times_rejected"] == 3
+    assert rejection_check(retried)[:2] == (False, 1)
+    posts.clear()
+    assert run_upload_with(database_url, server, retry_rejected_uploads=False).success
+    assert posts == []
+
+    # Replaced by a file the server takes: stored, recorded, and its rejection row is gone.
+    shutil.copy(pydicom_test_file("CT_small.dcm"), refused)
+    fixed = run_ingest(database_url, server, folder_with_refused, upload_files=True)
+    assert fixed.success, failure_message(fixed)
+    assert rejections(db) == [] and rejection_check(fixed)[:2] == (True, 0)
+    assert str(refused) in {row["original_file_path"] for row in upload_rows(db)}
+    assert_server_holds_exactly_the_ingested_files(orthanc, db)
+
+
+def test_dicomweb_stow_refusal_is_recorded_and_not_sent_again(
+    orthanc, database_url, db, folder_with_refused, posts
+):
+    server = DicomServerResource(kind="dicomweb", dicomweb_url=orthanc.dicomweb_url, **FAST)
+    first = run_ingest(database_url, server, folder_with_refused, upload_files=True)
+    assert first.success, failure_message(first)
+    assert posts.count("/dicom-web/studies") == 43
+    assert len(orthanc.instances()) == 42 and len(upload_rows(db)) == 42
+    (row,) = rejections(db)
+    assert (row["file_path"], row["server_url"], row["server_kind"], row["http_status"]) == (
+        str(folder_with_refused / "refused" / REFUSED),
+        orthanc.dicomweb_url,
+        "dicomweb",
+        400,
+    )
+    # Orthanc's STOW-RS answer has an empty FailedSOPSequence: no Failure Reason to quote.
+    assert row["reason"] == "STOW-RS failed SOP instance (no reason given)"
+    assert rejection_check(first)[:2] == (False, 1)
+
+    posts.clear()
+    again = run_upload_alone(database_url, server)
+    assert again.success and posts == [] and rejection_check(again)[:2] == (True, 0)
+    retried = run_upload_with(database_url, server, retry_rejected_uploads=True)
+    assert retried.success and posts == ["/dicom-web/studies"]
+    assert rejections(db)[0]["times_rejected"] == 2
 
 
 def test_file_changed_since_ingest_is_not_uploaded(orthanc, database_url, db, folder):

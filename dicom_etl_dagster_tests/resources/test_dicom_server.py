@@ -12,7 +12,11 @@ import pytest
 import requests
 
 from dicom_etl_dagster.core import settings
-from dicom_etl_dagster.core.upload.uploader import FileRejectedError, ServerUnavailableError
+from dicom_etl_dagster.core.upload.uploader import (
+    FileRejectedError,
+    ServerRejectedError,
+    ServerUnavailableError,
+)
 from dicom_etl_dagster.resources.dicom_server import (
     DicomServerConfigError,
     DicomServerResource,
@@ -67,11 +71,19 @@ def test_rejected_file_is_a_clear_error_naming_the_file(kind, orthanc, tmp_path)
     resource = DicomServerResource(
         kind=kind, url=orthanc.url, dicomweb_url=orthanc.dicomweb_url, **FAST
     )
-    with resource.client() as client, pytest.raises(FileRejectedError) as raised:
+    with resource.client() as client, pytest.raises(ServerRejectedError) as raised:
         client.upload(str(bad), "1.2.3")
     message = str(raised.value)
-    assert str(bad) in message
-    assert "HTTP 400" in message or "STOW-RS" in message
+    assert str(bad) in message and "HTTP 400" in message
+    # The server's own reason, as file_upload_rejection records it.
+    assert raised.value.http_status == 400
+    assert (
+        raised.value.reason
+        == {
+            "orthanc": "Bad file format: Cannot parse an invalid DICOM file (size: 190 bytes)",
+            "dicomweb": "STOW-RS failed SOP instance (no reason given)",
+        }[kind]
+    )
     assert orthanc.instances() == []
 
 
@@ -99,7 +111,8 @@ def test_missing_file_is_a_file_error(orthanc, tmp_path):
 class _Stub(http.server.BaseHTTPRequestHandler):
     """An Orthanc-shaped stub that answers POST /instances with a scripted list of statuses."""
 
-    script: list[int] = []
+    #: A status (Orthanc-shaped answer) or (status, JSON body) per request; then 200 Success.
+    script: list[int | tuple[int, dict]] = []
     requests_seen: list[str] = []
 
     def log_message(self, *args):  # keep pytest output clean
@@ -117,7 +130,9 @@ class _Stub(http.server.BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         type(self).requests_seen.append(self.path)
         status = type(self).script.pop(0) if type(self).script else 200
-        if status == 200:
+        if isinstance(status, tuple):
+            self._answer(*status)
+        elif status == 200:
             self._answer(200, {"ID": "abc", "Status": "Success"})
         else:
             self._answer(status, {"Message": "scripted", "Details": f"status {status}"})
@@ -159,11 +174,70 @@ def test_4xx_is_not_retried(stub_server):
     _Stub.script = [413]
     with (
         DicomServerResource(url=stub_server, **FAST).client() as client,
-        pytest.raises(FileRejectedError) as raised,
+        pytest.raises(ServerRejectedError) as raised,
     ):
         client.upload(str(CT), CT_SOP)
     assert _Stub.requests_seen == ["/instances"]
     assert "HTTP 413" in str(raised.value) and str(CT) in str(raised.value)
+    assert (raised.value.http_status, raised.value.reason) == (413, "scripted: status 413")
+
+
+@pytest.mark.parametrize("status", [408, 429])
+def test_timeout_and_rate_limit_answers_are_retried_not_recorded_as_refusals(stub_server, status):
+    _Stub.script = [status]
+    with DicomServerResource(url=stub_server, **FAST).client() as client:
+        assert client.upload(str(CT), CT_SOP).instance_id == "abc"
+    assert _Stub.requests_seen == ["/instances"] * 2
+    _Stub.script = [status] * 3
+    with (
+        DicomServerResource(url=stub_server, **FAST).client() as client,
+        pytest.raises(ServerUnavailableError) as raised,
+    ):
+        client.upload(str(CT), CT_SOP)
+    assert f"HTTP {status}" in str(raised.value)
+
+
+def test_an_orthanc_status_other_than_success_is_a_refusal(stub_server):
+    _Stub.script = [(200, {"ID": "abc", "Status": "FilteredOut"})]
+    with (
+        DicomServerResource(url=stub_server, **FAST).client() as client,
+        pytest.raises(ServerRejectedError) as raised,
+    ):
+        client.upload(str(CT), CT_SOP)
+    assert (raised.value.http_status, raised.value.reason) == (200, "Orthanc status FilteredOut")
+    _Stub.script = [(200, {"Answer": "not Orthanc"})]
+    with (
+        DicomServerResource(url=stub_server, **FAST).client() as client,
+        pytest.raises(ServerUnavailableError, match="is it Orthanc"),
+    ):
+        client.upload(str(CT), CT_SOP)
+
+
+def _stow_answer(reason: int) -> dict:
+    failed = {
+        "00081155": {"vr": "UI", "Value": [CT_SOP]},
+        "00081197": {"vr": "US", "Value": [reason]},
+    }
+    return {"00081198": {"vr": "SQ", "Value": [failed]}}
+
+
+@pytest.mark.parametrize("status", [200, 202, 409])
+def test_stow_failed_sop_sequence_is_a_refusal_with_its_failure_reason(stub_server, status):
+    _Stub.script = [(status, _stow_answer(0xC000))]
+    resource = DicomServerResource(kind="dicomweb", dicomweb_url=stub_server, **FAST)
+    with resource.client() as client, pytest.raises(ServerRejectedError) as raised:
+        client.upload(str(CT), CT_SOP)
+    assert raised.value.http_status == status
+    assert raised.value.reason == "STOW-RS failure reason 0xC000 (cannot understand)"
+    assert _Stub.requests_seen == ["/studies"]
+
+
+def test_stow_out_of_resources_is_the_server_not_the_file(stub_server):
+    _Stub.script = [(202, _stow_answer(0xA700))]
+    resource = DicomServerResource(kind="dicomweb", dicomweb_url=stub_server, **FAST)
+    with resource.client() as client, pytest.raises(ServerUnavailableError) as raised:
+        client.upload(str(CT), CT_SOP)
+    assert "out of resources" in str(raised.value)
 
 
 def test_wrong_password_stops_with_a_message_that_hides_it(orthanc_with_auth):

@@ -594,6 +594,49 @@ Index(
 Index("idx_file_upload_metadata_sop_instance", file_upload_metadata.c.sop_instance_id)
 Index("idx_file_upload_metadata_image_occurrence", file_upload_metadata.c.image_occurrence_id)
 
+# A table of its own rather than a status in file_upload_metadata: that table may be the
+# original plugin's (never altered), its columns are NOT NULL facts of a stored instance,
+# and every row of it must lead to an image on the server. One row per (server, file path);
+# the upload sends the file again once its ledger size or mtime differs from the row's.
+file_upload_rejection = Table(
+    "file_upload_rejection",
+    metadata,
+    _col("server_url", Text, False, "DICOM server that refused the file (never with credentials)."),
+    _col("file_path", Text, False, "Ledger path of the file (dicom_ingest_log.file_path)."),
+    _col("server_kind", String(20), False, "orthanc or dicomweb."),
+    _col("sop_instance_uid", String(255), False, "SOPInstanceUID of the file, as ingested."),
+    _col(
+        "file_size",
+        BigInteger,
+        True,
+        "Ledger size when it was sent; once the ledger differs, the file is sent again.",
+    ),
+    _col(
+        "file_mtime_ns",
+        BigInteger,
+        True,
+        "Ledger modification time (ns) when it was sent; as file_size.",
+    ),
+    _col("http_status", Integer, True, "HTTP status of the server's answer (e.g. 400, 409)."),
+    _col(
+        "reason",
+        Text,
+        False,
+        "The server's reason, e.g. Orthanc's 'Bad file format: Cannot parse an invalid DICOM "
+        "file' or a STOW-RS Failure Reason.",
+    ),
+    _col("times_rejected", Integer, False, "How often the file was sent and refused."),
+    _col("first_rejected_at", TIMESTAMPTZ, False, "When the server first refused the file."),
+    _col("rejected_at", TIMESTAMPTZ, False, "When the server last refused the file."),
+    _col("run_id", String(255), False, "Dagster run that last sent the file."),
+    PrimaryKeyConstraint("server_url", "file_path", name="xpk_file_upload_rejection"),
+    CheckConstraint("reason <> ''", name="chk_file_upload_rejection_reason"),
+    schema=MI,
+    comment="Ingested files a DICOM server refused for their content (HTTP 4xx other than "
+    "401/403/404/405, STOW-RS failures): not sent again until the file changes or "
+    "retry_rejected_uploads is true; a file later stored loses its row.",
+)
+
 dicom_ingest_log = Table(
     "dicom_ingest_log",
     metadata,

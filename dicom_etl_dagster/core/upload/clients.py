@@ -31,6 +31,7 @@ from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.core.errors import DicomEtlError
 from dicom_etl_dagster.core.upload.uploader import (
     FileRejectedError,
+    ServerRejectedError,
     ServerUnavailableError,
     StoredInstance,
 )
@@ -52,6 +53,8 @@ _STOW_FAILURES = {
     0x0111: "duplicate SOP instance",
     0x0112: "no such object instance",
 }
+#: 4xx answers about the moment, not the file (request timeout, rate limit): retried like 5xx.
+_TRANSIENT_4XX = (408, 429)
 _ERRNO_REASON = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
 
 
@@ -167,6 +170,8 @@ class _HttpClient:
             failure = _stow_failure(body)
             if failure:
                 return failure
+            if "00081198" in body:  # a STOW-RS answer with an empty FailedSOPSequence
+                return "STOW-RS failed SOP instance (no reason given)"
         return json.dumps(body)[:MAX_DETAIL_CHARS]
 
     def _request(
@@ -175,8 +180,9 @@ class _HttpClient:
         """One HTTP exchange with retries on connection errors and 5xx.
 
         ``what`` names the file (or action) for messages. 401/403/404/405 mean the
-        configuration is wrong (ServerUnavailableError: the run stops); any other 4xx is the
-        file's fault (FileRejectedError: the run goes on with the other files).
+        configuration is wrong (ServerUnavailableError: the run stops); 408/429 are retried
+        like 5xx; any other 4xx is the file's content (ServerRejectedError: recorded, and the
+        run goes on with the other files).
         """
         url = path_or_url if "://" in path_or_url else self.server_url + path_or_url
         shown = self._scrub(url)
@@ -205,7 +211,7 @@ class _HttpClient:
                 if handle is not None:
                     handle.close()
             status = response.status_code
-            if status >= 500:
+            if status >= 500 or status in _TRANSIENT_4XX:
                 last = f"HTTP {status} {self._detail(response)}".strip()
                 continue
             if status in (401, 403):
@@ -223,10 +229,11 @@ class _HttpClient:
                     )
                 )
             if status >= 400:
-                raise FileRejectedError(
-                    self._scrub(
-                        f"{what}: rejected by {self.server_url} (HTTP {status}: {self._detail(response)})"
-                    )
+                detail = self._scrub(self._detail(response)) or "no reason given"
+                raise ServerRejectedError(
+                    self._scrub(f"{what}: rejected by {self.server_url} (HTTP {status}: {detail})"),
+                    http_status=status,
+                    reason=detail,
                 )
             return response
         tries = f"{self._retries + 1} attempt{'s' if self._retries else ''}"
@@ -258,6 +265,14 @@ class _HttpClient:
 def _first(item: dict, tag: str):
     """The first value of ``tag`` in a DICOM JSON model item, or None."""
     return ((item.get(tag) or {}).get("Value") or [None])[0]
+
+
+def _out_of_resources(body) -> bool:
+    """Whether a STOW-RS failure is 'Refused: Out of Resources' (A7xx): the server's state,
+    not the file's content."""
+    failed = ((body or {}).get("00081198") or {}).get("Value") or []
+    codes = [_first(item, "00081197") for item in failed]
+    return any(code is not None and int(code) & 0xFF00 == 0xA700 for code in codes)
 
 
 def _stow_failure(body) -> str | None:
@@ -315,10 +330,20 @@ class OrthancClient(_HttpClient):
             answer = answer[0] if len(answer) == 1 else {}
         if not isinstance(answer, dict):
             answer = {}
-        status, instance_id = answer.get("Status"), answer.get("ID")
-        if status not in ("Success", "AlreadyStored") or not instance_id:
-            raise FileRejectedError(
-                f"{path}: not stored by {self.server_url} (Orthanc status {status or 'missing'})"
+        status, instance_id = answer.get("Status"), str(answer.get("ID") or "")
+        stored = status in ("Success", "AlreadyStored")
+        if not status or (stored and not instance_id):
+            raise ServerUnavailableError(
+                f"{self.server_url} answered {path} without an Orthanc status and instance id: "
+                "is it Orthanc?"
+            )
+        if not stored:
+            # e.g. "FilteredOut": a filter of the server (Lua, plugin) refused the instance.
+            reason = f"Orthanc status {status}"
+            raise ServerRejectedError(
+                f"{path}: not stored by {self.server_url} ({reason})",
+                http_status=200,
+                reason=reason,
             )
         info = self._json(
             self._request(
@@ -370,8 +395,16 @@ class DicomWebClient(_HttpClient):
         except ValueError:
             answer = {}
         failure = _stow_failure(answer) if isinstance(answer, dict) else None
+        if failure and _out_of_resources(answer):
+            raise ServerUnavailableError(
+                f"DICOM server {self.server_url} is out of resources ({failure}) while sending {path}"
+            )
         if failure:
-            raise FileRejectedError(f"{path}: rejected by {self.server_url} ({failure})")
+            raise ServerRejectedError(
+                f"{path}: rejected by {self.server_url} (HTTP {response.status_code}: {failure})",
+                http_status=response.status_code,
+                reason=failure,
+            )
         retrieve_url = None
         referenced = (
             ((answer.get("00081199") or {}).get("Value") or []) if isinstance(answer, dict) else []

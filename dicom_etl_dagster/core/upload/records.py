@@ -1,10 +1,12 @@
 """Every statement of the upload domain: what is pending, what was stored, wadors_uri.
 
 What to upload comes from the ingest ledger: every ``dicom_ingest_log`` row with status
-``ingested`` whose SOP Instance UID has no ``file_upload_metadata`` row for this server.
-Successful uploads are recorded in short transactions of their own together with the
-series' ``wadors_uri``, so a run that stops half-way keeps every upload it made and records
-none it did not.
+``ingested`` whose SOP Instance UID has no ``file_upload_metadata`` row for this server, and
+whose path has no ``file_upload_rejection`` row for it with the ledger's size and mtime (a
+file the server refused is not sent again until it changes and is ingested again, unless
+the run retries rejected files). Successful uploads and rejections are recorded in short
+transactions of their own together with the series' ``wadors_uri``, so a run that stops
+half-way keeps every upload it made and records none it did not.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import datetime as dt
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import psycopg
 from psycopg import sql
@@ -45,11 +48,35 @@ _NOT_UPLOADED = (
     " AND NOT EXISTS (SELECT 1 FROM {uploads} u WHERE u.server_url = %(server)s"
     " AND u.sop_instance_id = l.sop_instance_uid)"
 )
+# Refused by this server as the ledger has the file now (same size and mtime); when the run
+# retries rejected files, nothing is held back.
+_REJECTED_UNCHANGED = (
+    "(NOT %(retry)s AND EXISTS (SELECT 1 FROM {rejections} r WHERE r.server_url = %(server)s"
+    " AND r.file_path = l.file_path AND r.file_size IS NOT DISTINCT FROM l.file_size"
+    " AND r.file_mtime_ns IS NOT DISTINCT FROM l.file_mtime_ns))"
+)
+_COUNTS = (
+    "SELECT count(*) FILTER (WHERE NOT held), count(*) FILTER (WHERE held)"
+    " FROM (SELECT " + _REJECTED_UNCHANGED + " AS held " + _NOT_UPLOADED + ") AS not_uploaded"
+)
 _PENDING_PAGE = (
     "SELECT l.ingest_log_id, l.file_path AS path, l.file_size AS size,"
     " l.file_mtime_ns AS mtime_ns, l.sop_instance_uid, l.image_occurrence_id "
     + _NOT_UPLOADED
+    + " AND NOT "
+    + _REJECTED_UNCHANGED
     + " AND l.ingest_log_id > %(after)s ORDER BY l.ingest_log_id LIMIT %(limit)s"
+)
+_RECORD_REJECTION = (
+    "INSERT INTO {rejections} (server_url, file_path, server_kind, sop_instance_uid, file_size,"
+    " file_mtime_ns, http_status, reason, times_rejected, first_rejected_at, rejected_at, run_id)"
+    " VALUES (%(server)s, %(path)s, %(kind)s, %(sop)s, %(size)s, %(mtime_ns)s, %(status)s,"
+    " %(reason)s, 1, %(at)s, %(at)s, %(run_id)s)"
+    " ON CONFLICT (server_url, file_path) DO UPDATE SET server_kind = EXCLUDED.server_kind,"
+    " sop_instance_uid = EXCLUDED.sop_instance_uid, file_size = EXCLUDED.file_size,"
+    " file_mtime_ns = EXCLUDED.file_mtime_ns, http_status = EXCLUDED.http_status,"
+    " reason = EXCLUDED.reason, times_rejected = {rejections}.times_rejected + 1,"
+    " rejected_at = EXCLUDED.rejected_at, run_id = EXCLUDED.run_id"
 )
 _WADORS_URI = "%(root)s || '/studies/' || image_study_uid || '/series/' || image_series_uid"
 
@@ -62,6 +89,24 @@ class PendingFile:
     mtime_ns: int | None
     sop_instance_uid: str
     image_occurrence_id: int
+
+
+class PendingCounts(NamedTuple):
+    """Ingested files as this server's records see them at the start of a run."""
+
+    pending: int  # to send
+    recorded: int  # stored there before (a file_upload_metadata row)
+    rejected_before: int  # refused by it before and unchanged since: held back
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One file the server refused for its content, as file_upload_rejection records it."""
+
+    item: PendingFile
+    http_status: int | None
+    reason: str
+    rejected_at: dt.datetime
 
 
 @dataclass(frozen=True)
@@ -78,15 +123,24 @@ class UploadRecord:
 class UploadRecords:
     """The ledger and file_upload_metadata as the uploader sees them, for one server."""
 
-    def __init__(self, conn: psycopg.Connection, tables: Tables, server_url: str, kind: str):
+    def __init__(
+        self,
+        conn: psycopg.Connection,
+        tables: Tables,
+        server_url: str,
+        kind: str,
+        retry_rejected: bool = False,
+    ):
         self._conn = conn
         self._tables = tables
         self._server_url = server_url
         self._kind = kind
+        self._retry_rejected = retry_rejected
         self._names = {
             "ledger": tables["dicom_ingest_log"],
             "uploads": tables["file_upload_metadata"],
             "images": tables["image_occurrence"],
+            "rejections": tables["file_upload_rejection"],
         }
         self.columns = self._writable_columns()
 
@@ -97,14 +151,15 @@ class UploadRecords:
         )
         return tuple(c for c in UPLOAD_COLUMNS if c in present or c not in OPTIONAL_COLUMNS)
 
-    def count_pending(self) -> tuple[int, int]:
-        """(ingested files not yet on this server, ingested files already recorded for it)."""
-        server = {"server": self._server_url}
-        pending = self._scalar(sql.SQL("SELECT count(*) " + _NOT_UPLOADED), server)
+    def count_pending(self) -> PendingCounts:
+        """Ingested files to send, recorded for this server, and held back as rejected."""
+        params = {"server": self._server_url, "retry": self._retry_rejected}
+        row = self._conn.execute(sql.SQL(_COUNTS).format(**self._names), params).fetchone()
+        pending, held = (0, 0) if row is None else (int(row[0]), int(row[1]))
         ingested = self._scalar(
             sql.SQL("SELECT count(*) FROM {ledger} WHERE status = 'ingested'"), {}
         )
-        return pending, ingested - pending
+        return PendingCounts(pending, ingested - pending - held, held)
 
     def _scalar(self, query: sql.SQL, params: dict) -> int:
         row = self._conn.execute(query.format(**self._names), params).fetchone()
@@ -120,7 +175,12 @@ class UploadRecords:
         cursor = self._conn.cursor(row_factory=class_row(PendingFile))
         after = -1
         while True:
-            params = {"server": self._server_url, "after": after, "limit": page_size}
+            params = {
+                "server": self._server_url,
+                "retry": self._retry_rejected,
+                "after": after,
+                "limit": page_size,
+            }
             rows = cursor.execute(query, params).fetchall()
             if not rows:
                 return
@@ -133,13 +193,16 @@ class UploadRecords:
         run_id: str,
         task_run_id: str,
         dicomweb_root: str | None,
+        rejections: Sequence[Rejection] = (),
     ) -> tuple[int, int]:
-        """Record the uploads and their series' wadors_uri in one short transaction.
+        """Record the uploads, their series' wadors_uri and the rejections in one short
+        transaction.
 
         Returns (rows written, series whose wadors_uri changed). Under a transaction-level
         advisory lock, an instance already recorded for this server (by an overlapping run)
         is not recorded again; this works on a table created by the original plugin too,
-        which has no unique index to lean on.
+        which has no unique index to lean on. A stored file loses its rejection row; a file
+        refused again keeps its one row, with the newest reason and one more rejection.
         """
         insert = sql.SQL(
             "INSERT INTO {uploads} (file_upload_id, {columns})"
@@ -159,10 +222,42 @@ class UploadRecords:
                 sop = record.item.sop_instance_uid
                 cur.execute(insert, [*(row[c] for c in self.columns), self._server_url, sop])
                 written += max(cur.rowcount, 0)
+            self._record_rejections(cur, records, rejections, run_id)
             if dicomweb_root:
                 ids = sorted({r.item.image_occurrence_id for r in records})
                 series = self.set_wadors_uri(dicomweb_root, ids)
         return written, series
+
+    def _record_rejections(
+        self,
+        cur: psycopg.Cursor,
+        stored: Sequence[UploadRecord],
+        rejections: Sequence[Rejection],
+        run_id: str,
+    ) -> None:
+        if stored:
+            cur.execute(
+                sql.SQL(
+                    "DELETE FROM {rejections} WHERE server_url = %s AND file_path = ANY(%s)"
+                ).format(**self._names),
+                [self._server_url, [record.item.path for record in stored]],
+            )
+        statement = sql.SQL(_RECORD_REJECTION).format(**self._names)
+        for rejection in rejections:
+            item = rejection.item
+            params = {
+                "server": self._server_url,
+                "path": item.path,
+                "kind": self._kind,
+                "sop": item.sop_instance_uid,
+                "size": item.size,
+                "mtime_ns": item.mtime_ns,
+                "status": rejection.http_status,
+                "reason": rejection.reason or "no reason given",
+                "at": rejection.rejected_at,
+                "run_id": run_id,
+            }
+            cur.execute(statement, params)
 
     def _row(self, record: UploadRecord, run_id: str, task_run_id: str) -> dict[str, object]:
         return {

@@ -7,6 +7,11 @@ each in its own short transaction, so a run that stops half-way keeps every uplo
 and records none it did not. Re-running uploads exactly what is missing; a unique index on
 (server_url, sop_instance_id) keeps overlapping runs from recording an instance twice.
 
+A file the server refuses for its content (``ServerRejectedError``) does not stop the run:
+it is recorded in file_upload_rejection with the server's reason, in the same transactions,
+and is not sent again while its ledger row is unchanged (unless ``retry_rejected``). Only a
+server that cannot take uploads at all (``ServerUnavailableError``) stops the run.
+
 The client (``UploadClient``) is any object with the attributes and ``upload`` method
 below; ``core.upload.clients`` has the Orthanc and DICOMweb ones.
 """
@@ -26,7 +31,12 @@ import psycopg
 from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.core.db.tables import Tables
 from dicom_etl_dagster.core.errors import DicomEtlError
-from dicom_etl_dagster.core.upload.records import PendingFile, UploadRecord, UploadRecords
+from dicom_etl_dagster.core.upload.records import (
+    PendingFile,
+    Rejection,
+    UploadRecord,
+    UploadRecords,
+)
 
 #: Successful uploads recorded per transaction (and at least every RECORD_EVERY_SECONDS).
 RECORD_BATCH_SIZE = 50
@@ -41,7 +51,20 @@ class UploadError(DicomEtlError):
 
 
 class FileRejectedError(UploadError):
-    """The server refused this one file (HTTP 4xx, STOW-RS failure); other files may go on."""
+    """This one file cannot be uploaded (gone, unreadable, changed since ingested, refused by
+    the server); the other files go on."""
+
+
+class ServerRejectedError(FileRejectedError):
+    """The server refused the file for its content (HTTP 4xx other than 401/403/404/405, a
+    STOW-RS failure, an Orthanc status other than Success): recorded in file_upload_rejection
+    with the server's reason, not sent again until the file changes, and the run goes on green.
+    """
+
+    def __init__(self, message: str, *, http_status: int | None, reason: str) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+        self.reason = reason
 
 
 class ServerUnavailableError(UploadError):
@@ -89,6 +112,9 @@ class UploadReport:
         default_factory=list
     )  # (path, reason), first MAX_FAILURES_KEPT
     failed: int = 0
+    rejected: int = 0  # refused by the server for their content in this run (recorded)
+    rejections: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), first ones
+    rejected_before: int = 0  # refused by an earlier run and unchanged since: not sent
     aborted: str | None = None  # why the run stopped early (server unavailable)
     not_attempted: int = 0  # files left for the next run after an abort
 
@@ -98,6 +124,10 @@ class UploadReport:
 
     def files_per_second(self) -> float:
         return round(self.files_sent / self.seconds, 1) if self.seconds else 0.0
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
 
 
 def _check_unchanged(item: PendingFile) -> str | None:
@@ -123,7 +153,7 @@ def _upload_one(client: UploadClient, item: PendingFile) -> tuple[UploadRecord, 
     if reason:
         raise FileRejectedError(f"{item.path}: {reason}")
     stored = client.upload(item.path, item.sop_instance_uid)
-    uploaded_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    uploaded_at = _now().replace(tzinfo=None)
     record = UploadRecord(
         item, stored.instance_id, stored.uploaded_filename, stored.bytes_sent, uploaded_at
     )
@@ -148,6 +178,7 @@ class _UploadRun:
             server_url=client.server_url, kind=client.kind, dicomweb_root=client.dicomweb_root()
         )
         self.done: list[UploadRecord] = []
+        self.rejected: list[Rejection] = []
         self.in_flight: dict[Future, PendingFile] = {}
         self.started = self.last_record = self.last_progress = time.monotonic()
 
@@ -159,6 +190,11 @@ class _UploadRun:
                 continue
             try:
                 record, already_present = future.result()
+            except ServerRejectedError as exc:
+                self.rejected.append(Rejection(item, exc.http_status, exc.reason, _now()))
+                report.rejected += 1
+                if len(report.rejections) < MAX_FAILURES_KEPT:
+                    report.rejections.append((item.path, str(exc)))
             except FileRejectedError as exc:
                 report.failed += 1
                 if len(report.failures) < MAX_FAILURES_KEPT:
@@ -176,13 +212,17 @@ class _UploadRun:
                     report.uploaded += 1
 
     def record_done(self) -> None:
-        if self.done:
+        if self.done or self.rejected:
             written, series = self.records.record(
-                self.done, self.run_id, self.task_run_id, self.report.dicomweb_root
+                self.done,
+                self.run_id,
+                self.task_run_id,
+                self.report.dicomweb_root,
+                rejections=self.rejected,
             )
             self.report.recorded += written
             self.report.series_with_wadors_uri += series
-        self.done, self.last_record = [], time.monotonic()
+        self.done, self.rejected, self.last_record = [], [], time.monotonic()
 
     def report_progress(self) -> None:
         if time.monotonic() - self.last_progress < PROGRESS_EVERY_SECONDS:
@@ -217,7 +257,8 @@ class _UploadRun:
             self.collect(finished)
             self.report_progress()
             due = time.monotonic() - self.last_record >= RECORD_EVERY_SECONDS
-            if self.done and (len(self.done) >= RECORD_BATCH_SIZE or due):
+            waiting = len(self.done) + len(self.rejected)
+            if waiting and (waiting >= RECORD_BATCH_SIZE or due):
                 self.record_done()
 
 
@@ -229,21 +270,29 @@ def upload_pending(
     task_run_id: str,
     concurrency: int = 4,
     log: Callable[[str], None] = lambda message: None,
+    retry_rejected: bool = False,
 ) -> UploadReport:
     """Upload every ingested file this server has no record of; returns what happened.
 
-    Never raises for a file the server rejects (it is counted in ``failures``); when the
-    server becomes unavailable, stops sending, records what did succeed and returns with
+    Never raises for a file that cannot be uploaded: one the server refuses for its content
+    is recorded in file_upload_rejection (``rejected``) and not sent again while unchanged,
+    unless ``retry_rejected``; the others are counted in ``failures``. When the server
+    becomes unavailable, stops sending, records what did succeed and returns with
     ``aborted`` set. Only the calling thread uses ``conn``.
     """
     concurrency = max(1, int(concurrency))
-    records = UploadRecords(conn, Tables(schemas), client.server_url, client.kind)
+    records = UploadRecords(
+        conn, Tables(schemas), client.server_url, client.kind, retry_rejected=retry_rejected
+    )
     upload = _UploadRun(records, client, concurrency, run_id, task_run_id, log)
     report = upload.report
-    report.pending_at_start, report.already_recorded = records.count_pending()
+    counts = records.count_pending()
+    report.pending_at_start, report.already_recorded = counts.pending, counts.recorded
+    report.rejected_before = counts.rejected_before
     log(
         f"{report.pending_at_start} file(s) to upload to {client.server_url} ({client.kind}), "
-        f"{report.already_recorded} already recorded there; {concurrency} uploads at a time"
+        f"{report.already_recorded} already recorded there, {report.rejected_before} refused "
+        f"by it before and unchanged (not sent); {concurrency} uploads at a time"
     )
     executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="dicom-upload")
     try:
@@ -259,7 +308,7 @@ def upload_pending(
         report.seconds = time.monotonic() - upload.started
 
     if report.aborted is not None:
-        remaining, _ = records.count_pending()
+        remaining = records.count_pending().pending
         report.not_attempted = max(0, remaining - report.failed)
     elif report.dicomweb_root:
         report.series_with_wadors_uri += records.set_missing_wadors_uris(report.dicomweb_root)

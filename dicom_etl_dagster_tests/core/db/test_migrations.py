@@ -76,8 +76,9 @@ OWNED_BY_F2260E1 = {
 }
 TABLES = {table.name: table for table in metadata.tables.values()}
 MI_TABLES = {name for name, table in TABLES.items() if table.schema == MI}
-#: Tables revision 3 (measurements) added: an f2260e1 database gets them created.
-ADDED_AFTER_F2260E1 = {"measurement", "dicom_etl_feature_source"}
+#: Tables revisions 3 (measurements) and 6 (upload rejections) added: an f2260e1 database
+#: gets them created.
+ADDED_AFTER_F2260E1 = {"measurement", "dicom_etl_feature_source", "file_upload_rejection"}
 CREATED_FOR_F2260E1 = [
     f"{real_schema(t, SCHEMAS)}.{t.name}"
     for t in metadata.tables.values()
@@ -606,10 +607,43 @@ def test_other_schema_names_get_their_own_tables_and_version(db):
     assert scalar(db, "SELECT count(*) FROM site_mi.dicom_etl_owned_table") == len(MI_TABLES)
 
 
+def test_a_database_at_0005_gets_the_upload_rejection_table_and_keeps_its_uploads(
+    postgres_server, db
+):
+    """Revision 6 adds file_upload_rejection, owned since 0006; file_upload_metadata is untouched."""
+    ensure_tables(db, SCHEMAS)
+    # Back to what revision 5 left: no rejection table, not recorded as owned, version 0005.
+    db.execute(f"DROP TABLE {MI_SCHEMA}.file_upload_rejection")
+    db.execute(
+        f"DELETE FROM {MI_SCHEMA}.dicom_etl_owned_table WHERE table_name = 'file_upload_rejection'"
+    )
+    db.execute(f"UPDATE {MI_SCHEMA}.dicom_etl_schema_version SET version_num = '0005'")
+    uploads = catalog(db, "file_upload_metadata")
+
+    assert ensure_tables(db, SCHEMAS) == [f"{MI_SCHEMA}.file_upload_rejection"]
+    assert schema_version(db, SCHEMAS) == HEAD
+    assert catalog(db, "file_upload_metadata") == uploads
+    assert (
+        scalar(
+            db,
+            f"SELECT owned_since_revision FROM {MI_SCHEMA}.dicom_etl_owned_table"
+            " WHERE table_name = 'file_upload_rejection'",
+        )
+        == "0006"
+    )
+    with (
+        fresh_database(postgres_server, "head") as url,
+        psycopg.connect(url, autocommit=True) as head,
+    ):
+        ensure_tables(head, SCHEMAS)
+        assert catalog(db, "file_upload_rejection") == catalog(head, "file_upload_rejection")
+
+
 def test_head_is_the_newest_revision():
     scripts = ScriptDirectory.from_config(migrate.alembic_config(None, SCHEMAS))
     assert scripts.get_heads() == [HEAD]
     assert [r.revision for r in scripts.walk_revisions()] == [
+        "0006",
         "0005",
         "0004",
         "0003",
