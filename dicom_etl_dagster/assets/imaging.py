@@ -349,9 +349,7 @@ def ingest_dicom_folder(
                 root,
                 config.ingest_batch_size,
                 workers,
-                progress=lambda r: context.log.debug(
-                    f"{sum(r.status_counts.values())} files written so far"
-                ),
+                log_progress=context.log.info,
                 changed_window=(config.changed_after_ns, config.changed_until_ns),
             )
             figures = ingest_check_figures(conn, tables, context.run.run_id)
