@@ -17,8 +17,15 @@ the UI, keeps every event, stack traces included.
 from __future__ import annotations
 
 import logging
+import time
 
 import dagster as dg
+
+#: A step process's output reaches the terminal through ``tail -F`` of a capture file, and the
+#: tail is stopped when the step ends: the last line, the failure, was lost about one run in
+#: five (dagster-io/dagster#23336, which offers DAGSTER_COMPUTE_LOG_TAIL_WAIT_AFTER_FINISH
+#: for every step). Waiting after a failure line only, the tail has time to copy it.
+TAIL_CATCH_UP_SECONDS = 1.5
 
 #: DEBUG events still printed: the run's beginning and end (scripts look for RUN_SUCCESS).
 _RUN_EVENTS = frozenset(
@@ -83,6 +90,15 @@ class OneLineFailures(logging.Filter):
         return True
 
 
+class _LetTheTailCatchUp(logging.Handler):
+    """After the colored handler wrote a step's failure: wait for the capture's tail."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        event = _event(record)
+        if event is not None and event.event_type == dg.DagsterEventType.STEP_FAILURE:
+            time.sleep(TAIL_CATCH_UP_SECONDS)
+
+
 @dg.logger(
     dg.colored_console_logger.config_schema,
     description="Dagster's colored console; failures we raise on purpose as one line, once.",
@@ -96,4 +112,5 @@ def console_logger(init_context: dg.InitLoggerContext) -> logging.Logger:
     for handler in logger.handlers:
         handler.setLevel(logging.DEBUG)
     logger.addFilter(OneLineFailures(level))
+    logger.addHandler(_LetTheTailCatchUp())
     return logger
