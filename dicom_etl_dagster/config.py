@@ -3,8 +3,13 @@
 ``{"options": {...}}`` is mapped onto every asset of a job by a job-level ConfigMapping;
 each asset also accepts the same options directly (UI launches of single assets). Every
 field has a default, so a run launched with no config at all runs on the embedded defaults.
+
+The options accept keys Dagster does not know (``PermissiveConfig``) so that the run itself
+refuses them with one line that names the key first (``EtlOptions.check_for``), instead of
+Dagster's traceback that names it at the end of a schema dump.
 """
 
+import difflib
 from pathlib import Path
 
 import dagster as dg
@@ -13,11 +18,12 @@ from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.core.analytics.rows import NonStandardConcepts
 from dicom_etl_dagster.core.analytics.write import AnalyticsOptions
 from dicom_etl_dagster.core.db.identifiers import Schemas, validate_identifier
+from dicom_etl_dagster.core.errors import OptionsError
 from dicom_etl_dagster.core.ingest.run import IngestSetupError, missing_person_policy
 from dicom_etl_dagster.core.ingest.status import MissingPersonPolicy, PhiPolicy
 
 
-class PersonToPatientMapping(dg.Config):
+class PersonToPatientMapping(dg.PermissiveConfig):
     """Where the DICOM PatientID -> OMOP person_id mapping lives."""
 
     schema_name: str = "cdmmedicalimaging"
@@ -37,7 +43,7 @@ class PersonToPatientMapping(dg.Config):
         return self
 
 
-class EtlOptions(dg.Config):
+class EtlOptions(dg.PermissiveConfig):
     """The original DICOM ETL plugin's options (same names, same meaning)."""
 
     flow_action_type: str | None = None
@@ -49,7 +55,11 @@ class EtlOptions(dg.Config):
     to_truncate: bool = False
     upload_files: bool = False
     missing_person_id_options: str = "use_id_zero"
-    person_to_patient_mapping: PersonToPatientMapping = PersonToPatientMapping()
+    # None, not the defaults, so that a document giving both spellings can be told apart
+    # from one giving the alias only (Dagster fills in defaults before the run sees them):
+    person_to_patient_mapping: PersonToPatientMapping | None = None
+    # The original README's spelling of the same key (its code reads person_to_patient_mapping):
+    PersonPatientMapping: PersonToPatientMapping | None = None
     # Extensions beyond the original document (optional, so the original stays valid):
     ingest_batch_size: int = 500  # files per database transaction
     parse_workers: int | None = None  # default: the CPUs this container may use
@@ -66,6 +76,27 @@ class EtlOptions(dg.Config):
     # Uploads: send files the DICOM server refused for their content before (and recorded
     # in file_upload_rejection) again, although they have not changed since.
     retry_rejected_uploads: bool = False
+
+    def person_mapping(self) -> PersonToPatientMapping:
+        """The mapping under either spelling (``check_for`` refuses both at once), else defaults."""
+        return (
+            self.person_to_patient_mapping or self.PersonPatientMapping or PersonToPatientMapping()
+        )
+
+    def check_for(self, job_name: str) -> None:
+        """Refuse, in one line, what Dagster lets through: unknown keys, both spellings of the
+        mapping key, and options whose ``flow_action_type`` names the other contract job."""
+        _refuse_unknown_keys(self, "options")
+        for key in _MAPPING_KEYS:
+            mapping = getattr(self, key)
+            if mapping is not None:
+                _refuse_unknown_keys(mapping, f"options.{key}")
+        if self.person_to_patient_mapping is not None and self.PersonPatientMapping is not None:
+            raise OptionsError(
+                "options give both person_to_patient_mapping and PersonPatientMapping (two "
+                "spellings of the same key): keep one"
+            )
+        _refuse_other_job(self.flow_action_type, job_name)
 
     def missing_person_policy(self) -> MissingPersonPolicy:
         """``missing_person_id_options`` in any case; a clear error if it names no policy."""
@@ -110,6 +141,37 @@ class EtlOptions(dg.Config):
         return Path(pydicom.data.__file__).parent / "test_files"
 
 
+_MAPPING_KEYS = ("person_to_patient_mapping", "PersonPatientMapping")
+
+
+def _refuse_unknown_keys(config: dg.PermissiveConfig, where: str) -> None:
+    unknown = sorted(config.model_extra or {})
+    if not unknown:
+        return
+    known = sorted(type(config).model_fields)
+    key = unknown[0]
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"the keys are: {', '.join(known)}"
+    more = f" (and {len(unknown) - 1} more: {', '.join(unknown[1:])})" if len(unknown) > 1 else ""
+    raise OptionsError(f"unknown key {key!r} in {where}{more}: {hint}")
+
+
+def _refuse_other_job(flow_action_type: str | None, job_name: str) -> None:
+    """A load_vocab document sent to ingest_metadata would silently ingest the default folder.
+
+    The other way round is accepted: the README (and the original's prerequisite "load DICOM
+    vocab") runs load_vocab with the ingest document, and loading the vocabulary is harmless.
+    Single-asset launches from the UI are not a contract job and pass.
+    """
+    action = (flow_action_type or "").strip().lower()
+    if job_name == "ingest_metadata" and action == "load_vocab":
+        raise OptionsError(
+            "flow_action_type is 'load_vocab' but this is the ingest_metadata job: run the "
+            "load_vocab job with this document (dagster job execute -m "
+            "dicom_etl_dagster.definitions -j load_vocab -c <options file>)"
+        )
+
+
 def run_schemas(options: EtlOptions, database) -> Schemas:
     """Schema names for this run: the options document's, else the database resource's."""
     return database.schemas(
@@ -124,11 +186,18 @@ class OptionsDocument(dg.Config):
 
 
 def options_mapping(op_names: list[str]) -> dg.ConfigMapping:
-    """A job ConfigMapping that hands the ``options`` document to each of ``op_names``."""
+    """A job ConfigMapping that hands the ``options`` document to each of ``op_names``.
+
+    It also selects the job's ``console`` logger (``loggers.py``): Dagster uses a job's own
+    loggers only when the run config names them.
+    """
 
     @dg.config_mapping
     def to_run_config(document: OptionsDocument) -> dict:
         options = document.options.model_dump(exclude_none=True)
-        return {"ops": {name: {"config": options} for name in op_names}}
+        return {
+            "ops": {name: {"config": options} for name in op_names},
+            "loggers": {"console": {}},
+        }
 
     return to_run_config

@@ -10,6 +10,7 @@ from dicom_etl_dagster.assets.vocabulary import VOCABULARY_ASSETS
 from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.executor import default_executor
 from dicom_etl_dagster.jobs import JOBS
+from dicom_etl_dagster.loggers import console_logger
 from dicom_etl_dagster.resources.database import PostgresResource
 from dicom_etl_dagster.resources.dicom_server import DicomServerResource
 from dicom_etl_dagster.sensors import new_dicom_files
@@ -33,6 +34,7 @@ def build_definitions(
         jobs=JOBS,
         sensors=[new_dicom_files],
         executor=default_executor(),
+        loggers={"console": console_logger},
         resources={
             "database": database,
             "dicom_server": dicom_server or DicomServerResource.from_environment(),

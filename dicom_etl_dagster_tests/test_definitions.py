@@ -34,12 +34,52 @@ def test_contract_jobs_and_assets_are_defined():
     )
 
 
-def test_unknown_option_is_refused_with_its_name():
+@pytest.mark.parametrize(
+    "options, reason",
+    [
+        (
+            {"dicom_files_abs_pth": "/x"},
+            "unknown key 'dicom_files_abs_pth' in options: did you mean 'dicom_files_abs_path'?",
+        ),
+        (
+            {"person_to_patient_mapping": {"tabel_name": "m"}},
+            "unknown key 'tabel_name' in options.person_to_patient_mapping: "
+            "did you mean 'table_name'?",
+        ),
+        (
+            {"PersonPatientMapping": {}, "person_to_patient_mapping": {}},
+            "options give both person_to_patient_mapping and PersonPatientMapping (two "
+            "spellings of the same key): keep one",
+        ),
+    ],
+)
+def test_a_mistaken_options_document_fails_the_run_with_one_line_naming_the_key(options, reason):
+    """Before any database work: the check is the first thing a step does."""
     job = defs.resolve_job_def("load_vocab")
-    with pytest.raises(
-        dg.DagsterInvalidConfigError, match='unexpected config entry "PersonPatientMapping"'
-    ):
-        job.execute_in_process(run_config={"options": {"PersonPatientMapping": {}}})
+    result = job.execute_in_process(run_config={"options": options}, raise_on_error=False)
+    assert not result.success
+    [failure] = result.get_step_failure_events()
+    assert failure.step_failure_data.user_failure_data.description == reason
+
+
+def test_the_original_readme_spelling_of_the_mapping_key_is_an_alias():
+    from dicom_etl_dagster.config import EtlOptions, PersonToPatientMapping
+
+    alias = EtlOptions(PersonPatientMapping=PersonToPatientMapping(table_name="m"))
+    alias.check_for("ingest_metadata")
+    assert alias.person_mapping().table_name == "m"
+    assert EtlOptions().person_mapping() == PersonToPatientMapping()
+
+
+def test_a_load_vocab_document_is_refused_by_ingest_metadata_but_not_the_reverse():
+    from dicom_etl_dagster.config import EtlOptions
+    from dicom_etl_dagster.core.errors import OptionsError
+
+    with pytest.raises(OptionsError, match="^flow_action_type is 'load_vocab' but this is the "):
+        EtlOptions(flow_action_type="Load_Vocab").check_for("ingest_metadata")
+    # The README runs load_vocab with the ingest document (the vocabulary is its prerequisite).
+    EtlOptions(flow_action_type="ingest_metadata").check_for("load_vocab")
+    EtlOptions(flow_action_type="load_vocab").check_for("__ASSET_JOB")  # a UI launch
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,10 @@ def database_session(
     """A connection to the target database with the ETL's tables in place.
 
     Call it inside ``dagster_failures()``: a lost connection becomes a ``DicomEtlError``.
+    The options are checked first (unknown keys, a document meant for the other job), so a
+    mistaken document changes nothing.
     """
+    options.check_for(context.job_name)
     tables = Tables(run_schemas(options, database))  # validates names before any SQL runs
     context.log.info(f"Target database: {database.describe()}; schemas {tables.schemas}")
     with database.connect() as conn:

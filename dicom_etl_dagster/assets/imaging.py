@@ -120,8 +120,9 @@ INGEST_CHECKS = [
 
 
 def _failures_by_reason(report: IngestReport) -> Counter:
-    # Group by the reason's first clause so "truncated at byte 1234" and "... 99" land together.
-    return Counter(reason.split(":")[0] for _, reason in report.failures)
+    # Group by the reason's first clause so "truncated at byte 1234" and "... 99" land together
+    # (": " ends it; a patient reference "sha256:..." holds a bare colon).
+    return Counter(reason.split(": ")[0] for _, reason in report.failures)
 
 
 def _measurement_figures(report: IngestReport) -> dict[str, int | float]:
@@ -323,11 +324,11 @@ class FilesWithoutPerson(DicomEtlError):
 
 
 def _person_misses(report: IngestReport) -> FilesWithoutPerson:
-    reasons = [reason for _, reason in report.failures if "missing_person_id_options" in reason]
+    reasons = dict.fromkeys(r for _, r in report.failures if r.startswith("no person: "))
     return FilesWithoutPerson(
-        f"{report.person_misses} file(s) were not ingested because no person matched their "
-        f"patient (missing_person_id_options: skip); first reasons: {'; '.join(reasons[:3])}. "
-        "Fix the mapping table and re-run: those files will be ingested then."
+        f"{report.person_misses} file(s) were not ingested for want of a person: "
+        f"{'; '.join(list(reasons)[:3])}. Fix the mapping table (or the files) and re-run: "
+        "those files will be ingested then."
     )
 
 
@@ -346,7 +347,7 @@ def ingest_dicom_folder(
         root = config.dicom_folder()
         workers = config.parse_workers or available_cpus()
         phi_policy = config.phi()
-        m = config.person_to_patient_mapping.validated()
+        m = config.person_mapping().validated()
         mapping = PersonMapping(
             m.schema_name, m.table_name, m.person_id_column_name, m.patient_id_column_name
         )
@@ -370,9 +371,7 @@ def ingest_dicom_folder(
                 root,
                 config.ingest_batch_size,
                 workers,
-                progress=lambda r: context.log.debug(
-                    f"{sum(r.status_counts.values())} files written so far"
-                ),
+                log_progress=context.log.info,
                 changed_window=(config.changed_after_ns, config.changed_until_ns),
                 phi_policy=phi_policy,
             )

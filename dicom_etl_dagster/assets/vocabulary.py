@@ -58,8 +58,11 @@ concept = _vocabulary_table_asset(loader.CONCEPT, deps=["vocabulary", "concept_c
 concept_relationship = _vocabulary_table_asset(loader.CONCEPT_RELATIONSHIP, deps=["concept"])
 
 
+# After `vocabulary` (both come from the pinned DICOM2OMOP release), not beside it: a run
+# with a wrong database or options then fails in one step, with its reason printed once.
 @dg.asset(
     group_name=GROUP,
+    deps=["vocabulary"],
     kinds={"postgres"},
     pool="dicom_etl_database",
     metadata=column_schema("dicom_data_element"),

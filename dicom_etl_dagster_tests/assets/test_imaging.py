@@ -598,6 +598,53 @@ def test_missing_person_under_use_id_zero(vocab_url, db, tmp_path, with_table):
     assert _persons_of(db, str(ds.SOPInstanceUID)) == [(0, 0)]
 
 
+def _without_patient_id(folder: Path, name: str) -> pydicom.Dataset:
+    ds = make_instance(CT_SMALL, folder / name)
+    del ds.PatientID
+    ds.save_as(folder / name)
+    return ds
+
+
+def test_reasons_of_files_without_person_read_as_written(database_url, db, tmp_path):
+    """The ledger, the reasons table and the run's failure say it once, in plain words."""
+    from dicom_etl_dagster.core.ingest.plan import patient_reference
+
+    folder = tmp_path / "dicom"
+    _without_patient_id(folder, "no_id.dcm")
+    unmapped = make_instance(CT_SMALL, folder / "unmapped.dcm")
+    db.execute(f"CREATE SCHEMA {MI}")
+    _create_mapping(db, [(7, "someone-else")])
+
+    result = ingest(database_url, folder, raise_on_error=False, missing_person_id_options="skip")
+    assert not result.success
+    no_id = "no person: the file has no PatientID (missing_person_id_options: skip)"
+    not_mapped = (
+        f"no person: patient {patient_reference(str(unmapped.PatientID))} is not in "
+        f"{MI}.mappingtable (missing_person_id_options: skip)"
+    )
+    log = ledger(db)
+    assert log[str(folder / "no_id.dcm")][:2] == ("failed", no_id)
+    assert log[str(folder / "unmapped.dcm")][:2] == ("failed", not_mapped)
+    by_reason = file_metadata(result, "dicom_ingest_log")["failures_by_reason"]
+    assert "| no person | 2 |" in by_reason
+    failure = result.get_step_failure_events()[0].step_failure_data.user_failure_data
+    assert failure.description == (
+        "2 file(s) were not ingested for want of a person: "
+        f"{no_id}; {not_mapped}. Fix the mapping table (or the files) and re-run: "
+        "those files will be ingested then."
+    )
+
+
+def test_a_file_without_patient_id_gets_person_zero_under_use_id_zero(database_url, db, tmp_path):
+    folder = tmp_path / "dicom"
+    ds = _without_patient_id(folder, "no_id.dcm")
+    db.execute(f"CREATE SCHEMA {MI}")
+    _create_mapping(db, [(7, "someone-else")])
+    assert ingest(database_url, folder, missing_person_id_options="use_id_zero").success
+    assert ledger(db)[str(folder / "no_id.dcm")][:2] == ("ingested", None)
+    assert _persons_of(db, str(ds.SOPInstanceUID)) == [(0, 0)]
+
+
 def test_invalid_missing_person_option_is_refused(vocab_url, db, tmp_path):
     folder = tmp_path / "dicom"
     make_instance(CT_SMALL, folder / "ct.dcm")

@@ -46,3 +46,23 @@ def iter_files(root: str | os.PathLike) -> Iterator[FileEntry]:
             except OSError:
                 continue  # vanished between listing and stat
         stack.extend(reversed(subfolders))
+
+
+def count_files(root: str | os.PathLike) -> int:
+    """How many files ``iter_files`` will yield, cheaply: no stat of each file (the entry
+    type comes with the listing), so a progress line can show a total before the run."""
+    count, stack = 0, [os.fspath(root)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as scan:
+                for entry in scan:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        elif entry.is_file():
+                            count += 1
+                    except OSError:
+                        continue
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+    return count

@@ -239,7 +239,9 @@ def person_for(
 ) -> int | NoPerson:
     """The person of ``patient_id`` (looked up case-insensitively, like the original plugin)."""
     if patient_id and (match := persons.get(patient_id.upper())) is not None:
-        who = f"patient {patient_reference(patient_id)}"
+        # Every reason starts "no person: " (the materialization groups reasons by the clause
+        # before ": "; the reference itself holds a colon, "sha256:...").
+        who = f"no person: patient {patient_reference(patient_id)}"
         if match.persons > 1:
             return NoPerson(f"{who} maps to {match.persons} different persons in the mapping table")
         try:
@@ -255,7 +257,7 @@ def person_for(
     if not patient_id:
         return NoPerson("no person: the file has no PatientID (missing_person_id_options: skip)")
     return NoPerson(
-        f"no person for patient {patient_reference(patient_id)} in {policy.mapping_table}"
+        f"no person: patient {patient_reference(patient_id)} is not in {policy.mapping_table}"
         " (missing_person_id_options: skip)"
     )
 

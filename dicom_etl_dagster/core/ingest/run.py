@@ -23,13 +23,14 @@ from dicom_etl_dagster.core.db.tables import Tables, column_names, table_exists
 from dicom_etl_dagster.core.errors import DicomEtlError
 from dicom_etl_dagster.core.ingest.concepts import ConceptResolver
 from dicom_etl_dagster.core.ingest.data_elements import has_private_creators, known_entries
-from dicom_etl_dagster.core.ingest.file_scan import FileEntry, iter_files
+from dicom_etl_dagster.core.ingest.file_scan import FileEntry, count_files, iter_files
 from dicom_etl_dagster.core.ingest.lookups import PersonMapping, ledger_rows
 from dicom_etl_dagster.core.ingest.parse_pool import parse_batches
 from dicom_etl_dagster.core.ingest.plan import is_done
 from dicom_etl_dagster.core.ingest.status import MissingPersonPolicy, PhiPolicy
 from dicom_etl_dagster.core.ingest.visits import has_visits
 from dicom_etl_dagster.core.ingest.writer import IngestReport, RunState, write_batch
+from dicom_etl_dagster.core.progress import ProgressReporter
 
 
 class IngestSetupError(DicomEtlError):
@@ -122,12 +123,14 @@ def ingest_folder(
     progress: Callable[[IngestReport], None] | None = None,
     changed_window: tuple[int | None, int | None] = (None, None),
     phi_policy: PhiPolicy = PhiPolicy.KEEP,
+    log_progress: Callable[[str], None] | None = None,
 ) -> tuple[IngestReport, dict[str, float]]:
     """Ingest every regular file under ``root``; returns the report and seconds per stage.
 
     ``changed_window`` (after, until], in ns of inode change time, restricts the run to the
     files a sensor batch stands for; None ends are open. ``phi_policy`` decides which rows of
-    each file the EAV table gets (``core/dicom/phi.py``).
+    each file the EAV table gets (``core/dicom/phi.py``). ``log_progress`` gets a progress
+    line (``core.progress``) after a batch when the interval has passed.
     """
     if not root.is_dir():
         raise IngestSetupError(f"dicom_files_abs_path {root} is not a folder")
@@ -154,6 +157,15 @@ def ingest_folder(
             if todo:
                 yield todo
 
+    reporter = None
+    if log_progress is not None:
+        # A walk without stat; a sensor's window needs the change times, so it stats.
+        windowed = after is not None or until is not None
+        total = sum(1 for _ in filter(in_window, iter_files(root))) if windowed else None
+        reporter = ProgressReporter(
+            "ingest", count_files(root) if total is None else total, log_progress
+        )
+
     outcomes_per_batch = parse_batches(
         pending_batches(), workers, state.analytics.enabled, phi_policy
     )
@@ -168,6 +180,8 @@ def ingest_folder(
         seconds["database write"] += time.perf_counter() - started
         if progress:
             progress(report)
+        if reporter:
+            reporter.update(sum(report.status_counts.values()) + report.files_already_done)
     # Scanning happens inside the wait for parsed batches; count it once.
     seconds["parse (waiting on workers)"] = max(
         0.0, seconds["parse (waiting on workers)"] - seconds["scan and ledger lookup"]

@@ -31,6 +31,7 @@ import psycopg
 from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.core.db.tables import Tables
 from dicom_etl_dagster.core.errors import DicomEtlError
+from dicom_etl_dagster.core.progress import ProgressReporter
 from dicom_etl_dagster.core.upload.records import (
     PendingFile,
     Rejection,
@@ -41,8 +42,6 @@ from dicom_etl_dagster.core.upload.records import (
 #: Successful uploads recorded per transaction (and at least every RECORD_EVERY_SECONDS).
 RECORD_BATCH_SIZE = 50
 RECORD_EVERY_SECONDS = 2.0
-#: How often a long upload reports its progress.
-PROGRESS_EVERY_SECONDS = 30.0
 MAX_FAILURES_KEPT = 1000
 
 
@@ -180,7 +179,9 @@ class _UploadRun:
         self.done: list[UploadRecord] = []
         self.rejected: list[Rejection] = []
         self.in_flight: dict[Future, PendingFile] = {}
-        self.started = self.last_record = self.last_progress = time.monotonic()
+        self.started = self.last_record = time.monotonic()
+        # Its total is set once pending_at_start is counted (upload_pending).
+        self.progress = ProgressReporter("upload", 0, log)
 
     def collect(self, futures) -> None:
         report = self.report
@@ -225,14 +226,9 @@ class _UploadRun:
         self.done, self.rejected, self.last_record = [], [], time.monotonic()
 
     def report_progress(self) -> None:
-        if time.monotonic() - self.last_progress < PROGRESS_EVERY_SECONDS:
-            return
-        self.last_progress = time.monotonic()
-        report, seconds = self.report, self.last_progress - self.started
-        self.log(
-            f"{report.files_sent} of {report.pending_at_start} file(s) sent, {report.failed} "
-            f"failed, {report.bytes_sent} bytes, {report.files_sent / seconds:.1f} files/s"
-        )
+        report = self.report
+        done = report.files_sent + report.failed
+        self.progress.update(done, note=f"{report.failed} failed, {report.bytes_sent} bytes sent")
 
     def run(self, executor: ThreadPoolExecutor) -> None:
         pending = self.records.iter_pending()
@@ -289,6 +285,7 @@ def upload_pending(
     counts = records.count_pending()
     report.pending_at_start, report.already_recorded = counts.pending, counts.recorded
     report.rejected_before = counts.rejected_before
+    upload.progress.total = report.pending_at_start
     log(
         f"{report.pending_at_start} file(s) to upload to {client.server_url} ({client.kind}), "
         f"{report.already_recorded} already recorded there, {report.rejected_before} refused "

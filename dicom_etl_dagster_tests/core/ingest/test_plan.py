@@ -200,7 +200,7 @@ def test_a_copy_in_the_same_batch_is_a_duplicate_of_the_first_copy():
 def test_a_copy_of_a_file_without_person_fails_the_same_way():
     first, copy = parsed("a", sop="X", patient="NOBODY"), parsed("b", sop="X", patient="NOBODY")
     reason = (
-        f"no person for patient {patient_reference('NOBODY')} in {MAPPING_TABLE}"
+        f"no person: patient {patient_reference('NOBODY')} is not in {MAPPING_TABLE}"
         " (missing_person_id_options: skip)"
     )
     assert plan_batch([first, copy], DatabaseRows(), SKIP) == BatchPlan(
@@ -343,7 +343,7 @@ def test_skip_fails_a_file_without_a_person_and_says_why():
     ref = patient_reference("P1")
     assert _person_outcome(SKIP, "P1") == (
         None,
-        f"no person for patient {ref} in {MAPPING_TABLE} (missing_person_id_options: skip)",
+        f"no person: patient {ref} is not in {MAPPING_TABLE} (missing_person_id_options: skip)",
     )
     assert _person_outcome(SKIP, None) == (
         None,
@@ -362,11 +362,11 @@ def test_an_ambiguous_or_unusable_mapping_fails_the_file_under_either_policy(pol
     ref = patient_reference("P1")
     assert _person_outcome(policy, "P1", [PersonMatch("P1", "1", 3)]) == (
         None,
-        f"patient {ref} maps to 3 different persons in the mapping table",
+        f"no person: patient {ref} maps to 3 different persons in the mapping table",
     )
     assert _person_outcome(policy, "P1", [PersonMatch("P1", "abc", 1)]) == (
         None,
-        f"patient {ref} maps to a person id that is not an integer",
+        f"no person: patient {ref} maps to a person id that is not an integer",
     )
 
 
