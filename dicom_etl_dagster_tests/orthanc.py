@@ -73,13 +73,18 @@ class OrthancServer:
     """One Orthanc process; ``stop()`` / ``start()`` keep the same ports and storage."""
 
     def __init__(
-        self, folder: Path, users: dict[str, str] | None = None, dicomweb: bool = True
+        self,
+        folder: Path,
+        users: dict[str, str] | None = None,
+        dicomweb: bool = True,
+        extra_config: dict | None = None,
     ) -> None:
         self.binary, self.plugin = require_orthanc()
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.users = users
         self.dicomweb = dicomweb
+        self.extra_config = extra_config or {}  # e.g. {"StableAge": 1} for the /changes sensor
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.process: subprocess.Popen | None = None
@@ -114,7 +119,7 @@ class OrthancServer:
         }
         if self.users:
             config["RegisteredUsers"] = dict(self.users)
-        return config
+        return {**config, **self.extra_config}
 
     def start(self, timeout: float = 30.0) -> OrthancServer:
         config_path = self.folder / "orthanc.json"
@@ -172,6 +177,12 @@ class OrthancServer:
 
     def instances(self) -> list[dict]:
         return self.get("/instances", expand="")
+
+    def post_instance(self, data: bytes) -> dict:
+        """Store one DICOM file through Orthanc's REST API (``POST /instances``)."""
+        response = requests.post(f"{self.url}/instances", data=data, auth=self.auth, timeout=30)
+        response.raise_for_status()
+        return response.json()
 
     def sop_instance_uids(self) -> list[str]:
         """Every stored instance's SOP Instance UID (a list: duplicates would show)."""

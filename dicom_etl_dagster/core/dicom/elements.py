@@ -45,6 +45,19 @@ def number_text(text: str) -> str:
     return _PADDING.sub("", text)
 
 
+class BulkDataReference(bytes):
+    """An empty value standing for a DICOM JSON ``BulkDataURI`` (a DICOMweb server's link to
+    bytes it did not send). pydicom keeps a bytes value of a binary VR as it is, so the walk
+    can tell it from real bytes and store the URI itself instead of an empty InlineBinary."""
+
+    uri: str
+
+    def __new__(cls, uri: str) -> BulkDataReference:
+        reference = super().__new__(cls, b"")
+        reference.uri = uri
+        return reference
+
+
 #: PixelData, FloatPixelData, DoubleFloatPixelData: never stored as metadata rows.
 PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 

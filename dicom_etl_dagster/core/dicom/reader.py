@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import io
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ from dicom_etl_dagster.core.dicom.corrections import (
 from dicom_etl_dagster.core.dicom.elements import (
     NUMBER_TEXT_VRS,
     PIXEL_DATA_TAGS,
+    BulkDataReference,
     ElementRow,
     number_text,
 )
@@ -71,6 +73,7 @@ __all__ = [
     "DicomInstance",
     "DicomReadError",
     "ElementRow",
+    "read_dataset",
     "read_instance",
 ]
 
@@ -731,6 +734,8 @@ class _Walker:
             elem = ds[tag]  # converts the raw value (and fixes ambiguous VRs)
             if elem.VR == "SQ":
                 vr = "SQ"
+            elif isinstance(elem.value, BulkDataReference):  # DICOM JSON read from a server
+                return elem, str(elem.VR), "1", json.dumps(elem.value.uri, ensure_ascii=False)
             elif elem.VR in AMBIGUOUS_VRS:  # what pydicom cannot resolve (its JSON model fails)
                 vr, value_json = real_vr(elem.VR), _inline_binary(elem.value)
             else:
@@ -901,6 +906,23 @@ def read_instance(path: str | os.PathLike, fast_path: bool = True) -> DicomInsta
         raise DicomReadError("cannot parse DICOM data: sequences nested too deeply") from exc
     except Exception as exc:  # the boundary: nothing else may escape
         raise DicomReadError(f"cannot read DICOM file: {_exc_text(exc)}") from exc
+
+
+def read_dataset(ds: Dataset) -> DicomInstance:
+    """An instance from a dataset already in memory (DICOM JSON from a DICOMweb server:
+    ``core/dicom/json_instance.py``), walked exactly as a file's dataset is; it has no file
+    meta group. Raises DicomReadError (and only that) if it cannot be ingested."""
+    try:
+        with _quiet_pydicom():
+            walker = _Walker(io.BytesIO(), 0)  # nothing is deferred: no source to read from
+            walker.walk(ds, None, None, collect_instance_values=True)
+            return _instance_from(walker.rows, walker.instance_values, walker.number_texts)
+    except DicomReadError:
+        raise
+    except RecursionError as exc:
+        raise DicomReadError("cannot parse DICOM data: sequences nested too deeply") from exc
+    except Exception as exc:  # the boundary: nothing else may escape
+        raise DicomReadError(f"cannot read DICOM dataset: {_exc_text(exc)}") from exc
 
 
 def _read_instance(path: str | os.PathLike, fast_path: bool) -> DicomInstance:
