@@ -19,8 +19,10 @@ from dicom_etl_dagster.core.analytics.rows import NonStandardConcepts
 from dicom_etl_dagster.core.analytics.write import AnalyticsOptions
 from dicom_etl_dagster.core.db.identifiers import Schemas, validate_identifier
 from dicom_etl_dagster.core.errors import OptionsError
+from dicom_etl_dagster.core.ingest.dicomweb_pull import PullScope, SeriesRef
 from dicom_etl_dagster.core.ingest.run import IngestSetupError, missing_person_policy
 from dicom_etl_dagster.core.ingest.status import MissingPersonPolicy, PhiPolicy
+from dicom_etl_dagster.core.sources.dicomweb import study_date_range
 
 
 class PersonToPatientMapping(dg.PermissiveConfig):
@@ -76,6 +78,13 @@ class EtlOptions(dg.PermissiveConfig):
     # Uploads: send files the DICOM server refused for their content before (and recorded
     # in file_upload_rejection) again, although they have not changed since.
     retry_rejected_uploads: bool = False
+    # A DICOMweb root (e.g. http://orthanc:8042/dicom-web) to ingest from instead of the folder
+    # (core/ingest/dicomweb_pull.py), optionally only the studies of a StudyDate window.
+    dicomweb_source_url: str | None = None
+    dicomweb_study_date_from: str | None = None  # YYYYMMDD, inclusive
+    dicomweb_study_date_until: str | None = None  # YYYYMMDD, inclusive
+    # Set by the new_dicomweb_series sensor: only these series, "<StudyUID>/<SeriesUID>".
+    dicomweb_series: list[str] | None = None
 
     def person_mapping(self) -> PersonToPatientMapping:
         """The mapping under either spelling (``check_for`` refuses both at once), else defaults."""
@@ -128,6 +137,21 @@ class EtlOptions(dg.PermissiveConfig):
             raise IngestSetupError(
                 f"phi_policy must be {choices}, not {self.phi_policy!r}"
             ) from None
+
+    def pull_scope(self) -> PullScope:
+        """What a DICOMweb run reads; a one-line error for a bad date or series."""
+        if self.dicomweb_series is not None and not self.dicomweb_source_url:
+            raise OptionsError("dicomweb_series is set but dicomweb_source_url is not")
+        date_range = study_date_range(self.dicomweb_study_date_from, self.dicomweb_study_date_until)
+        if self.dicomweb_series is None:
+            return PullScope(study_date=date_range)
+        try:
+            series = tuple(SeriesRef.parse(text) for text in self.dicomweb_series)
+        except ValueError as exc:
+            raise OptionsError(
+                f"dicomweb_series entries must read <StudyInstanceUID>/<SeriesInstanceUID>, not {exc}"
+            ) from None
+        return PullScope(study_date=date_range, series=series)
 
     def dicom_folder(self) -> Path:
         """The folder to ingest: the option, else DICOM_ETL_FILES_DIR, else pydicom's samples."""

@@ -13,6 +13,7 @@ from dicom_etl_dagster.jobs import JOBS
 from dicom_etl_dagster.loggers import console_logger
 from dicom_etl_dagster.resources.database import PostgresResource
 from dicom_etl_dagster.resources.dicom_server import DicomServerResource
+from dicom_etl_dagster.resources.dicomweb_source import DicomWebSourceResource
 from dicom_etl_dagster.sensors import new_dicom_files
 
 
@@ -25,7 +26,9 @@ def default_database() -> PostgresResource:
 
 
 def build_definitions(
-    database: PostgresResource, dicom_server: DicomServerResource | None = None
+    database: PostgresResource,
+    dicom_server: DicomServerResource | None = None,
+    dicomweb_source: DicomWebSourceResource | None = None,
 ) -> dg.Definitions:
     # The DICOM server comes from the DICOM_ETL_DICOM_SERVER_* variables, each through
     # dg.EnvVar (so the password never appears in run config or the UI).
@@ -38,6 +41,8 @@ def build_definitions(
         resources={
             "database": database,
             "dicom_server": dicom_server or DicomServerResource.from_environment(),
+            # The DICOMweb source's credentials, DICOM_ETL_SOURCE_*, also through dg.EnvVar.
+            "dicomweb_source": dicomweb_source or DicomWebSourceResource.from_environment(),
         },
     )
 

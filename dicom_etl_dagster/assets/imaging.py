@@ -20,10 +20,13 @@ from dicom_etl_dagster.core.ingest.checks import (
     ingest_check_figures,
     table_facts,
 )
+from dicom_etl_dagster.core.ingest.dicomweb_pull import PullScope, ingest_dicomweb
 from dicom_etl_dagster.core.ingest.run import ingest_folder, prepare_run
 from dicom_etl_dagster.core.ingest.status import PhiPolicy
-from dicom_etl_dagster.core.ingest.writer import IngestReport, PersonMapping
+from dicom_etl_dagster.core.ingest.writer import IngestReport, PersonMapping, RunState
+from dicom_etl_dagster.core.upload.clients import split_credentials
 from dicom_etl_dagster.resources.database import PostgresResource
+from dicom_etl_dagster.resources.dicomweb_source import DicomWebSourceResource
 
 GROUP = "imaging"
 MAX_FAILURES_SHOWN = 20
@@ -319,6 +322,52 @@ def _file_results(
     ]
 
 
+def _pull(
+    context: dg.AssetExecutionContext,
+    config: EtlOptions,
+    conn,
+    state: RunState,
+    resource: DicomWebSourceResource,
+    scope: PullScope,
+) -> tuple[IngestReport, dict[str, float], dict[str, int]]:
+    """Ingest from the DICOMweb source instead of the folder (``core/ingest/dicomweb_pull``)."""
+    with resource.source(config.dicomweb_source_url or "") as source:
+        state.dicomweb_source = source.root
+        what = f"{len(scope.series)} series of" if scope.series is not None else "every study of"
+        window = f" (StudyDate {scope.study_date})" if scope.study_date else ""
+        context.log.info(
+            f"Ingesting {what} DICOMweb source {source.root}{window}, "
+            f"{resource.max_concurrent_requests} requests in flight, "
+            f"{config.ingest_batch_size} instances per batch"
+        )
+        report, seconds = ingest_dicomweb(
+            conn,
+            state,
+            source,
+            scope,
+            config.ingest_batch_size,
+            resource.max_concurrent_requests,
+            config.phi(),
+            context.log.info,
+        )
+        # QIDO-RS listings and WADO-RS metadata requests: what an incremental run saved shows here.
+        requests = dict(source.requests_made)
+        context.log.info(f"DICOMweb requests by kind: {requests}")
+    return report, seconds, requests
+
+
+def _source_metadata(config: EtlOptions, root, requests: dict[str, int]) -> dict:
+    """What every materialization names as the run's source: the folder or the DICOMweb root
+    (with its requests by kind: what an incremental run did not fetch shows there)."""
+    if config.dicomweb_source_url:
+        url = split_credentials(config.dicomweb_source_url)[0]  # never user info in the UI
+        return {
+            "dicomweb_source_url": dg.MetadataValue.url(url),
+            "dicomweb_requests": dg.MetadataValue.json(requests),
+        }
+    return {"dicom_files_abs_path": dg.MetadataValue.path(str(root))}
+
+
 class FilesWithoutPerson(DicomEtlError):
     """Files not ingested under missing_person_id_options: skip; the rest was ingested."""
 
@@ -340,10 +389,14 @@ def _person_misses(report: IngestReport) -> FilesWithoutPerson:
     description="Ingest every file under dicom_files_abs_path into the OMOP imaging tables.",
 )
 def ingest_dicom_folder(
-    context: dg.AssetExecutionContext, config: EtlOptions, database: PostgresResource
+    context: dg.AssetExecutionContext,
+    config: EtlOptions,
+    database: PostgresResource,
+    dicomweb_source: DicomWebSourceResource,
 ):
     with dagster_failures():
         policy = config.missing_person_policy()
+        scope = config.pull_scope()  # checked before anything is read
         root = config.dicom_folder()
         workers = config.parse_workers or available_cpus()
         phi_policy = config.phi()
@@ -361,20 +414,26 @@ def ingest_dicom_folder(
                 context.log.warning,
                 config.analytics(),
             )
-            context.log.info(
-                f"Ingesting {root} with {workers} parse workers, "
-                f"{config.ingest_batch_size} files per batch"
-            )
-            report, seconds = ingest_folder(
-                conn,
-                state,
-                root,
-                config.ingest_batch_size,
-                workers,
-                log_progress=context.log.info,
-                changed_window=(config.changed_after_ns, config.changed_until_ns),
-                phi_policy=phi_policy,
-            )
+            requests: dict[str, int] = {}  # DICOMweb requests by kind (none for a folder)
+            if config.dicomweb_source_url:
+                report, seconds, requests = _pull(
+                    context, config, conn, state, dicomweb_source, scope
+                )
+            else:
+                context.log.info(
+                    f"Ingesting {root} with {workers} parse workers, "
+                    f"{config.ingest_batch_size} files per batch"
+                )
+                report, seconds = ingest_folder(
+                    conn,
+                    state,
+                    root,
+                    config.ingest_batch_size,
+                    workers,
+                    log_progress=context.log.info,
+                    changed_window=(config.changed_after_ns, config.changed_until_ns),
+                    phi_policy=phi_policy,
+                )
             figures = ingest_check_figures(conn, tables, context.run.run_id)
             orphans = features_without_measurement(conn, tables, report.feature_ids)
             facts = table_facts(conn, tables)
@@ -385,7 +444,7 @@ def ingest_dicom_folder(
             f"{counts['duplicate']} duplicate, {counts['failed']} failed, "
             f"{report.files_already_done} already done"
         )
-        common = {"dicom_files_abs_path": dg.MetadataValue.path(str(root))}
+        common = _source_metadata(config, root, requests)
         yield from _occurrence_results(report, facts, tables, common)
         yield from _file_results(report, seconds, tables, common, workers, phi_policy)
         yield from _check_results(figures, report, orphans)

@@ -75,6 +75,23 @@ SENSOR_MAX_RUNS_PER_TICK = Setting(
 SENSOR_OPTIONS = Setting(
     "DICOM_ETL_SENSOR_OPTIONS", "path to an options document every sensor run starts from"
 )
+SOURCE_USER = Setting("DICOM_ETL_SOURCE_USER", "HTTP Basic user of the DICOMweb source")
+SOURCE_PASSWORD = Setting(
+    "DICOM_ETL_SOURCE_PASSWORD", "HTTP Basic password of the DICOMweb source", secret=True
+)
+SOURCE_URL = Setting(
+    "DICOM_ETL_SOURCE_URL",
+    "DICOMweb root the new_dicomweb_series sensor watches (its runs read from it)",
+)
+SOURCE_ORTHANC_URL = Setting(
+    "DICOM_ETL_SOURCE_ORTHANC_URL",
+    "Orthanc REST root whose /changes feed the sensor reads; unset: the source URL without /dicom-web",
+)
+SENSOR_MAX_SERIES_PER_RUN = Setting(
+    "DICOM_ETL_SENSOR_MAX_SERIES_PER_RUN",
+    "series per run the DICOMweb sensor requests",
+    default="100",
+)
 
 SETTINGS: tuple[Setting, ...] = (
     DATABASE_URL,
@@ -91,4 +108,9 @@ SETTINGS: tuple[Setting, ...] = (
     SENSOR_MAX_FILES_PER_RUN,
     SENSOR_MAX_RUNS_PER_TICK,
     SENSOR_OPTIONS,
+    SOURCE_USER,
+    SOURCE_PASSWORD,
+    SOURCE_URL,
+    SOURCE_ORTHANC_URL,
+    SENSOR_MAX_SERIES_PER_RUN,
 )

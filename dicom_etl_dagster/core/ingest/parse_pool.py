@@ -70,6 +70,18 @@ def parse_file(
         return Failed(entry, str(exc))
     except OSError as exc:  # unreadable, vanished: a reason, not a crash
         return Failed(entry, f"cannot read file: {exc.strerror or exc}")
+    return parsed_instance(entry, instance, measurements, profiled_series, phi_policy)
+
+
+def parsed_instance(
+    entry: FileEntry,
+    instance: DicomInstance,
+    measurements: bool = True,
+    profiled_series: set[str] | None = None,
+    phi_policy: PhiPolicy = PhiPolicy.KEEP,
+) -> Parsed:
+    """An instance read from wherever (a file, DICOM JSON) as the writer takes it; the
+    arguments as ``parse_file``'s."""
     series = instance.series_instance_uid
     profile = measurements and (profiled_series is None or series not in profiled_series)
     if profile and profiled_series is not None:

@@ -263,7 +263,10 @@ def person_for(
 
 
 def parent_folder(path: str) -> str:
-    return path.rsplit("/", 1)[0] if "/" in path else path
+    folder = path.rsplit("/", 1)[0] if "/" in path else path
+    # An instance read over DICOMweb (<root>/studies/<s>/series/<se>/instances/<sop>): its
+    # "folder" is its series' URL, not the .../instances collection.
+    return folder.removesuffix("/instances") if "://" in path else folder
 
 
 # --------------------------------------------------------------------------

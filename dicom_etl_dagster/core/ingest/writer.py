@@ -85,6 +85,7 @@ _IMAGE_COLUMNS = (
     "image_series_uid",
     "modality_concept_id",
     "visit_occurrence_id",
+    "wadors_uri",
 )
 _LEDGER_COLUMNS = (
     "ingest_log_id",
@@ -117,6 +118,8 @@ class RunState:
     has_visits: bool = False  # the CDM schema has visit_occurrence: studies are linked to visits
     # dicom_data_element has private_creator: private entries per creator (``data_elements``).
     private_creators: bool = True
+    # The DICOMweb root the run reads from: new series get wadors_uri <root>/studies/<s>/series/<se>.
+    dicomweb_source: str | None = None
 
     @property
     def tables(self) -> Tables:
@@ -304,6 +307,7 @@ def _write_series(
                 s.series_uid,
                 modality_id,
                 visit,
+                _wadors_uri(state.dicomweb_source, s.study_uid, s.series_uid),
             )
         )
         report.series_by_modality[(s.modality or "", s.body_part or "", modality_id, site_id)] += 1
@@ -311,6 +315,11 @@ def _write_series(
         conn, tables["image_occurrence"], _IMAGE_COLUMNS, rows
     )
     return first
+
+
+def _wadors_uri(root: str | None, study_uid: str, series_uid: str) -> str | None:
+    """The series' WADO-RS URL on the source it is read from (as ``file_upload``'s, unquoted)."""
+    return None if root is None else f"{root}/studies/{study_uid}/series/{series_uid}"
 
 
 def _write_analytics(
