@@ -22,6 +22,7 @@ from pathlib import Path
 import psycopg
 import pydicom
 import pytest
+import yaml
 from pydicom import config as pydicom_config
 from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
@@ -304,6 +305,27 @@ def test_a_hostile_uid_is_refused_and_nothing_escapes_the_folder(receiver, tmp_p
     assert "escaped" not in log  # the value itself is never echoed
 
 
+def test_a_write_that_fails_answers_out_of_resources_and_the_sender_can_send_again(receiver):
+    staging = receiver.folder / ".receiving"
+    staging.rmdir()
+    staging.write_bytes(b"")  # a file where the staging folder should be: every write fails
+    source = sample("CT_small.dcm")
+    (failed,) = send(receiver.port, [source])
+    assert failed.Status == 0xA700
+    assert failed.ErrorComment == "the instance could not be written"
+    assert stored_files(receiver.folder) == [staging]
+    staging.unlink()
+    staging.mkdir()  # the disk is fixed: the same instance sent again is stored
+    assert [s.Status for s in send(receiver.port, [source])] == [SUCCESS]
+    assert stored_files(receiver.folder) == [expected_path(receiver.folder, source)]
+    assert receiver.stop() == 0
+    log = receiver.log_text()
+    assert re.search(
+        "ERROR .* could not write an instance from AE 'TEST_SCU' at .*: Not a directory", log
+    )
+    assert quiet_dcmread(source).SOPInstanceUID not in log  # the path is not in the message
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_with_an_association_open_exits_0_within_seconds(receiver, signum):
     assoc = _scu().associate("127.0.0.1", receiver.port, ae_title=AE_TITLE)
@@ -358,3 +380,40 @@ def test_the_received_folder_is_ingested_one_ledger_row_per_stored_file(
     for path in valid:
         assert rows[path][0] == "ingested", rows[path]
         assert rows[path][2] == quiet_dcmread(path).SOPInstanceUID
+
+
+# --------------------------------------------------------------------------
+# The deployment guide
+# --------------------------------------------------------------------------
+def _guide_yaml_documents() -> list[dict]:
+    text = (REPO_ROOT / "deploy" / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.DOTALL)
+    return [doc for block in blocks for doc in yaml.safe_load_all(block) if doc]
+
+
+def test_the_guide_runs_the_receiver_on_the_share_the_sensor_watches():
+    documents = _guide_yaml_documents()
+    (deployment,) = [d for d in documents if d.get("kind") == "Deployment"]
+    (service,) = [d for d in documents if d.get("kind") == "Service"]
+    (values,) = [d for d in documents if "dagster-user-deployments" in d]
+    (location,) = values["dagster-user-deployments"]["deployments"]
+
+    spec = deployment["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert container["args"][0] == "dicom-etl-receiver"
+    args = cli.parse_args(container["args"][1:])  # the CLI accepts them as written
+    (mount,) = container["volumeMounts"]
+    (volume,) = spec["volumes"]
+    assert (
+        volume["persistentVolumeClaim"]["claimName"]
+        == (location["volumes"][0]["persistentVolumeClaim"]["claimName"])
+    )
+    watched = Path(location["env"]["DICOM_ETL_FILES_DIR"])
+    assert mount["mountPath"] == location["volumeMounts"][0]["mountPath"] == str(watched)
+    assert watched in args.folder.parents  # what it writes is under the watched folder
+    assert not mount.get("readOnly")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == args.port == container["ports"][0]["containerPort"]
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
