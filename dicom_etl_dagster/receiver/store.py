@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pydicom
 
-STAGING_FOLDER = ".receiving"
+STAGING_FOLDER = ".receiving"  # the ingest passes it over (file_scan.UNFINISHED_FOLDERS)
 PART_SUFFIX = ".part"
 MAX_UID_LENGTH = 64
 _UID = re.compile(r"[0-9]+(?:\.[0-9]+)*", re.ASCII)
