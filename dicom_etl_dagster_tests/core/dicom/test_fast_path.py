@@ -30,13 +30,13 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_etl_dagster.core.dicom.fast_path import NeedsPydicom, read_fast
-from dicom_etl_dagster.core.dicom.reader import _INSTANCE_TAGS, DicomReadError, read_instance
+from dicom_etl_dagster.core.dicom.reader import DicomReadError, read_instance
 from dicom_etl_dagster_tests.dicom_samples import (
     PYDICOM_DATA,
     PYDICOM_TEST_FILES,
     SAMPLE_FILES,
     read_rows,
+    takes_fast_path,
 )
 from dicom_etl_dagster_tests.helpers import load_script
 from dicom_etl_dagster_tests.reliability.hostile import hostile_corpus
@@ -47,15 +47,6 @@ def outcome(path: Path, fast_path: bool, read=read_instance):
         return read(path, fast_path=fast_path)
     except DicomReadError as exc:
         return f"DicomReadError: {exc}"
-
-
-def takes_fast_path(path: Path) -> bool:
-    with open(path, "rb") as fp:
-        try:
-            read_fast(fp, path.stat().st_size, _INSTANCE_TAGS)
-        except NeedsPydicom:
-            return False
-    return True
 
 
 def assert_same_outcome(path: Path) -> None:
