@@ -227,8 +227,12 @@ class _UploadRun:
 
     def report_progress(self) -> None:
         report = self.report
-        done = report.files_sent + report.failed
-        self.progress.update(done, note=f"{report.failed} failed, {report.bytes_sent} bytes sent")
+        done = report.files_sent + report.failed + report.rejected
+        self.progress.update(
+            done,
+            note=f"{report.failed} failed, {report.rejected} refused by the server, "
+            f"{report.bytes_sent} bytes sent",
+        )
 
     def run(self, executor: ThreadPoolExecutor) -> None:
         pending = self.records.iter_pending()
