@@ -102,7 +102,12 @@ class UploadRecords:
         server = {"server": self._server_url}
         pending = self._scalar(sql.SQL("SELECT count(*) " + _NOT_UPLOADED), server)
         ingested = self._scalar(
-            sql.SQL("SELECT count(*) FROM {ledger} WHERE status = 'ingested'"), {}
+            # Not the rows of archives: their members are the files (``core/ingest/archives``).
+            sql.SQL(
+                "SELECT count(*) FROM {ledger} WHERE status = 'ingested'"
+                " AND sop_instance_uid IS NOT NULL"
+            ),
+            {},
         )
         return pending, ingested - pending
 
