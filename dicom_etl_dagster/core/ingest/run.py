@@ -169,7 +169,13 @@ class _Scan:
         return done
 
     def items(self, files: Iterable[FileEntry]) -> Iterator[WorkItem]:
-        for batch in _batches(files, self.batch_size):
+        batches = _batches(files, self.batch_size)
+        while True:
+            started = time.perf_counter()  # the folder walk, lazily, a batch at a time
+            batch = next(batches, None)
+            self.seconds["scan and ledger lookup"] += time.perf_counter() - started
+            if batch is None:
+                return
             done = self._done(batch)
             for entry in batch:
                 if entry.path in done and is_archive(entry.path):
