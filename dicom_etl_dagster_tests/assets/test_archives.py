@@ -70,7 +70,9 @@ def test_members_are_ingested_with_their_archive_paths_as_the_same_files_from_a_
     postgres_server, database_url, db, tmp_path, opened
 ):
     folder = archive_folder(tmp_path / "dicom")
-    result = run_ingest(database_url, None, folder)
+    # Two workers (members' bytes go through the pool) and batches of two: an archive's
+    # members and its own row land in different transactions.
+    result = run_ingest(database_url, None, folder, parse_workers=2, ingest_batch_size=2)
     assert result.success, failure_message(result)
 
     zip_path, tgz_path = str(folder / "sub" / "study.zip"), str(folder / "more.tar.gz")

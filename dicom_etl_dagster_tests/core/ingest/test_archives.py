@@ -153,3 +153,14 @@ def test_split_member_path_and_open_member_for_upload(tmp_path):
     stream.close()
     with pytest.raises(archives.ArchiveMemberError, match="no longer exists"):
         archives.open_member(f"{tgz}!/three")
+
+
+def test_batches_of_members_are_cut_by_the_bytes_they_hold(monkeypatch):
+    from dicom_etl_dagster.core.ingest import run
+
+    monkeypatch.setattr(run, "MAX_BATCH_MEMBER_BYTES", 250)
+    entry = FileEntry("/a.zip!/m", 100, 0)
+    items = [Member(entry, bytes(100))] * 5 + [entry, Member(entry, bytes(300)), entry]
+    sizes = [len(b) for b in run._batches(items, batch_size=4)]
+    # Cut once 250 bytes are held (after three members, then at the 300-byte one), else at 4.
+    assert sizes == [3, 4, 1]
