@@ -15,6 +15,7 @@ from dicom_etl_dagster_tests.assets.test_upload import (
     FAST,
     failure_message,
     run_ingest,
+    run_upload_alone,
     upload_metadata,
     upload_rows,
 )
@@ -245,3 +246,27 @@ def test_archive_members_are_uploaded_to_orthanc_streamed_from_their_archive(
     metadata = upload_metadata(result)
     assert (metadata["files_uploaded"], metadata["files_failed"]) == (6, 0)
     assert metadata["bytes_sent"] == sum(len(sample(n)) for n in IN_ZIP + IN_TGZ)
+
+
+def test_dicomweb_upload_of_members_refuses_a_changed_or_gone_archive(
+    orthanc, database_url, db, tmp_path
+):
+    folder = archive_folder(tmp_path / "dicom")
+    server = DicomServerResource(kind="dicomweb", dicomweb_url=orthanc.dicomweb_url, **FAST)
+    assert run_ingest(database_url, server, folder).success
+    zip_path, tgz_path = folder / "sub" / "study.zip", folder / "more.tar.gz"
+    # The zip's CT entry now holds other bytes (another size): not the member that was ingested.
+    write_zip(zip_path, {f"a/{n}": sample(n) for n in IN_ZIP} | {"a/CT_small.dcm": b"x" * 10})
+    tgz_path.unlink()
+
+    result = run_upload_alone(database_url, server)
+    assert not result.success
+    metadata = upload_metadata(result)
+    assert (metadata["files_uploaded"], metadata["files_failed"]) == (2, 4)
+    assert "4 file(s) were rejected" in failure_message(result)
+    message = str(metadata["first_failures"])
+    assert f"{zip_path}!/a/CT_small.dcm: file changed since it was ingested" in message
+    assert f"{tgz_path}!/b/rtplan.dcm: cannot read archive member: FileNotFoundError" in message
+    uploaded = {row["original_file_path"] for row in upload_rows(db)}
+    assert uploaded == {f"{zip_path}!/a/MR_small.dcm", f"{zip_path}!/a/JPEG2000.dcm"}
+    assert len(orthanc.sop_instance_uids()) == 2
