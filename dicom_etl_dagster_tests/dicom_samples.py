@@ -13,7 +13,13 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from dicom_etl_dagster.core.dicom import reader as dicom_reader
-from dicom_etl_dagster.core.dicom.reader import DicomReadError, ElementRow, read_instance
+from dicom_etl_dagster.core.dicom.fast_path import NeedsPydicom, read_fast
+from dicom_etl_dagster.core.dicom.reader import (
+    _INSTANCE_TAGS,
+    DicomReadError,
+    ElementRow,
+    read_instance,
+)
 
 PYDICOM_DATA = Path(pydicom.__file__).parent / "data"
 PYDICOM_TEST_FILES = PYDICOM_DATA / "test_files"
@@ -32,6 +38,16 @@ def read_rows(path: str | os.PathLike, fast_path: bool = True) -> list[ElementRo
     (no UIDs or no date: most charset_files) for a reason that is not about the elements."""
     with mock.patch.object(dicom_reader, "_instance_from", lambda rows, values, texts: rows):
         return read_instance(path, fast_path=fast_path)
+
+
+def takes_fast_path(path: Path) -> bool:
+    """Whether the byte-level reader reads the file itself (else it hands it to pydicom)."""
+    with open(path, "rb") as fp:
+        try:
+            read_fast(fp, path.stat().st_size, _INSTANCE_TAGS)
+        except NeedsPydicom:
+            return False
+    return True
 
 
 def sample_files_read_by(read: Callable[[Path], object]) -> list[Path]:

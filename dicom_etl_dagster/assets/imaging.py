@@ -286,6 +286,10 @@ def _file_results(
                 "files_duplicate": counts["duplicate"],
                 "files_failed": counts["failed"],
                 "files_already_done": report.files_already_done,
+                # Zip / tar archives: read to their end (their members count as files above),
+                # and unchanged ones not opened again.
+                "archives_read": report.archives_read,
+                "archives_skipped": report.archives_skipped,
                 "files_per_second": dg.MetadataValue.float(
                     round(processed / elapsed, 1) if elapsed else 0.0
                 ),
@@ -442,7 +446,8 @@ def ingest_dicom_folder(
         context.log.info(
             f"{report.files_seen} files seen: {counts['ingested']} ingested, "
             f"{counts['duplicate']} duplicate, {counts['failed']} failed, "
-            f"{report.files_already_done} already done"
+            f"{report.files_already_done} already done; archives: {report.archives_read} read,"
+            f" {report.archives_skipped} unchanged"
         )
         common = _source_metadata(config, root, requests)
         yield from _occurrence_results(report, facts, tables, common)

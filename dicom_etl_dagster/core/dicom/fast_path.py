@@ -226,7 +226,9 @@ def _verbatim_number(vr: str, raw: bytes, items: list[str]):
 
 
 def _float_reads(item: str) -> bool:
-    if not item.strip(" \x00"):
+    # pydicom strips each item's padding (a NUL inside a list too: "1.00\0\0\\0.0") first.
+    item = item.strip(" \x00")
+    if not item:
         return True  # an empty value: pydicom keeps it, it is not odd
     try:
         float(item)

@@ -890,12 +890,14 @@ def _decode_reason(tag: int, raw: Any, exc: Exception) -> str:
 # --------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------
-def read_instance(path: str | os.PathLike, fast_path: bool = True) -> DicomInstance:
+def read_instance(path: str | os.PathLike | BinaryIO, fast_path: bool = True) -> DicomInstance:
     """Read one DICOM file; raise DicomReadError (and only that) if it cannot be ingested.
 
     Files in the common encodings are read by ``fast_path`` straight from their
     bytes; every other file, and every file the fast path declines, goes through pydicom.
     Both give the same instance and rows (``fast_path=False`` forces pydicom, for tests).
+    ``path`` may also be a seekable binary stream (an archive member read into memory,
+    ``core/ingest/archives.py``): both paths only read and seek, so it parses the same.
     """
     try:
         with _quiet_pydicom():
@@ -925,14 +927,22 @@ def read_dataset(ds: Dataset) -> DicomInstance:
         raise DicomReadError(f"cannot read DICOM dataset: {_exc_text(exc)}") from exc
 
 
-def _read_instance(path: str | os.PathLike, fast_path: bool) -> DicomInstance:
+def _open(path: str | os.PathLike | BinaryIO) -> tuple[BinaryIO, int]:
+    """The stream to read and its size: a file opened here, or the caller's stream."""
+    if hasattr(path, "read"):
+        stream: BinaryIO = path  # type: ignore[assignment]
+        return stream, _stream_size(stream)
     try:
-        fp = open(path, "rb")  # noqa: SIM115 - closed below, must stay open for the walk
+        fp = open(path, "rb")  # noqa: SIM115 - closed by the caller, must stay open for the walk
     except OSError as exc:
         # strerror only: the path itself may contain a patient name
         raise DicomReadError(f"cannot open file: {exc.strerror or type(exc).__name__}") from exc
+    return fp, os.fstat(fp.fileno()).st_size
+
+
+def _read_instance(path: str | os.PathLike | BinaryIO, fast_path: bool) -> DicomInstance:
+    fp, file_size = _open(path)
     with fp:
-        file_size = os.fstat(fp.fileno()).st_size
         if file_size == 0:
             raise DicomReadError("empty file (0 bytes)")
 

@@ -16,11 +16,17 @@ class FileEntry(NamedTuple):
     ctime_ns: int = 0
 
 
+#: Folders whose files are not finished yet: ``dicom-etl-receiver`` writes each instance
+#: under ``.receiving/`` and renames it into place when it is whole (receiver/store.py).
+UNFINISHED_FOLDERS = frozenset({".receiving"})
+
+
 def iter_files(root: str | os.PathLike) -> Iterator[FileEntry]:
     """Every regular file under ``root`` (any name, any suffix), in a stable order.
 
     A generator over os.scandir, so a folder of millions of files is never held in memory.
     Symlinked folders are not followed (no loops); symlinked files are read like files.
+    Folders named in UNFINISHED_FOLDERS are passed over.
     """
     stack = [os.fspath(root)]
     while stack:
@@ -34,7 +40,8 @@ def iter_files(root: str | os.PathLike) -> Iterator[FileEntry]:
         for entry in entries:
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    subfolders.append(entry.path)
+                    if entry.name not in UNFINISHED_FOLDERS:
+                        subfolders.append(entry.path)
                 elif entry.is_file():
                     stat = entry.stat()
                     yield FileEntry(
@@ -58,7 +65,8 @@ def count_files(root: str | os.PathLike) -> int:
                 for entry in scan:
                     try:
                         if entry.is_dir(follow_symlinks=False):
-                            stack.append(entry.path)
+                            if entry.name not in UNFINISHED_FOLDERS:
+                                stack.append(entry.path)
                         elif entry.is_file():
                             count += 1
                     except OSError:

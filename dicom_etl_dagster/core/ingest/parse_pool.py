@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import multiprocessing
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -51,11 +52,29 @@ class Failed(NamedTuple):
     reason: str
 
 
-ParseResult: TypeAlias = Parsed | Failed
+class Member(NamedTuple):
+    """An archive member read into memory (``archives.py``), parsed from its bytes."""
+
+    entry: FileEntry  # path ``<archive path>!/<member path>``, size and mtime of the entry
+    data: bytes
+
+
+class Opened(NamedTuple):
+    """An archive whose members have all been handed on: its ledger row says so, so that a
+    re-run skips the archive while it keeps its size and mtime (``plan.is_done``)."""
+
+    entry: FileEntry
+    members: int
+
+
+ParseResult: TypeAlias = Parsed | Failed | Opened
+#: What the workers are given: a file to read, an archive member's bytes, or a result the
+#: main process already knows (a member it refused to read, an archive it finished).
+WorkItem: TypeAlias = FileEntry | Member | Failed | Opened
 
 
 def parse_file(
-    entry: FileEntry,
+    item: WorkItem,
     measurements: bool = True,
     profiled_series: set[str] | None = None,
     phi_policy: PhiPolicy = PhiPolicy.KEEP,
@@ -63,9 +82,13 @@ def parse_file(
     """Read one file and what analytics need of it (``core/analytics``); the measurement
     findings only with ``measurements``, and the acquisition profile only for a series not in
     ``profiled_series`` (which the file's series then joins; None: always). The metadata rows
-    are those ``phi_policy`` leaves; the findings are made from all of them."""
+    are those ``phi_policy`` leaves; the findings are made from all of them. An archive
+    member is read from its bytes; a result known already is passed on as it is."""
+    if isinstance(item, (Failed, Opened)):
+        return item
+    entry = item.entry if isinstance(item, Member) else item
     try:
-        instance = read_instance(entry.path)
+        instance = read_instance(io.BytesIO(item.data) if isinstance(item, Member) else entry.path)
     except DicomReadError as exc:
         return Failed(entry, str(exc))
     except OSError as exc:  # unreadable, vanished: a reason, not a crash
@@ -100,7 +123,7 @@ def parsed_instance(
 
 
 def parse_chunk(
-    entries: list[FileEntry], measurements: bool = True, phi_policy: PhiPolicy = PhiPolicy.KEEP
+    entries: list[WorkItem], measurements: bool = True, phi_policy: PhiPolicy = PhiPolicy.KEEP
 ) -> list[ParseResult]:
     """Parse consecutive files of a batch, the acquisition profile once per series.
 
@@ -114,7 +137,7 @@ def parse_chunk(
 
 
 def parse_batches(
-    batches: Iterable[list[FileEntry]],
+    batches: Iterable[list[WorkItem]],
     workers: int,
     measurements: bool = True,
     phi_policy: PhiPolicy = PhiPolicy.KEEP,

@@ -28,7 +28,7 @@ from dicom_etl_dagster.core.analytics.findings import AcquisitionValue
 from dicom_etl_dagster.core.dicom.reader import DicomInstance
 from dicom_etl_dagster.core.ingest.file_scan import FileEntry
 from dicom_etl_dagster.core.ingest.metadata_copy import storable_text
-from dicom_etl_dagster.core.ingest.parse_pool import Failed, Parsed, ParseResult
+from dicom_etl_dagster.core.ingest.parse_pool import Failed, Opened, Parsed, ParseResult
 from dicom_etl_dagster.core.ingest.status import LedgerStatus, MissingPersonPolicy
 
 EHR_TYPE_CONCEPT_ID = 32817  # procedure_type_concept_id of every procedure_occurrence row
@@ -183,6 +183,7 @@ class LedgerEntry:
     image_occurrence: IdRef | None = None
     # Tags of the file's odd values (elements that violate their VR); None: the file was not read.
     odd_value_tags: tuple[str, ...] | None = None
+    archive: bool = False  # the row of an archive read to its end (``archives.py``)
 
 
 @dataclass(frozen=True)
@@ -344,6 +345,8 @@ class _Planner:
     def add(self, result: ParseResult) -> None:
         if isinstance(result, Failed):
             self.ledger.append(LedgerEntry(result.entry, LedgerStatus.FAILED, result.reason))
+        elif isinstance(result, Opened):  # its members are rows of their own
+            self.ledger.append(LedgerEntry(result.entry, LedgerStatus.INGESTED, archive=True))
         else:
             entry = self._parsed(result)
             self.ledger.append(replace(entry, odd_value_tags=result.instance.odd_value_tags))

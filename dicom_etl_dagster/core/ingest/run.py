@@ -4,15 +4,19 @@ The scan looks the ledger up before parsing so that a re-run of a large folder c
 directory walk and one query per batch, not a parse of every file; the writer looks again
 under its lock (another run may have written a file meanwhile), with the same rule
 (``plan.is_done``).
+
+Archives (``archives.py``) are looked up like files: one unchanged since it was read to its
+end is not opened; otherwise its members take the place of the archive in the stream of work,
+each looked up again (a changed archive may still hold members recorded before).
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import psycopg
 
@@ -21,11 +25,12 @@ from dicom_etl_dagster.core.analytics.write import AnalyticsOptions
 from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.core.db.tables import Tables, column_names, table_exists
 from dicom_etl_dagster.core.errors import DicomEtlError
+from dicom_etl_dagster.core.ingest.archives import is_archive, iter_members, split_member_path
 from dicom_etl_dagster.core.ingest.concepts import ConceptResolver
 from dicom_etl_dagster.core.ingest.data_elements import has_private_creators, known_entries
 from dicom_etl_dagster.core.ingest.file_scan import FileEntry, count_files, iter_files
 from dicom_etl_dagster.core.ingest.lookups import PersonMapping, ledger_rows
-from dicom_etl_dagster.core.ingest.parse_pool import parse_batches
+from dicom_etl_dagster.core.ingest.parse_pool import Failed, Member, WorkItem, parse_batches
 from dicom_etl_dagster.core.ingest.plan import is_done
 from dicom_etl_dagster.core.ingest.status import MissingPersonPolicy, PhiPolicy
 from dicom_etl_dagster.core.ingest.visits import has_visits
@@ -114,6 +119,88 @@ def _unchanged_paths(
     return {e.path for e in batch if is_done(rows.get(e.path), e)}
 
 
+#: Archive member bytes one batch holds at most. Two batches are in flight (``parse_pool``),
+#: so this bounds what archives add to the run's memory whatever ``ingest_batch_size`` is.
+MAX_BATCH_MEMBER_BYTES = 512 * 1024**2
+
+T = TypeVar("T")
+
+
+def _batches(items: Iterable[T], batch_size: int) -> Iterator[list[T]]:
+    """``batch_size`` items at a time, cut early once the members among them hold
+    ``MAX_BATCH_MEMBER_BYTES``."""
+    batch: list[T] = []
+    held = 0
+    for item in items:
+        batch.append(item)
+        held += len(item.data) if isinstance(item, Member) else 0
+        if len(batch) >= batch_size or held >= MAX_BATCH_MEMBER_BYTES:
+            yield batch
+            batch, held = [], 0
+    if batch:
+        yield batch
+
+
+def _is_member(item: WorkItem) -> bool:
+    return isinstance(item, Member) or (
+        isinstance(item, Failed) and split_member_path(item.entry.path) is not None
+    )
+
+
+class _Scan:
+    """The work of a run in order: the files under the folder the ledger does not hold as
+    done, with each such archive replaced by its members that are not done either."""
+
+    def __init__(
+        self,
+        conn: psycopg.Connection,
+        schemas: Schemas,
+        batch_size: int,
+        report: IngestReport,
+        seconds: defaultdict[str, float],
+    ) -> None:
+        self.conn, self.schemas, self.batch_size = conn, schemas, batch_size
+        self.report, self.seconds = report, seconds
+        # Folder entries handed on so far, an archive counting once as in ``count_files``:
+        # the progress figure, ahead of the written batches by the two parse_pool holds.
+        self.entries_passed = 0
+
+    def _done(self, entries: list[FileEntry]) -> set[str]:
+        started = time.perf_counter()
+        done = _unchanged_paths(self.conn, self.schemas, entries) if entries else set()
+        self.report.files_seen += len(entries)
+        self.seconds["scan and ledger lookup"] += time.perf_counter() - started
+        return done
+
+    def items(self, files: Iterable[FileEntry]) -> Iterator[WorkItem]:
+        batches = _batches(files, self.batch_size)
+        while True:
+            started = time.perf_counter()  # the folder walk, lazily, a batch at a time
+            batch = next(batches, None)
+            self.seconds["scan and ledger lookup"] += time.perf_counter() - started
+            if batch is None:
+                return
+            done = self._done(batch)
+            for entry in batch:
+                self.entries_passed += 1
+                if entry.path in done and is_archive(entry.path):
+                    self.report.archives_skipped += 1  # unchanged: not opened again
+                elif entry.path in done:
+                    self.report.files_already_done += 1
+                elif is_archive(entry.path):
+                    yield from self._members(entry)
+                else:
+                    yield entry
+
+    def _members(self, archive: FileEntry) -> Iterator[WorkItem]:
+        """The archive's members not done (an archive changed or failed before may hold
+        members recorded already), then what ends the archive (``Opened`` or ``Failed``)."""
+        for chunk in _batches(iter_members(archive), self.batch_size):
+            done = self._done([item.entry for item in chunk if _is_member(item)])
+            self.report.files_already_done += len(done)
+            yield from (item for item in chunk if item.entry.path not in done)
+
+
 def ingest_folder(
     conn: psycopg.Connection,
     state: RunState,
@@ -142,21 +229,8 @@ def ingest_folder(
     def in_window(e: FileEntry) -> bool:
         return (after is None or e.ctime_ns > after) and (until is None or e.ctime_ns <= until)
 
-    def pending_batches() -> Iterator[list[FileEntry]]:
-        files = filter(in_window, iter_files(root))
-        while True:
-            started = time.perf_counter()
-            batch = list(itertools.islice(files, batch_size))
-            if not batch:
-                return
-            report.files_seen += len(batch)
-            done = _unchanged_paths(conn, state.schemas, batch)
-            report.files_already_done += len(done)
-            seconds["scan and ledger lookup"] += time.perf_counter() - started
-            todo = [e for e in batch if e.path not in done]
-            if todo:
-                yield todo
-
+    files = filter(in_window, iter_files(root))
+    scan = _Scan(conn, state.schemas, batch_size, report, seconds)
     reporter = None
     if log_progress is not None:
         # A walk without stat; a sensor's window needs the change times, so it stats.
@@ -167,7 +241,7 @@ def ingest_folder(
         )
 
     outcomes_per_batch = parse_batches(
-        pending_batches(), workers, state.analytics.enabled, phi_policy
+        _batches(scan.items(files), batch_size), workers, state.analytics.enabled, phi_policy
     )
     while True:
         started = time.perf_counter()
@@ -181,7 +255,7 @@ def ingest_folder(
         if progress:
             progress(report)
         if reporter:
-            reporter.update(sum(report.status_counts.values()) + report.files_already_done)
+            reporter.update(scan.entries_passed)
     # Scanning happens inside the wait for parsed batches; count it once.
     seconds["parse (waiting on workers)"] = max(
         0.0, seconds["parse (waiting on workers)"] - seconds["scan and ledger lookup"]

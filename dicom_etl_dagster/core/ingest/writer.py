@@ -135,6 +135,8 @@ class RunState:
 class IngestReport:
     files_seen: int = 0
     files_already_done: int = 0
+    archives_read: int = 0  # archives opened and read to their end (their members are files)
+    archives_skipped: int = 0  # unchanged archives not opened again
     status_counts: Counter = field(default_factory=Counter)
     rows: Counter = field(default_factory=Counter)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
@@ -152,6 +154,8 @@ class IngestReport:
 
     def merge(self, other: IngestReport) -> None:
         self.files_already_done += other.files_already_done
+        self.archives_read += other.archives_read
+        self.archives_skipped += other.archives_skipped
         self.status_counts.update(other.status_counts)
         self.rows.update(other.rows)
         self.failures.extend(other.failures)
@@ -446,7 +450,10 @@ def _write_ledger(
                 *_odd_value_columns(e.odd_value_tags, report),
             )
         )
-        report.status_counts[e.status.value] += 1  # plain text keys, as reports print them
+        if e.archive:  # not a file of the counts: its members are
+            report.archives_read += 1
+        else:
+            report.status_counts[e.status.value] += 1  # plain text keys, as reports print them
         if e.status == LedgerStatus.FAILED:
             report.failures.append((e.entry.path, e.reason or ""))
     report.rows["dicom_ingest_log"] += _copy_any(

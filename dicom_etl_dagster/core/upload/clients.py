@@ -29,6 +29,11 @@ import requests
 
 from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.core.errors import DicomEtlError
+from dicom_etl_dagster.core.ingest.archives import (
+    ArchiveMemberError,
+    open_member,
+    split_member_path,
+)
 from dicom_etl_dagster.core.upload.uploader import (
     FileRejectedError,
     ServerRejectedError,
@@ -253,6 +258,12 @@ class _HttpClient:
 
     @staticmethod
     def _open(path: str):
+        if split_member_path(path) is not None:  # streamed from its archive, never extracted
+            try:
+                stream, size, _mtime_ns = open_member(path)
+            except ArchiveMemberError as exc:
+                raise FileRejectedError(f"{path}: {exc}") from None
+            return stream, size
         try:
             handle = open(path, "rb")  # noqa: SIM115 (closed by the request that streams it)
             return handle, os.fstat(handle.fileno()).st_size

@@ -157,7 +157,12 @@ class UploadRecords:
         row = self._conn.execute(sql.SQL(_COUNTS).format(**self._names), params).fetchone()
         pending, held = (0, 0) if row is None else (int(row[0]), int(row[1]))
         ingested = self._scalar(
-            sql.SQL("SELECT count(*) FROM {ledger} WHERE status = 'ingested'"), {}
+            # Not the rows of archives: their members are the files (``core/ingest/archives``).
+            sql.SQL(
+                "SELECT count(*) FROM {ledger} WHERE status = 'ingested'"
+                " AND sop_instance_uid IS NOT NULL"
+            ),
+            {},
         )
         return PendingCounts(pending, ingested - pending - held, held)
 

@@ -31,6 +31,11 @@ import psycopg
 from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.core.db.tables import Tables
 from dicom_etl_dagster.core.errors import DicomEtlError
+from dicom_etl_dagster.core.ingest.archives import (
+    ArchiveMemberError,
+    open_member,
+    split_member_path,
+)
 from dicom_etl_dagster.core.progress import ProgressReporter
 from dicom_etl_dagster.core.upload.records import (
     PendingFile,
@@ -129,19 +134,30 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _check_unchanged(item: PendingFile) -> str | None:
-    """Why this file cannot be uploaded as ingested, or None if it is still the ingested file."""
+def _size_and_mtime(path: str) -> tuple[int, int] | str:
+    """(size, mtime in ns) of a file or of an archive member (its entry's); else why not."""
+    if split_member_path(path) is not None:
+        try:
+            stream, size, mtime_ns = open_member(path)
+        except ArchiveMemberError as exc:
+            return str(exc)
+        stream.close()
+        return size, mtime_ns
     try:
-        stat = os.stat(item.path)
+        stat = os.stat(path)
     except FileNotFoundError:
         return "file no longer exists"
     except OSError as exc:
         return f"cannot read file: {exc.strerror or type(exc).__name__}"
-    if (
-        item.size is not None
-        and item.mtime_ns is not None
-        and (stat.st_size, stat.st_mtime_ns) != (item.size, item.mtime_ns)
-    ):
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _check_unchanged(item: PendingFile) -> str | None:
+    """Why this file cannot be uploaded as ingested, or None if it is still the ingested file."""
+    found = _size_and_mtime(item.path)
+    if isinstance(found, str):
+        return found
+    if item.size is not None and item.mtime_ns is not None and found != (item.size, item.mtime_ns):
         return "file changed since it was ingested; run ingest_metadata again first"
     return None
 
@@ -227,8 +243,12 @@ class _UploadRun:
 
     def report_progress(self) -> None:
         report = self.report
-        done = report.files_sent + report.failed
-        self.progress.update(done, note=f"{report.failed} failed, {report.bytes_sent} bytes sent")
+        done = report.files_sent + report.failed + report.rejected
+        self.progress.update(
+            done,
+            note=f"{report.failed} failed, {report.rejected} refused by the server, "
+            f"{report.bytes_sent} bytes sent",
+        )
 
     def run(self, executor: ThreadPoolExecutor) -> None:
         pending = self.records.iter_pending()

@@ -26,9 +26,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_etl_dagster.core.dicom.fast_path import NeedsPydicom, read_fast
-from dicom_etl_dagster.core.dicom.reader import _INSTANCE_TAGS, DicomReadError, read_instance
-from dicom_etl_dagster_tests.dicom_samples import read_rows
+from dicom_etl_dagster.core.dicom.reader import DicomReadError, read_instance
+from dicom_etl_dagster_tests.dicom_samples import read_rows, takes_fast_path
 
 _LONG = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
 BOTH_PATHS = pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "pydicom"])
@@ -85,15 +84,6 @@ def part10(
     dataset = b"".join(data for _, data in sorted(encoded + list(raw)))
     path.write_bytes(b"\x00" * 128 + b"DICM" + file_meta(syntax, sop) + after_meta + dataset)
     return path
-
-
-def takes_fast_path(path: Path) -> bool:
-    with open(path, "rb") as fp:
-        try:
-            read_fast(fp, path.stat().st_size, _INSTANCE_TAGS)
-        except NeedsPydicom:
-            return False
-    return True
 
 
 def rows_by_tag(path: Path, fast_path: bool) -> dict[str, list]:
