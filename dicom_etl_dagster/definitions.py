@@ -14,7 +14,7 @@ from dicom_etl_dagster.loggers import console_logger
 from dicom_etl_dagster.resources.database import PostgresResource
 from dicom_etl_dagster.resources.dicom_server import DicomServerResource
 from dicom_etl_dagster.resources.dicomweb_source import DicomWebSourceResource
-from dicom_etl_dagster.sensors import new_dicom_files
+from dicom_etl_dagster.sensors import new_dicom_files, new_dicomweb_series
 
 
 def default_database() -> PostgresResource:
@@ -35,7 +35,7 @@ def build_definitions(
     return dg.Definitions(
         assets=[*VOCABULARY_ASSETS, *IMAGING_ASSETS, *UPLOAD_ASSETS],
         jobs=JOBS,
-        sensors=[new_dicom_files],
+        sensors=[new_dicom_files, new_dicomweb_series],
         executor=default_executor(),
         loggers={"console": console_logger},
         resources={
