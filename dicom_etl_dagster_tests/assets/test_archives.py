@@ -263,7 +263,7 @@ def test_dicomweb_upload_of_members_refuses_a_changed_or_gone_archive(
     assert not result.success
     metadata = upload_metadata(result)
     assert (metadata["files_uploaded"], metadata["files_failed"]) == (2, 4)
-    assert "4 file(s) were rejected" in failure_message(result)
+    assert "4 file(s) could not be uploaded" in failure_message(result)
     message = str(metadata["first_failures"])
     assert f"{zip_path}!/a/CT_small.dcm: file changed since it was ingested" in message
     assert f"{tgz_path}!/b/rtplan.dcm: cannot read archive member: FileNotFoundError" in message
