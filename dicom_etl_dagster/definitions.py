@@ -8,13 +8,14 @@ from dicom_etl_dagster.assets.imaging import IMAGING_ASSETS
 from dicom_etl_dagster.assets.upload import UPLOAD_ASSETS
 from dicom_etl_dagster.assets.vocabulary import VOCABULARY_ASSETS
 from dicom_etl_dagster.core import settings
+from dicom_etl_dagster.dicomweb_sensor import new_dicomweb_series
 from dicom_etl_dagster.executor import default_executor
 from dicom_etl_dagster.jobs import JOBS
 from dicom_etl_dagster.loggers import console_logger
 from dicom_etl_dagster.resources.database import PostgresResource
 from dicom_etl_dagster.resources.dicom_server import DicomServerResource
 from dicom_etl_dagster.resources.dicomweb_source import DicomWebSourceResource
-from dicom_etl_dagster.sensors import new_dicom_files, new_dicomweb_series
+from dicom_etl_dagster.sensors import new_dicom_files
 
 
 def default_database() -> PostgresResource:

@@ -1,5 +1,5 @@
-"""Sensors that turn new DICOM data into bounded ingest_metadata runs: new or changed files
-in a folder, and new stable series on an Orthanc DICOMweb source."""
+"""A sensor that turns new or changed DICOM files into bounded ingest_metadata runs (the
+DICOMweb source's sensor is ``dicomweb_sensor.py``)."""
 
 import hashlib
 import json
@@ -11,11 +11,6 @@ import dagster as dg
 
 from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.core.ingest.new_files import plan_batches
-from dicom_etl_dagster.core.sources.orthanc_changes import (
-    OrthancFeed,
-    OrthancFeedError,
-    orthanc_root,
-)
 from dicom_etl_dagster.jobs import ingest_metadata
 
 
@@ -25,11 +20,11 @@ def watched_roots() -> list[str]:
     return [str(Path(p).resolve()) for p in value.split(os.pathsep) if p.strip()]
 
 
-def _root_key(root: str) -> str:
+def root_key(root: str) -> str:
     return hashlib.sha1(root.encode()).hexdigest()[:10]
 
 
-def _base_options() -> dict:
+def base_options() -> dict:
     """The options every sensor run starts from: DICOM_ETL_SENSOR_OPTIONS (a JSON options document) or defaults."""
     path = settings.SENSOR_OPTIONS.value()
     if not path:
@@ -58,7 +53,7 @@ def new_dicom_files(context: dg.SensorEvaluationContext):
     runs_left = settings.SENSOR_MAX_RUNS_PER_TICK.as_int()
     requests, notes = [], []
     for root in roots:
-        key = _root_key(root)
+        key = root_key(root)
         started = time.perf_counter()
         plan = plan_batches(
             root,
@@ -77,7 +72,7 @@ def new_dicom_files(context: dg.SensorEvaluationContext):
         )
         for batch in plan.batches:
             options = {
-                **_base_options(),
+                **base_options(),
                 "dicom_files_abs_path": root,
                 "changed_after_ns": batch.after_ns,
                 "changed_until_ns": batch.until_ns,
@@ -98,71 +93,4 @@ def new_dicom_files(context: dg.SensorEvaluationContext):
         run_requests=requests,
         skip_reason=None if requests else "no new settled files: " + "; ".join(notes),
         cursor=json.dumps(cursor, sort_keys=True),
-    )
-
-
-def _source_auth() -> tuple[str, str] | None:
-    user = settings.SOURCE_USER.value()
-    return (user, settings.SOURCE_PASSWORD.value() or "") if user else None
-
-
-def _series_run(
-    source: str, series: list[tuple[str, str]], first: int, last: int, part: int
-) -> dg.RunRequest:
-    """One run for a batch of series; its key is the feed's range and the batch's place in it,
-    so a tick repeated after a crash requests the same runs and Dagster launches none twice."""
-    options = {
-        **_base_options(),
-        "dicomweb_source_url": source,
-        "dicomweb_series": [f"{study}/{se}" for study, se in series],
-    }
-    return dg.RunRequest(
-        run_key=f"dicomweb:{_root_key(source)}:{first}-{last}:{part}",
-        run_config={"options": options},
-        tags={
-            "dicom_etl/dicomweb_source": source,
-            "dicom_etl/changes": f"{first}-{last}",
-            "dicom_etl/series": str(len(series)),
-        },
-    )
-
-
-@dg.sensor(
-    name="new_dicomweb_series",
-    job=ingest_metadata,
-    minimum_interval_seconds=60,
-    default_status=dg.DefaultSensorStatus.RUNNING
-    if settings.SOURCE_URL.is_set()
-    else dg.DefaultSensorStatus.STOPPED,
-    description=f"Reads the /changes feed of the Orthanc behind {settings.SOURCE_URL.name} and "
-    "requests one ingest_metadata run per batch of new stable series.",
-)
-def new_dicomweb_series(context: dg.SensorEvaluationContext):
-    source = settings.SOURCE_URL.value()
-    if not source:
-        return dg.SkipReason(f"no DICOMweb source to watch: set {settings.SOURCE_URL.name}")
-    per_run = max(1, settings.SENSOR_MAX_SERIES_PER_RUN.as_int())
-    runs = max(1, settings.SENSOR_MAX_RUNS_PER_TICK.as_int())
-    since = int(context.cursor) if context.cursor else 0
-    feed = OrthancFeed(orthanc_root(source, settings.SOURCE_ORTHANC_URL.value()), _source_auth())
-    try:
-        found = feed.stable_series(since, per_run * runs)
-    except OrthancFeedError as exc:
-        return dg.SkipReason(f"{exc}; the cursor stays at change {since}")  # next tick tries again
-    finally:
-        feed.close()
-    batches = [found.series[i : i + per_run] for i in range(0, len(found.series), per_run)]
-    requests = [
-        _series_run(source, batch, since, found.cursor, part) for part, batch in enumerate(batches)
-    ]
-    note = (
-        f"{feed.root}/changes {since}..{found.cursor}: {found.changes_read} changes, "
-        f"{len(found.series)} new stable series in {len(requests)} run(s)"
-        f"{', more left for the next tick' if found.more else ''}"
-    )
-    context.log.info(note)
-    return dg.SensorResult(
-        run_requests=requests,
-        skip_reason=None if requests else f"no new stable series: {note}",
-        cursor=str(found.cursor),
     )

@@ -37,7 +37,8 @@ def test_dg_list_defs_sees_the_contract_jobs_and_the_sensor(tmp_path, vocab_dir)
     assert completed.returncode == 0, completed.stderr[-3000:]
     defs = json.loads(completed.stdout)
     assert sorted(job["name"] for job in defs["jobs"]) == ["ingest_metadata", "load_vocab"]
-    assert [sensor["name"] for sensor in defs["sensors"]] == ["new_dicom_files"]
+    sensors = sorted(sensor["name"] for sensor in defs["sensors"])
+    assert sensors == ["new_dicom_files", "new_dicomweb_series"]
     assert {asset["group_name"] for asset in defs["assets"]} == {"vocabulary", "imaging", "upload"}
 
 

@@ -122,9 +122,9 @@ def test_code_location_lists_assets_jobs_and_sensor(webserver):
     assert {"load_vocab", "ingest_metadata"} <= {
         p["name"] for p in repository["pipelines"] if p["isJob"]
     }
-    assert [s["name"] for s in repository["sensors"]] == ["new_dicom_files"]
-    # No folder configured for the webserver: the sensor starts stopped.
-    assert repository["sensors"][0]["sensorState"]["status"] == "STOPPED"
+    sensors = {s["name"]: s["sensorState"]["status"] for s in repository["sensors"]}
+    # No folder and no DICOMweb source configured for the webserver: both start stopped.
+    assert sensors == {"new_dicom_files": "STOPPED", "new_dicomweb_series": "STOPPED"}
 
     nodes = {
         "/".join(n["assetKey"]["path"]): n

@@ -87,6 +87,16 @@ SOURCE_ORTHANC_URL = Setting(
     "DICOM_ETL_SOURCE_ORTHANC_URL",
     "Orthanc REST root whose /changes feed the sensor reads; unset: the source URL without /dicom-web",
 )
+SOURCE_FEED = Setting(
+    "DICOM_ETL_SOURCE_FEED",
+    "how the DICOMweb sensor sees new data: orthanc (/changes), qido (StudyDate window) or auto",
+    default="auto",
+)
+SENSOR_STUDY_DATE_DAYS = Setting(
+    "DICOM_ETL_SENSOR_STUDY_DATE_DAYS",
+    "days of StudyDate, ending today, the qido feed watches",
+    default="7",
+)
 SENSOR_MAX_SERIES_PER_RUN = Setting(
     "DICOM_ETL_SENSOR_MAX_SERIES_PER_RUN",
     "series per run the DICOMweb sensor requests",
@@ -112,5 +122,7 @@ SETTINGS: tuple[Setting, ...] = (
     SOURCE_PASSWORD,
     SOURCE_URL,
     SOURCE_ORTHANC_URL,
+    SOURCE_FEED,
+    SENSOR_STUDY_DATE_DAYS,
     SENSOR_MAX_SERIES_PER_RUN,
 )

@@ -38,6 +38,7 @@ _DATE = re.compile(r"[0-9]{8}")
 _STUDY_UID = "0020000D"
 _SERIES_UID = "0020000E"
 _SOP_UID = "00080018"
+_STUDY_INSTANCES = "00201208"  # NumberOfStudyRelatedInstances
 
 
 class SourceConfigError(DicomEtlError):
@@ -118,6 +119,17 @@ class DicomWebSource:
             uid = first_value(item, _STUDY_UID)
             if uid:
                 yield str(uid)
+
+    def study_sizes(self, study_date: str | None = None) -> Iterator[tuple[str, int | None]]:
+        """(StudyInstanceUID, NumberOfStudyRelatedInstances) of each study, as ``studies``;
+        the count is None where the server does not send it (it is optional in QIDO-RS)."""
+        params = {"includefield": f"{_STUDY_UID},{_STUDY_INSTANCES}"}
+        if study_date:
+            params["StudyDate"] = study_date
+        for item in self._paged("/studies", "studies", params):
+            uid, count = first_value(item, _STUDY_UID), first_value(item, _STUDY_INSTANCES)
+            if uid:
+                yield str(uid), int(count) if count is not None else None
 
     def series(self, study: str) -> list[str]:
         path = f"/studies/{quote(study)}/series"

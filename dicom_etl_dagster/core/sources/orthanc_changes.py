@@ -1,8 +1,11 @@
 """Which series became stable on an Orthanc server since a cursor: its REST ``/changes`` feed.
 
 Why ``/changes`` rather than polling QIDO: Orthanc numbers every change (``Seq``) and reports
-``StableSeries`` / ``StableStudy`` once no instance has arrived for ``StableAge`` seconds, so
-a sensor sees each finished series once, in order, whatever the archive's size. The feed's
+``StableSeries`` once no instance of a series has arrived for ``StableAge`` seconds, so a
+sensor sees each finished series once, in order, whatever the archive's size (and again when
+instances are added to it later: then the run fetches only those). ``StableStudy`` events are
+not used: each of the study's series has its own ``StableSeries``, and a study event read in
+a later tick than its series' events would request those series a second time. The feed's
 ``Last`` is the cursor. Orthanc names resources by its own ids; a series' DICOM UIDs are one
 ``GET /series/{id}`` (and its study's one ``GET /studies/{id}``) away.
 
@@ -90,27 +93,31 @@ class OrthancFeed:
         study_uid = self._study_uids[study_id]
         return (study_uid, series_uid) if study_uid and series_uid else None
 
-    def _study_series(self, study_id: str) -> list[str]:
-        return [str(s) for s in self._get(f"/studies/{study_id}").get("Series") or []]
+    def is_orthanc(self) -> bool:
+        """Does the root answer as Orthanc's REST API? (``/system`` names its API version.)
+        A server that does not answer at all raises OrthancFeedError."""
+        try:
+            system = self._get("/system")
+        except OrthancFeedError as exc:
+            if "does not answer" in str(exc):
+                raise
+            return False
+        return isinstance(system, dict) and "ApiVersion" in system
 
     def stable_series(self, since: int, max_series: int) -> StableSeries:
-        """Series that became stable after change ``since``, at most ``max_series`` of them.
-
-        A StableStudy stands for each of its series (a study may be stable before one of its
-        series' own event is read); a series met twice is taken once.
-        """
+        """Series that became stable after change ``since``, at most ``max_series`` of them
+        (a series met twice in the feed is taken once)."""
         found = StableSeries(cursor=since)
         seen: set[str] = set()
         while True:
             page = self._get("/changes", since=found.cursor, limit=CHANGES_PAGE)
             changes = page.get("Changes") or []
             for change in changes:
-                ids = self._ids_of(change)
-                new = [i for i in ids if i not in seen]
-                if len(found.series) + len(new) > max_series and found.series:
-                    found.more = True
-                    return found  # cursor stays before this change: the next tick takes it
-                for series_id in new:
+                series_id = str(change.get("ID") or "")
+                if change.get("ChangeType") == "StableSeries" and series_id not in seen:
+                    if len(found.series) >= max_series:
+                        found.more = True
+                        return found  # cursor stays before this change: the next tick takes it
                     seen.add(series_id)
                     uids = self._still_there(self._series_uids, series_id)
                     if uids:
@@ -120,16 +127,6 @@ class OrthancFeed:
             if page.get("Done", True) or not changes:
                 found.cursor = max(found.cursor, int(page.get("Last", found.cursor)))
                 return found
-
-    def _ids_of(self, change: dict[str, Any]) -> list[str]:
-        kind, resource = change.get("ChangeType"), str(change.get("ID") or "")
-        if not resource:
-            return []
-        if kind == "StableSeries":
-            return [resource]
-        if kind == "StableStudy":
-            return self._still_there(self._study_series, resource) or []
-        return []
 
     def _still_there(self, lookup: Callable[[str], Any], resource: str) -> Any:
         """``lookup(resource)``; None when the resource was deleted since its change (HTTP
