@@ -18,18 +18,13 @@ import dagster as dg
 
 from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.core.errors import DicomEtlError
-from dicom_etl_dagster.core.sources.dicomweb import DicomWebSource
 from dicom_etl_dagster.core.sources.orthanc_changes import OrthancFeed, orthanc_root
 from dicom_etl_dagster.core.sources.qido_window import window_fingerprint, window_start
 from dicom_etl_dagster.jobs import ingest_metadata
+from dicom_etl_dagster.resources.dicomweb_source import DicomWebSourceResource
 from dicom_etl_dagster.sensors import base_options, root_key
 
 FEEDS = ("auto", "orthanc", "qido")
-
-
-def _source_auth() -> tuple[str, str] | None:
-    user = settings.SOURCE_USER.value()
-    return (user, settings.SOURCE_PASSWORD.value() or "") if user else None
 
 
 def _series_run(
@@ -75,10 +70,10 @@ def _orthanc_tick(context: dg.SensorEvaluationContext, source: str, feed: Orthan
     )
 
 
-def _qido_tick(context: dg.SensorEvaluationContext, source: str):
+def _qido_tick(context: dg.SensorEvaluationContext, source: str, resource: DicomWebSourceResource):
     days = settings.SENSOR_STUDY_DATE_DAYS.as_int()
     date_from = window_start(datetime.date.today(), days)
-    with DicomWebSource(source, _source_auth()) as client:
+    with resource.source(source) as client:
         found = window_fingerprint(client, date_from)
     cursor = f"qido:{date_from}:{found.digest}"
     note = (
@@ -108,18 +103,22 @@ def _qido_tick(context: dg.SensorEvaluationContext, source: str):
     description=f"Watches the DICOMweb source {settings.SOURCE_URL.name} (Orthanc's /changes "
     "feed, else a StudyDate window) and requests ingest_metadata runs for what is new.",
 )
-def new_dicomweb_series(context: dg.SensorEvaluationContext):
+def new_dicomweb_series(
+    context: dg.SensorEvaluationContext, dicomweb_source: DicomWebSourceResource
+):
+    # The credentials come from the resource (DICOM_ETL_SOURCE_* through dg.EnvVar), as a run's.
     source = settings.SOURCE_URL.value()
     if not source:
         return dg.SkipReason(f"no DICOMweb source to watch: set {settings.SOURCE_URL.name}")
     kind = settings.SOURCE_FEED.value() or "auto"
     if kind not in FEEDS:
         return dg.SkipReason(f"{settings.SOURCE_FEED.name} must be one of {FEEDS}, not {kind!r}")
-    feed = OrthancFeed(orthanc_root(source, settings.SOURCE_ORTHANC_URL.value()), _source_auth())
+    root = orthanc_root(source, settings.SOURCE_ORTHANC_URL.value())
+    feed = OrthancFeed(root, dicomweb_source.auth(), dicomweb_source.read_timeout_seconds)
     try:
         if kind == "orthanc" or (kind == "auto" and feed.is_orthanc()):
             return _orthanc_tick(context, source, feed)
-        return _qido_tick(context, source)
+        return _qido_tick(context, source, dicomweb_source)
     except DicomEtlError as exc:  # the server is down or refuses: the next tick tries again
         return dg.SkipReason(f"{exc}; the cursor stays at {context.cursor or 'the start'}")
     finally:

@@ -40,12 +40,15 @@ class DicomWebSourceResource(dg.ConfigurableResource):
         wired: dict[str, Any] = {n: dg.EnvVar(s.name) for n, s in fields.items() if s.is_set()}
         return cls(**wired)
 
+    def auth(self) -> tuple[str, str] | None:
+        """HTTP Basic (user, password), or None without a user."""
+        return (self.username, self.password or "") if self.username else None
+
     def source(self, url: str) -> DicomWebSource:
         """A client of ``url``; user info in the URL is taken out of it (and used if no user is set)."""
-        auth = (self.username, self.password or "") if self.username else None
         return DicomWebSource(
             url,
-            auth,
+            self.auth(),
             SourceSettings(
                 connect_timeout=self.connect_timeout_seconds,
                 read_timeout=self.read_timeout_seconds,

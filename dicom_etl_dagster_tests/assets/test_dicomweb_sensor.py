@@ -60,7 +60,8 @@ def wait_for_stable_series(orthanc, count: int, timeout: float = 60.0) -> None:
 
 
 def tick(cursor: str | None = None):
-    with dg.build_sensor_context(cursor=cursor) as context:
+    resources = {"dicomweb_source": DicomWebSourceResource(**FAST)}
+    with dg.build_sensor_context(cursor=cursor, resources=resources) as context:
         return new_dicomweb_series(context)
 
 
