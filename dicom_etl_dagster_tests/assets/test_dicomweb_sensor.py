@@ -6,19 +6,17 @@ from __future__ import annotations
 
 import datetime
 import time
-from pathlib import Path
 
 import dagster as dg
-import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
 from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.dicomweb_sensor import new_dicomweb_series
 from dicom_etl_dagster.resources.dicomweb_source import DicomWebSourceResource
-from dicom_etl_dagster_tests.assets.test_dicomweb_source import FAST, fill, run_metadata
+from dicom_etl_dagster_tests.assets.test_dicomweb_source import FAST, clones, fill, run_metadata
 from dicom_etl_dagster_tests.helpers import ledger, options, run_job
-from dicom_etl_dagster_tests.orthanc import free_port, pydicom_test_file, start_orthanc
+from dicom_etl_dagster_tests.orthanc import free_port, start_orthanc
 
 TODAY = datetime.date.today().strftime("%Y%m%d")
 
@@ -34,18 +32,7 @@ def source(tmp_path, monkeypatch, database_url):
 
 
 def series_files(count: int, study: str, series: str, study_date: str = TODAY) -> list[bytes]:
-    template = pydicom.dcmread(pydicom_test_file("CT_small.dcm"))
-    template.StudyInstanceUID, template.SeriesInstanceUID = study, series
-    template.StudyDate = study_date
-    files = []
-    for i in range(count):
-        template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        template.InstanceNumber = i + 1
-        path = Path(f"/tmp/dicomweb-sensor-{template.SOPInstanceUID}.dcm")
-        template.save_as(path)
-        files.append(path.read_bytes())
-        path.unlink()
-    return files
+    return clones(count, study, series, study_date)
 
 
 def wait_for_stable_series(orthanc, count: int, timeout: float = 60.0) -> None:

@@ -32,11 +32,15 @@ def vocab_url(database_url) -> str:
     return database_url
 
 
-def clones(count: int, study: str | None = None, series: str | None = None) -> list[bytes]:
-    """``count`` copies of CT_small as new instances of one series (new UIDs unless given)."""
+def clones(
+    count: int, study: str | None = None, series: str | None = None, study_date: str | None = None
+) -> list[bytes]:
+    """``count`` copies of CT_small as new instances of one series (new UIDs unless given;
+    CT_small's StudyDate unless given)."""
     template = pydicom.dcmread(pydicom_test_file("CT_small.dcm"))
     template.StudyInstanceUID = study or generate_uid()
     template.SeriesInstanceUID = series or generate_uid()
+    template.StudyDate = study_date or template.StudyDate
     files = []
     for i in range(count):
         template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = generate_uid()
