@@ -27,6 +27,7 @@ import requests
 
 from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.core.errors import DicomEtlError
+from dicom_etl_dagster.core.http_sessions import PerThreadSessions
 from dicom_etl_dagster.core.upload.clients import split_credentials
 
 _DICOM_JSON = "application/dicom+json"
@@ -82,7 +83,7 @@ def first_value(item: dict[str, Any], tag: str) -> Any:
     return values[0]
 
 
-class DicomWebSource:
+class DicomWebSource(PerThreadSessions):
     """One DICOMweb root; ``requests_made`` counts the requests by kind (for reports and tests)."""
 
     def __init__(
@@ -95,11 +96,9 @@ class DicomWebSource:
         if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
             raise SourceConfigError(f"dicomweb_source_url {url!r} is not an http(s) URL")
         self.root = url
-        self._auth = auth or ((user, password or "") if user else None)
+        super().__init__(auth or ((user, password or "") if user else None))
         self._config = config
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()  # requests_made is counted from the fetch threads
         self.requests_made: Counter = Counter()
 
     # -- URLs the ledger and image_occurrence hold --------------------------------------------
@@ -233,31 +232,3 @@ class DicomWebSource:
             return f"no answer within {self._config.read_timeout:g} s"
         found = _ERRNO_REASON.search(str(exc))
         return found.group(1).strip().lower() if found else type(exc).__name__
-
-    def _scrub(self, text: str) -> str:
-        if self._auth and self._auth[1]:
-            text = text.replace(self._auth[1], "***")
-        return text
-
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.auth = self._auth
-            session.trust_env = False  # no ~/.netrc or proxy variables deciding where we connect
-            self._local.session = session
-            with self._lock:
-                self._sessions.append(session)
-        return session
-
-    def close(self) -> None:
-        with self._lock:
-            for session in self._sessions:
-                session.close()
-            self._sessions.clear()
-
-    def __enter__(self) -> DicomWebSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

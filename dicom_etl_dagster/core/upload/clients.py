@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ import requests
 
 from dicom_etl_dagster.core import settings
 from dicom_etl_dagster.core.errors import DicomEtlError
+from dicom_etl_dagster.core.http_sessions import PerThreadSessions
 from dicom_etl_dagster.core.ingest.archives import (
     ArchiveMemberError,
     open_member,
@@ -99,7 +99,7 @@ class _MultipartBody:
         yield self._tail
 
 
-class _HttpClient:
+class _HttpClient(PerThreadSessions):
     """Retries, timeouts, per-thread sessions and clear, credential-free errors."""
 
     kind = ""
@@ -113,44 +113,13 @@ class _HttpClient:
         retries: int,
         backoff_seconds: float,
     ) -> None:
+        super().__init__(auth)
         self.server_url = server_url
-        self._auth = auth
         self._timeout = (connect_timeout, read_timeout)
         self._retries = max(0, retries)
         self._backoff = max(0.0, backoff_seconds)
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
-        self._lock = threading.Lock()
 
     # -- plumbing ---------------------------------------------------------------------------
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.auth = self._auth
-            session.trust_env = False  # no ~/.netrc or proxy variables deciding where files go
-            self._local.session = session
-            with self._lock:
-                self._sessions.append(session)
-        return session
-
-    def close(self) -> None:
-        with self._lock:
-            for session in self._sessions:
-                session.close()
-            self._sessions.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _scrub(self, text: str) -> str:
-        if self._auth and self._auth[1]:
-            text = text.replace(self._auth[1], "***")
-        return text
-
     def _reason(self, exc: requests.RequestException) -> str:
         if isinstance(exc, requests.ConnectTimeout):
             return f"connection timed out after {self._timeout[0]:g} s"
