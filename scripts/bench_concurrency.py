@@ -300,6 +300,8 @@ def markdown(report: dict) -> str:
         "",
         f"Corpus: {report['corpus']}",
         "",
+        "Environment: " + ", ".join(f"{k} {v}" for k, v in report["environment"].items()),
+        "",
         "| N | files | wall s | files/s (all) | files/s per run | lock-wait share | "
         "overlapping COPY share | max COPYs at once | metadata B/file (table + indexes) |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -339,7 +341,9 @@ def markdown(report: dict) -> str:
         "active backend samples. Overlapping COPY share: samples with ≥2 backends in "
         "`COPY … dicom_file_metadata` ÷ samples with ≥1. Bytes per file: pg_table_size / "
         "pg_indexes_size summed over pg_partition_tree(dicom_file_metadata) ÷ files in the "
-        "ingest log. Fresh schemas per N.",
+        "ingest log. Fresh schemas per N. CPU n/a: a run of fewer than 3 batches. main and "
+        "backend are read at every batch; main + workers is the sampler's coarser figure "
+        "(the process list is refreshed once a second).",
     ]
     return "\n".join(out)
 

@@ -18,6 +18,9 @@ Phases, all on the same files:
 4. Orthanc: ``POST /instances`` of every file to a throwaway Orthanc on a free loopback
    port, when the ``Orthanc`` binary is installed (``apt-get install orthanc``).
 
+``--concurrent-runs 1,2,4`` runs none of these phases but, for each N, N concurrent ingest
+processes over disjoint slices of the corpus against one PostgreSQL (``bench_concurrency.py``).
+
 PostgreSQL is a throwaway ``pgserver`` instance unless ``--database-url`` is given; in a
 given database the schemas ``dicom_etl_bench_*`` are dropped and re-created.
 
