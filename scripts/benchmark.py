@@ -18,6 +18,9 @@ Phases, all on the same files:
 4. Orthanc: ``POST /instances`` of every file to a throwaway Orthanc on a free loopback
    port, when the ``Orthanc`` binary is installed (``apt-get install orthanc``).
 
+``--concurrent-runs 1,2,4`` runs none of these phases but, for each N, N concurrent ingest
+processes over disjoint slices of the corpus against one PostgreSQL (``bench_concurrency.py``).
+
 PostgreSQL is a throwaway ``pgserver`` instance unless ``--database-url`` is given; in a
 given database the schemas ``dicom_etl_bench_*`` are dropped and re-created.
 
@@ -1193,6 +1196,17 @@ def resolve_corpus(args, workdir: Path) -> tuple[Path, dict]:
     }
 
 
+def _run_counts(text: str) -> list[int]:
+    """``--concurrent-runs 1,2,4`` -> ``[1, 2, 4]``."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"positive integers separated by commas, not {text!r}")
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -1269,6 +1283,15 @@ def main(argv: list[str] | None = None) -> int:
         help="repeat a phase (up to N times) when other processes used over 5%% of the CPUs "
         "during it, and report the quietest run (default 0)",
     )
+    parser.add_argument(
+        "--concurrent-runs",
+        type=_run_counts,
+        metavar="N,N,...",
+        help="instead of the phases: for each N, N concurrent ingest runs (processes) over "
+        "disjoint slices of the corpus against one PostgreSQL, fresh schemas per N; files/s, "
+        "lock-wait and overlapping-COPY shares, dicom_file_metadata bytes per file "
+        "(scripts/bench_concurrency.py)",
+    )
     parser.add_argument("--output", type=Path, help="also write the markdown report here")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args(argv)
@@ -1305,6 +1328,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"corpus: {len(paths):,} files under {root}")
         if not paths:
             raise SystemExit(f"no files under {root}")
+        if args.concurrent_runs:
+            import bench_concurrency  # here: it imports this module
+
+            return bench_concurrency.run(args, root, corpus, environment, workdir)
         warm_up_workers(root, args.workers)
 
         def measured(
