@@ -738,8 +738,8 @@ def metadata_bytes_per_file(conn: psycopg.Connection) -> dict[str, int]:
     table = sql.Identifier(SCHEMAS.medical_imaging, "dicom_file_metadata").as_string(conn)
     table_bytes, index_bytes = conn.execute(
         "SELECT coalesce(sum(pg_table_size(relid)), 0), coalesce(sum(pg_indexes_size(relid)), 0)"
-        " FROM pg_partition_tree(%s::regclass)",
-        [table],
+        " FROM (SELECT relid FROM pg_partition_tree(%s::regclass) UNION SELECT %s::regclass) r",
+        [table, table],  # a plain table is no partition tree: itself
     ).fetchone()
     files = conn.execute(
         sql.SQL("SELECT count(*) FROM {} WHERE status = 'ingested'").format(
