@@ -731,7 +731,31 @@ def database_rows(db: Database) -> dict[str, int]:
         counts["database size (MB)"] = round(
             conn.execute("SELECT pg_database_size(current_database())").fetchone()[0] / MIB
         )
+        counts.update(metadata_bytes_per_file(conn))
     return counts
+
+
+def metadata_bytes_per_file(conn: psycopg.Connection) -> dict[str, int]:
+    """dicom_file_metadata's bytes (over its partitions, if any) per file ingested: table
+    (with TOAST) and indexes apart. The EAV table is most of the database."""
+    table = sql.Identifier(SCHEMAS.medical_imaging, "dicom_file_metadata").as_string(conn)
+    table_bytes, index_bytes = conn.execute(
+        "SELECT coalesce(sum(pg_table_size(relid)), 0), coalesce(sum(pg_indexes_size(relid)), 0)"
+        " FROM (SELECT relid FROM pg_partition_tree(%s::regclass) UNION SELECT %s::regclass) r",
+        [table, table],  # a plain table is no partition tree: itself
+    ).fetchone()
+    files = conn.execute(
+        sql.SQL("SELECT count(*) FROM {} WHERE status = 'ingested'").format(
+            sql.Identifier(SCHEMAS.medical_imaging, "dicom_ingest_log")
+        )
+    ).fetchone()[0]
+    if not files:
+        return {}
+    return {
+        "dicom_file_metadata table bytes per file": round(table_bytes / files),
+        "dicom_file_metadata index bytes per file": round(index_bytes / files),
+        "dicom_file_metadata bytes per file": round((table_bytes + index_bytes) / files),
+    }
 
 
 # ---------------------------------------------------------------------------------------------

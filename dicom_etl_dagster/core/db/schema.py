@@ -468,81 +468,127 @@ Index(
     postgresql_where=dicom_data_element.c.private_creator.isnot(None),
 )
 
+
+def _file_metadata_columns() -> list[Column]:
+    """dicom_file_metadata's columns, in order (the partitioned and the plain layout share them)."""
+    return [
+        _id(
+            "metadata_id",
+            BigInteger,
+            "From the ETL's sequence; one row per data element of every dataset.",
+        ),
+        _col("data_element_id", Integer, True, "The tag's dicom_data_element row."),
+        _col(
+            "metadata_source_keyword",
+            String(255),
+            True,
+            "Attribute keyword from the DICOM dictionary, e.g. StudyDate (NULL for private tags).",
+        ),
+        _col("metadata_source_tag", String(20), False, "Tag as (gggg,eeee)."),
+        _col("metadata_source_group_number", String(20), True, "Tag group, e.g. 0008."),
+        _col(
+            "metadata_source_value_representation",
+            String(20),
+            True,
+            "VR of the element as read from the file (PS3.5).",
+        ),
+        _col(
+            "metadata_source_value_multiplicity",
+            String(20),
+            True,
+            "Number of values the element holds.",
+        ),
+        _col(
+            "metadata_source_value",
+            Text,
+            True,
+            "The DICOM JSON model (PS3.18 F.2) Value as JSON; binary VRs as the "
+            "base64 InlineBinary string. PixelData is never stored.",
+        ),
+        _col(
+            "is_sequence",
+            Boolean,
+            True,
+            "True for an SQ element; its items' elements point back to this row.",
+        ),
+        _col("sequence_length", Integer, True, "Number of items of a sequence."),
+        _col(
+            "parent_sequence_id",
+            BigInteger,
+            True,
+            "metadata_id of the sequence row this element is nested in (NULL at top level).",
+        ),
+        _col(
+            "parent_dataset_id",
+            BigInteger,
+            True,
+            "Id of the sequence item (dataset) this element belongs to.",
+        ),
+        _col("is_private", Boolean, True, "True for a private element (odd group number)."),
+        _col("private_creator", String(255), True, "Private creator string of a private element."),
+        _col("sop_instance_id", String(255), True, "SOPInstanceUID of the file."),
+        _col("instance_number", Integer, True, "InstanceNumber of the file."),
+        _col("image_occurrence_id", Integer, False, "Series (image_occurrence) of the file."),
+        _col("etl_created_datetime", TIMESTAMP, False, "When the ETL wrote the row."),
+        _col("etl_modified_datetime", TIMESTAMP, False, "When the ETL last changed the row."),
+    ]
+
+
+_FILE_METADATA_COMMENT = (
+    "Every data element of every ingested DICOM file except pixel data (EAV; values "
+    "as in the DICOM JSON model; nested sequences and private tags included)."
+)
+
+# Created by the ETL since revision 0007: partitioned by metadata_id ranges
+# (core/db/partitions.py creates the partitions ahead of the writers), so billions of rows
+# stay manageable partition by partition. Per file (~193 rows) only the PK is per row:
+# a changed file's rows are deleted by the id range its ledger row records, the
+# twice-in-metadata check finds the one top-level SOPInstanceUID row per file through a
+# partial index, and rows by series go through BRIN (rows arrive in series order).
 dicom_file_metadata = Table(
     "dicom_file_metadata",
     metadata,
-    _id(
-        "metadata_id",
-        BigInteger,
-        "From the ETL's sequence; one row per data element of every dataset.",
-    ),
-    _col("data_element_id", Integer, True, "The tag's dicom_data_element row."),
-    _col(
-        "metadata_source_keyword",
-        String(255),
-        True,
-        "Attribute keyword from the DICOM dictionary, e.g. StudyDate (NULL for private tags).",
-    ),
-    _col("metadata_source_tag", String(20), False, "Tag as (gggg,eeee)."),
-    _col("metadata_source_group_number", String(20), True, "Tag group, e.g. 0008."),
-    _col(
-        "metadata_source_value_representation",
-        String(20),
-        True,
-        "VR of the element as read from the file (PS3.5).",
-    ),
-    _col(
-        "metadata_source_value_multiplicity",
-        String(20),
-        True,
-        "Number of values the element holds.",
-    ),
-    _col(
-        "metadata_source_value",
-        Text,
-        True,
-        "The DICOM JSON model (PS3.18 F.2) Value as JSON; binary VRs as the "
-        "base64 InlineBinary string. PixelData is never stored.",
-    ),
-    _col(
-        "is_sequence",
-        Boolean,
-        True,
-        "True for an SQ element; its items' elements point back to this row.",
-    ),
-    _col("sequence_length", Integer, True, "Number of items of a sequence."),
-    _col(
-        "parent_sequence_id",
-        BigInteger,
-        True,
-        "metadata_id of the sequence row this element is nested in (NULL at top level).",
-    ),
-    _col(
-        "parent_dataset_id",
-        BigInteger,
-        True,
-        "Id of the sequence item (dataset) this element belongs to.",
-    ),
-    _col("is_private", Boolean, True, "True for a private element (odd group number)."),
-    _col("private_creator", String(255), True, "Private creator string of a private element."),
-    _col("sop_instance_id", String(255), True, "SOPInstanceUID of the file."),
-    _col("instance_number", Integer, True, "InstanceNumber of the file."),
-    _col("image_occurrence_id", Integer, False, "Series (image_occurrence) of the file."),
-    _col("etl_created_datetime", TIMESTAMP, False, "When the ETL wrote the row."),
-    _col("etl_modified_datetime", TIMESTAMP, False, "When the ETL last changed the row."),
+    *_file_metadata_columns(),
     PrimaryKeyConstraint("metadata_id", name="xpk_dicom_file_metadata"),
     schema=MI,
-    comment="Every data element of every ingested DICOM file except pixel data (EAV; values "
-    "as in the DICOM JSON model; nested sequences and private tags included).",
+    comment=_FILE_METADATA_COMMENT,
+    postgresql_partition_by="RANGE (metadata_id)",
+)
+#: Tag and nesting of the one row per file that holds its SOPInstanceUID.
+FILE_SOP_TAG = "(0008,0018)"
+Index(
+    "idx_dicom_file_metadata_file_sop",
+    dicom_file_metadata.c.sop_instance_id,
+    postgresql_where=sa.text(
+        f"metadata_source_tag = '{FILE_SOP_TAG}' AND parent_sequence_id IS NULL"
+    ),
+)
+Index(
+    "idx_dicom_file_metadata_image_occurrence_brin",
+    dicom_file_metadata.c.image_occurrence_id,
+    postgresql_using="brin",
+)
+
+# The layout releases up to revision 0006 created, which upgraded installs keep (a plain
+# table: converting it is the user's choice, see the README). Not part of ``metadata``:
+# revision 0002 shapes such a table's SOP index from it.
+plain_layout = MetaData()
+plain_file_metadata = Table(
+    "dicom_file_metadata",
+    plain_layout,
+    *_file_metadata_columns(),
+    PrimaryKeyConstraint("metadata_id", name="xpk_dicom_file_metadata"),
+    schema=MI,
+    comment=_FILE_METADATA_COMMENT,
 )
 # SOP Instance UIDs are only ever looked up by equality; with ~200 rows per instance a hash
 # index costs the bulk COPY about 10% less PostgreSQL CPU than a B-tree (scripts/benchmark.py).
 Index(
     "idx_dicom_file_metadata_sop_instance",
-    dicom_file_metadata.c.sop_instance_id,
+    plain_file_metadata.c.sop_instance_id,
     postgresql_using="hash",
 )
-Index("idx_dicom_file_metadata_image_occurrence", dicom_file_metadata.c.image_occurrence_id)
+Index("idx_dicom_file_metadata_image_occurrence", plain_file_metadata.c.image_occurrence_id)
 
 # One row per SOP instance stored on a DICOM server. The original plugin's columns, plus
 # server_kind (orthanc | dicomweb: what instance_id / uploaded_filename hold) and file_size
@@ -684,6 +730,21 @@ dicom_ingest_log = Table(
         True,
         "The first five distinct tags of those elements, comma-separated (tags only: the "
         "values may be patient data).",
+    ),
+    # Revision 0007: where the file's rows are (contiguous ids), so a changed file's rows
+    # are deleted through the primary key, not an index on sop_instance_id.
+    _col(
+        "metadata_id_first",
+        BigInteger,
+        True,
+        "First dicom_file_metadata.metadata_id of the ingested file's rows (NULL: not "
+        "ingested, or ingested before revision 0007).",
+    ),
+    _col(
+        "metadata_row_count",
+        Integer,
+        True,
+        "How many dicom_file_metadata rows the ingested file has, from metadata_id_first on.",
     ),
     PrimaryKeyConstraint("ingest_log_id", name="xpk_dicom_ingest_log"),
     CheckConstraint(

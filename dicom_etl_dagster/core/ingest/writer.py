@@ -35,6 +35,7 @@ from dicom_etl_dagster.core.analytics.write import (
     visit_keys,
 )
 from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.db.partitions import PartitionCover, ensure_partitions
 from dicom_etl_dagster.core.db.tables import Tables, copy_rows, reserve_ids, take_advisory_lock
 from dicom_etl_dagster.core.dicom.odd_values import ledger_tags
 from dicom_etl_dagster.core.ingest.concepts import ConceptResolver
@@ -100,6 +101,8 @@ _LEDGER_COLUMNS = (
     "processed_at",
     "value_warnings",
     "value_warning_tags",
+    "metadata_id_first",
+    "metadata_row_count",
 )
 
 
@@ -120,6 +123,8 @@ class RunState:
     private_creators: bool = True
     # The DICOMweb root the run reads from: new series get wadors_uri <root>/studies/<s>/series/<se>.
     dicomweb_source: str | None = None
+    # What the run knows of dicom_file_metadata's partitions (core/db/partitions.py).
+    partitions: PartitionCover = field(default_factory=PartitionCover)
 
     @property
     def tables(self) -> Tables:
@@ -177,6 +182,8 @@ def write_batch(
     if not results:
         return report
     tables = state.tables
+    # Before the batch's transaction: the DDL never runs while the batch holds its locks.
+    ensure_partitions(conn, tables, cover=state.partitions)
     with conn.transaction():
         take_advisory_lock(conn, tables.ingest_lock_key)
         # Under the lock, look again: another run may have written some of these files.
@@ -188,8 +195,8 @@ def write_batch(
         first_image_id = _write_series(conn, state, plan, first_procedure_id, visits, report)
         ids = BatchIds(first_procedure_id, first_image_id, visits)
         _write_analytics(conn, state, plan, ids, report)
-        _write_metadata(conn, state, plan.instances, first_image_id, report)
-        _write_ledger(conn, state, plan.ledger, first_image_id, report)
+        ranges = _write_metadata(conn, state, plan.instances, first_image_id, report)
+        _write_ledger(conn, state, plan.ledger, first_image_id, ranges, report)
     report.files_already_done += plan.already_done
     report.person_misses += plan.person_misses
     return report
@@ -209,12 +216,9 @@ def _forget_replaced(
     were duplicates of it become 'failed', and the changed paths' ledger rows go."""
     if plan.changed_sops:
         report.rows["image_feature_replaced"] += forget_findings(conn, tables, plan.changed_sops)
-        report.rows["dicom_file_metadata_replaced"] += conn.execute(
-            sql.SQL("DELETE FROM {} WHERE sop_instance_id = ANY(%s)").format(
-                tables["dicom_file_metadata"]
-            ),
-            [list(plan.changed_sops)],
-        ).rowcount
+        report.rows["dicom_file_metadata_replaced"] += _delete_metadata(
+            conn, tables, plan.changed_sops
+        )
         conn.execute(
             sql.SQL(
                 "UPDATE {} SET status = %s, image_occurrence_id = NULL, error_message = %s"
@@ -232,6 +236,40 @@ def _forget_replaced(
             sql.SQL("DELETE FROM {} WHERE file_path = ANY(%s)").format(tables["dicom_ingest_log"]),
             [list(plan.replaced_paths)],
         )
+
+
+def _delete_metadata(conn: psycopg.Connection, tables: Tables, sops: Sequence[str]) -> int:
+    """Delete the metadata rows of the SOP instances: by the id ranges their ledger rows
+    record (the primary key, partition by partition), and by sop_instance_id only for files
+    ingested before revision 0007 recorded ranges (their tables have the hash index)."""
+    ranges = conn.execute(
+        sql.SQL(
+            "SELECT sop_instance_uid, metadata_id_first, metadata_row_count FROM {}"
+            " WHERE status = 'ingested' AND sop_instance_uid = ANY(%s)"
+            " AND metadata_id_first IS NOT NULL"
+        ).format(tables["dicom_ingest_log"]),
+        [list(sops)],
+    ).fetchall()
+    deleted = 0
+    if ranges:
+        between = sql.SQL(" OR ").join(
+            sql.SQL("metadata_id BETWEEN {} AND {}").format(
+                sql.Literal(first), sql.Literal(first + count - 1)
+            )
+            for _, first, count in ranges
+        )
+        deleted += conn.execute(
+            sql.SQL("DELETE FROM {} WHERE {}").format(tables["dicom_file_metadata"], between)
+        ).rowcount
+    without_range = sorted(set(sops) - {sop for sop, _, _ in ranges})
+    if without_range:
+        deleted += conn.execute(
+            sql.SQL("DELETE FROM {} WHERE sop_instance_id = ANY(%s)").format(
+                tables["dicom_file_metadata"]
+            ),
+            [without_range],
+        ).rowcount
+    return deleted
 
 
 def _visits(conn: psycopg.Connection, state: RunState, plan: BatchPlan) -> dict[VisitKey, int]:
@@ -359,16 +397,20 @@ def _write_metadata(
     instances: Sequence[InstanceWrite],
     first_image_id: int,
     report: IngestReport,
-) -> None:
-    """Every element of every instance into the EAV table, as the workers rendered it."""
+) -> dict[str, tuple[int, int]]:
+    """Every element of every instance into the EAV table, as the workers rendered it.
+    Returns SOP Instance UID -> (first metadata_id, row count) of each instance written."""
     if not instances:
-        return
+        return {}
     rendered = [w.parsed.metadata for w in instances]
     tables = state.tables
     ensure_data_elements(conn, tables, state.data_elements, state.private_creators, rendered)
     # Reserved before COPY starts: the connection can run no other statement during COPY.
-    first_metadata_id = reserve_ids(
-        conn, tables.sequence("dicom_etl_metadata_id_seq"), sum(r.row_count for r in rendered)
+    row_count = sum(r.row_count for r in rendered)
+    first_metadata_id = reserve_ids(conn, tables.sequence("dicom_etl_metadata_id_seq"), row_count)
+    # Covered before the batch but for a span consumed since (then the DDL runs here).
+    ensure_partitions(
+        conn, tables, first_metadata_id + row_count - 1, state.partitions, first_metadata_id
     )
     first_dataset_id = reserve_ids(
         conn, tables.sequence("dicom_etl_dataset_id_seq"), sum(r.item_count for r in rendered)
@@ -387,6 +429,21 @@ def _write_metadata(
         first_dataset_id,
         now_text,
     )
+    return _id_ranges(instances, first_metadata_id)
+
+
+def _id_ranges(
+    instances: Sequence[InstanceWrite], first_metadata_id: int
+) -> dict[str, tuple[int, int]]:
+    """Each instance's rows are consecutive ids, in the order _copy_metadata writes them."""
+    ranges = {}
+    for w in instances:
+        ranges[w.parsed.instance.sop_instance_uid] = (
+            first_metadata_id,
+            w.parsed.metadata.row_count,
+        )
+        first_metadata_id += w.parsed.metadata.row_count
+    return ranges
 
 
 def _copy_metadata(
@@ -426,9 +483,11 @@ def _write_ledger(
     state: RunState,
     entries: Sequence[LedgerEntry],
     first_image_id: int,
+    metadata_ranges: dict[str, tuple[int, int]],
     report: IngestReport,
 ) -> None:
-    """The ledger rows, in the same transaction as what they record."""
+    """The ledger rows, in the same transaction as what they record; an ingested file's row
+    records where its metadata rows are."""
     tables = state.tables
     first = reserve_ids(conn, tables.sequence("dicom_etl_ingest_log_id_seq"), len(entries))
     processed_at = dt.datetime.now(dt.timezone.utc)
@@ -448,6 +507,7 @@ def _write_ledger(
                 state.run_id,
                 processed_at,
                 *_odd_value_columns(e.odd_value_tags, report),
+                *_metadata_range(e, metadata_ranges),
             )
         )
         if e.archive:  # not a file of the counts: its members are
@@ -459,6 +519,14 @@ def _write_ledger(
     report.rows["dicom_ingest_log"] += _copy_any(
         conn, tables["dicom_ingest_log"], _LEDGER_COLUMNS, rows
     )
+
+
+def _metadata_range(
+    e: LedgerEntry, metadata_ranges: dict[str, tuple[int, int]]
+) -> tuple[int | None, int | None]:
+    if e.status != LedgerStatus.INGESTED or e.sop_instance_uid is None:
+        return None, None
+    return metadata_ranges.get(e.sop_instance_uid, (None, None))
 
 
 def _odd_value_columns(

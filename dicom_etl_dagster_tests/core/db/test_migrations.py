@@ -90,9 +90,43 @@ F2260E1_TABLES = TABLES.keys() - ADDED_AFTER_F2260E1
 #: (0004: private entries per creator; 0005: the ledger's odd-value summary.)
 ADDED_COLUMNS = {
     "dicom_data_element": {"private_creator": None},
-    "dicom_ingest_log": {"value_warnings": None, "value_warning_tags": None},
+    "dicom_ingest_log": {
+        "value_warnings": None,
+        "value_warning_tags": None,
+        "metadata_id_first": None,
+        "metadata_row_count": None,
+    },
 }
 SOP_INDEX = "idx_dicom_file_metadata_sop_instance"
+
+
+def as_created_at_head(table: str, described: dict) -> dict:
+    """The one thing a fresh install creates differently from an upgraded one, by design
+    (revision 0007): dicom_file_metadata is partitioned by metadata_id, and its per-row
+    indexes on sop_instance_id (hash) and image_occurrence_id (B-tree) are a partial index
+    on the one SOPInstanceUID row per file and a BRIN index. Columns, their order, types,
+    defaults, comments and constraints are the same; an upgraded table keeps its layout."""
+    if table != "dicom_file_metadata":
+        return described
+    assert described["kind"] == "r", "only a plain table is shaped like this"
+    name = f"{MI_SCHEMA}.dicom_file_metadata"
+    by_name = dict(described["indexes"])
+    assert by_name.pop(SOP_INDEX).endswith("USING hash (sop_instance_id)")
+    old_io = by_name.pop("idx_dicom_file_metadata_image_occurrence")
+    assert old_io.endswith("USING btree (image_occurrence_id)")
+    by_name["idx_dicom_file_metadata_file_sop"] = (
+        f"CREATE INDEX idx_dicom_file_metadata_file_sop ON ONLY {name} USING btree"
+        " (sop_instance_id) WHERE (((metadata_source_tag)::text = '(0008,0018)'::text)"
+        " AND (parent_sequence_id IS NULL))"
+    )
+    by_name["idx_dicom_file_metadata_image_occurrence_brin"] = (
+        f"CREATE INDEX idx_dicom_file_metadata_image_occurrence_brin ON ONLY {name}"
+        " USING brin (image_occurrence_id)"
+    )
+    by_name["xpk_dicom_file_metadata"] = by_name["xpk_dicom_file_metadata"].replace(
+        f" ON {name} ", f" ON ONLY {name} "
+    )
+    return {**described, "kind": "p", "indexes": sorted(by_name.items())}
 
 
 # --------------------------------------------------------------------------
@@ -186,7 +220,11 @@ def catalog(conn: psycopg.Connection, table: str) -> dict:
         "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = %s AND tablename = %s",
         [schema, table],
     ).fetchall()
+    kind = scalar(
+        conn, "SELECT relkind::text FROM pg_class WHERE oid = to_regclass(%s)", [regclass]
+    )
     return {
+        "kind": kind,
         "columns": columns,
         "constraints": sorted(constraints),
         "indexes": sorted(indexes),
@@ -202,10 +240,12 @@ def shape_at_head(table: str, described: dict) -> dict:
         added = [
             ("value_warnings", "integer", False, None, None),
             ("value_warning_tags", "text", False, None, None),
+            ("metadata_id_first", "bigint", False, None, None),
+            ("metadata_row_count", "integer", False, None, None),
         ]
         return {**described, "columns": [*described["columns"], *added]}
     if table != "dicom_data_element":
-        return described
+        return as_created_at_head(table, described)
     name = f"{MI_SCHEMA}.dicom_data_element"
     by_name = dict(described["indexes"])
     by_name["idx_dicom_data_element_tag"] += " WHERE (private_creator IS NULL)"
@@ -351,13 +391,16 @@ def test_a_btree_sop_index_of_an_older_release_becomes_the_hash_index(
         assert (
             ensure_tables(conn, SCHEMAS) == [] and catalog(conn, "dicom_file_metadata") == upgraded
         )
-        # Exactly what a table created at head has: indexes, comments and all.
+        # Exactly what a table created at head has (but for its partitioned layout, see
+        # as_created_at_head): indexes, comments and all.
         with (
             fresh_database(postgres_server, "head") as url,
             psycopg.connect(url, autocommit=True) as head,
         ):
             ensure_tables(head, SCHEMAS)
-            assert upgraded == catalog(head, "dicom_file_metadata")
+            assert as_created_at_head("dicom_file_metadata", upgraded) == catalog(
+                head, "dicom_file_metadata"
+            )
         count = scalar(
             conn,
             f"SELECT count(*) FROM {MI_SCHEMA}.dicom_file_metadata WHERE sop_instance_id = %s",
@@ -643,6 +686,7 @@ def test_head_is_the_newest_revision():
     scripts = ScriptDirectory.from_config(migrate.alembic_config(None, SCHEMAS))
     assert scripts.get_heads() == [HEAD]
     assert [r.revision for r in scripts.walk_revisions()] == [
+        "0007",
         "0006",
         "0005",
         "0004",

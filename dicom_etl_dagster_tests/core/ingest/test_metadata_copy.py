@@ -23,6 +23,8 @@ from psycopg import sql
 
 from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.core.db.migrate import ensure_tables
+from dicom_etl_dagster.core.db.partitions import ensure_partitions
+from dicom_etl_dagster.core.db.tables import Tables
 from dicom_etl_dagster.core.dicom.reader import DicomInstance, ElementRow, read_instance
 from dicom_etl_dagster.core.ingest.metadata_copy import (
     COLUMNS,
@@ -142,6 +144,11 @@ def conn(postgres_server):
         psycopg.connect(url, autocommit=True) as connection,
     ):
         ensure_tables(connection, SCHEMAS)
+        # The rows get ids of their own, not the sequence's: their partition, as the writer
+        # would create it for ids it reserves.
+        ensure_partitions(
+            connection, Tables(SCHEMAS), FIRST_METADATA_ID + 100_000, from_id=FIRST_METADATA_ID
+        )
         yield connection
 
 

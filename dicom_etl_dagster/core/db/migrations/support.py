@@ -18,6 +18,7 @@ from alembic import op
 from psycopg import sql
 from sqlalchemy.schema import CreateIndex, SetColumnComment, SetTableComment
 
+from dicom_etl_dagster.core.db import partitions
 from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.core.db.schema import MI, metadata, owned_table, real_schema
 from dicom_etl_dagster.core.db.tables import (
@@ -131,6 +132,9 @@ def create_missing(bind: sa.Connection, schemas: Schemas, revision: str) -> list
             owned.append(table.name)
     record_owned(bind, schemas, owned, revision)
     ensure_sequences(bind, schemas)
+    if f"{schemas.medical_imaging}.{partitions.TABLE}" in created:
+        # Partitioned (the metadata's layout): usable at once, the writers add the rest.
+        partitions.create_ahead(conn, Tables(schemas))
     return created
 
 

@@ -4,7 +4,8 @@ Tables an earlier release created have no comments (the DDL files had none), so 
 and other SQL clients could not document them: every owned table gets the metadata's table
 and column comments where it has none. ``dicom_file_metadata`` of releases before 355a6a7
 has a B-tree index on ``sop_instance_id``; the hash index costs the bulk COPY about 10% less
-PostgreSQL CPU (scripts/benchmark.py), so the B-tree is replaced by it.
+PostgreSQL CPU (scripts/benchmark.py), so the B-tree is replaced by it (the plain layout's
+index, ``schema.plain_file_metadata``: tables created at head are partitioned and have none).
 
 Only owned tables are looked at, and each change is checked first: on tables created at head
 (comments and hash index in place) this is a no-op.
@@ -20,11 +21,13 @@ from alembic import op
 from dicom_etl_dagster.core.db.migrations.support import (
     add_missing_comments,
     ensure_index,
-    metadata_index,
     owned_tables,
+    psycopg_connection,
     run_schemas,
 )
-from dicom_etl_dagster.core.db.schema import MI, metadata
+from dicom_etl_dagster.core.db.partitions import is_partitioned
+from dicom_etl_dagster.core.db.schema import MI, metadata, plain_file_metadata
+from dicom_etl_dagster.core.db.tables import Tables
 
 revision = "0002"
 down_revision = "0001"
@@ -41,8 +44,13 @@ def upgrade() -> None:
     for table in metadata.tables.values():
         if table.schema == MI and table.name in owned:
             add_missing_comments(bind, schemas, table)
-    if "dicom_file_metadata" in owned:
-        ensure_index(bind, schemas, metadata_index("dicom_file_metadata", HASH_INDEX))
+    metadata_table = Tables(schemas)["dicom_file_metadata"]
+    if "dicom_file_metadata" in owned and not is_partitioned(
+        psycopg_connection(bind), metadata_table
+    ):
+        # Tables reaching 0002 are plain (the partitioned layout is created at head only).
+        (hash_index,) = (i for i in plain_file_metadata.indexes if i.name == HASH_INDEX)
+        ensure_index(bind, schemas, hash_index)
 
 
 def downgrade() -> None:
