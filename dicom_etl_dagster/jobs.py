@@ -23,10 +23,15 @@ load_vocab = dg.define_asset_job(
 
 # The upload asset is part of the job and does the uploading only when upload_files is true
 # (it reports "skipped" otherwise), so one options document drives both, as in the original.
+# Its two steps run one after the other in the run's own process: under the multiprocess
+# executor each started a process that imported Dagster and loaded the definitions again
+# (about 3 s each, for a skipped upload as much as for the ingest), and there is nothing to
+# run in parallel; the ingest's parallelism is its own parse workers. Pools still apply.
 ingest_metadata = dg.define_asset_job(
     "ingest_metadata",
     selection=dg.AssetSelection.assets(*IMAGING_ASSETS, *UPLOAD_ASSETS),
     config=options_mapping(_op_names([*IMAGING_ASSETS, *UPLOAD_ASSETS])),
+    executor_def=dg.in_process_executor,
     description="Ingest a folder of DICOM files into procedure_occurrence, image_occurrence and dicom_file_metadata; "
     "with upload_files: true, upload them to the DICOM server (file_upload_metadata).",
 )

@@ -454,13 +454,14 @@ def test_default_executor_runs_as_many_steps_as_available_cpus():
 
 
 def test_jobs_use_the_cpu_bounded_executor():
-    """definitions.py wires default_executor() for every job (not Dagster's cpu_count() default)."""
+    """definitions.py wires default_executor() (not Dagster's cpu_count() default); only
+    ingest_metadata, whose two steps run in sequence, runs them in the run's process."""
     from dicom_etl_dagster.definitions import defs
 
-    for job_name in ("load_vocab", "ingest_metadata"):
-        executor_def = defs.resolve_job_def(job_name).executor_def
-        assert executor_def.name == "multiprocess", f"{job_name} runs on {executor_def.name}"
-        assert _max_concurrent(executor_def) == available_cpus()
+    executor_def = defs.resolve_job_def("load_vocab").executor_def
+    assert executor_def.name == "multiprocess", f"load_vocab runs on {executor_def.name}"
+    assert _max_concurrent(executor_def) == available_cpus()
+    assert defs.resolve_job_def("ingest_metadata").executor_def.name == "in_process"
 
 
 def test_one_cpu_process_gets_one_step_process_and_one_parse_worker():

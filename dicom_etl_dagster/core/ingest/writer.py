@@ -154,6 +154,7 @@ class IngestReport:
     visits: Counter = field(default_factory=Counter)  # new studies: linked / none / ambiguous
     procedure_concepts: Counter = field(default_factory=Counter)  # by procedure code / modality
     feature_ids: list[range] = field(default_factory=list)  # image_feature ids written
+    series_ids: list[range] = field(default_factory=list)  # image_occurrence ids written
     odd_value_files: int = 0  # files read with at least one odd value (see core/dicom/odd_values)
     odd_value_tags: Counter = field(default_factory=Counter)  # tag -> files that have it
 
@@ -170,6 +171,7 @@ class IngestReport:
         self.visits.update(other.visits)
         self.procedure_concepts.update(other.procedure_concepts)
         self.feature_ids.extend(other.feature_ids)
+        self.series_ids.extend(other.series_ids)
         self.odd_value_files += other.odd_value_files
         self.odd_value_tags.update(other.odd_value_tags)
 
@@ -356,6 +358,7 @@ def _write_series(
     report.rows["image_occurrence"] += _copy_any(
         conn, tables["image_occurrence"], _IMAGE_COLUMNS, rows
     )
+    report.series_ids.append(range(first, first + len(series)))
     return first
 
 
