@@ -9,8 +9,9 @@ with nothing to look up is not sent.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 import psycopg
@@ -75,6 +76,12 @@ def batch_rows(
         series=_series(conn, tables, sorted({i.series_instance_uid for i in instances})),
         studies=_studies(conn, tables, sorted({i.study_instance_uid for i in instances})),
     )
+
+
+def same_rows(a: DatabaseRows, b: DatabaseRows) -> bool:
+    """Whether two look-ups found the same rows, whatever order the queries returned them in
+    (the planner's decisions depend on the rows, not on their order)."""
+    return all(Counter(getattr(a, f.name)) == Counter(getattr(b, f.name)) for f in fields(a))
 
 
 def _ingested(conn: psycopg.Connection, tables: Tables, sops: list[str]) -> list[IngestedSop]:
