@@ -1,7 +1,8 @@
 """What the planner needs to know from the database about a batch, read as typed rows.
 
-Why a module of its own: the writer reads these rows under the ingest lock, the scan reads
-the ledger rows without it (to skip what is done before parsing), and the planner's input
+Why a module of its own: the writer reads these rows twice, without and under the ingest
+lock (``same_rows`` compares the two), the scan reads the ledger rows without it (to skip
+what is done before parsing), and the planner's input
 types (``plan.DatabaseRows``) say exactly what they are. Every look-up is one query for
 the whole batch, built into the planner's dataclasses by psycopg's ``class_row``; a look-up
 with nothing to look up is not sent.
