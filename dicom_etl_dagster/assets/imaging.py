@@ -266,6 +266,18 @@ def _occurrence_results(
     ]
 
 
+def _lock_figures(report: IngestReport) -> dict[str, float]:
+    """Batches that took the ingest lock, and the mean and max seconds they held it."""
+    held = report.lock_held_seconds
+    if not held:
+        return {"batches": 0, "mean": 0.0, "max": 0.0}
+    return {
+        "batches": len(held),
+        "mean": round(sum(held) / len(held), 4),
+        "max": round(max(held), 4),
+    }
+
+
 def _file_results(
     report: IngestReport,
     seconds: Mapping[str, float],
@@ -305,6 +317,10 @@ def _file_results(
                     {k: round(v, 3) for k, v in seconds.items()}
                 ),
                 "parse_workers": workers,
+                # How long each batch held the ingest lock (its EAV rows are COPYed before it),
+                # and the batches another run's writes made it write wholly under the lock.
+                "ingest_lock_held_seconds_per_batch": dg.MetadataValue.json(_lock_figures(report)),
+                "batches_rewritten_under_lock": report.batches_rewritten_under_lock,
                 # Values that violate their VR, kept verbatim (core/dicom/odd_values.py).
                 "files_with_odd_values": report.odd_value_files,
                 "odd_values_by_tag": dg.MetadataValue.md(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import math
 import os
 import shutil
 from pathlib import Path
@@ -443,6 +444,11 @@ def test_rerun_adds_nothing(vocab_url, db, tmp_path):
     first = ingest(vocab_url, folder, ingest_batch_size=40)
     first_md = file_metadata(first)
     assert first_md["files_ingested"] > 0
+    # Every batch took the ingest lock once; alone, none was rewritten under it.
+    held = first_md["ingest_lock_held_seconds_per_batch"]
+    assert held["batches"] == math.ceil(first_md["files_seen"] / 40) > 1
+    assert 0 < held["mean"] <= held["max"]
+    assert first_md["batches_rewritten_under_lock"] == 0
     counts = table_counts(db)
     ids = db.execute(
         f"SELECT max(metadata_id), max(image_occurrence_id) FROM {MI}.dicom_file_metadata"
@@ -467,6 +473,8 @@ def test_rerun_adds_nothing(vocab_url, db, tmp_path):
     assert md["files_failed"] == first_md["files_failed"]
     assert md["files_seen"] == first_md["files_seen"]
     assert md["rows_written"] == 0
+    # Only the failed files, tried again, make batches.
+    assert md["ingest_lock_held_seconds_per_batch"]["batches"] == math.ceil(md["files_failed"] / 40)
     for asset in ("procedure_occurrence", "image_occurrence", "dicom_ingest_log"):
         assert file_metadata(second, asset)["rows_written"] == (
             md["files_failed"] if asset == "dicom_ingest_log" else 0

@@ -3,6 +3,11 @@
 ``Tables(schemas)`` turns the run's three schema names into quoted identifiers once, so no
 module composes a table name itself; the helpers below exist once, not once per domain
 (existence checks, column look-ups, COPY, id reservation, row counts).
+
+Id reservation (``reserve_ids``) hands out consecutive ranges to concurrent callers that hold
+no common lock (the ingest reserves its metadata ids before it takes the ingest lock): each
+reservation takes a session-level advisory lock keyed on the sequence, moves the sequence and
+releases the lock, all inside one statement, so the lock is never held between statements.
 """
 
 from __future__ import annotations
@@ -127,20 +132,55 @@ def copy_rows(
     return written
 
 
+#: One reservation: lock (keyed on the sequence), move the sequence by ``n``, unlock. Each step
+#: reads the previous one's row, so PostgreSQL runs them in this order; MATERIALIZED keeps each
+#: step evaluated exactly once.
+_RESERVE = (
+    "WITH locked AS MATERIALIZED (SELECT pg_advisory_lock(hashtext(%(key)s))::text AS done),"
+    " reserved AS MATERIALIZED (SELECT setval(%(seq)s::regclass,"
+    " nextval(%(seq)s::regclass) + %(n)s - 1) AS last FROM locked),"
+    " unlocked AS MATERIALIZED (SELECT pg_advisory_unlock(hashtext(%(key)s)) AS released"
+    " FROM reserved)"
+    " SELECT reserved.last, unlocked.released FROM reserved, unlocked"
+)
+
+
+def sequence_lock_key(sequence_text: str) -> str:
+    """The advisory lock key of a sequence's reservations (its quoted name)."""
+    return f"dicom_etl_dagster.sequence:{sequence_text}"
+
+
 def reserve_ids(conn: psycopg.Connection, sequence: sql.Identifier, count: int) -> int:
     """Reserve ``count`` consecutive ids of ``sequence`` and return the first (0 if none).
 
-    One round trip whatever the count. Consecutive only while every writer of the sequence
-    holds the same lock (the ingest lock for the ingest's sequences).
+    One round trip whatever the count, and consecutive whoever else reserves from the same
+    sequence at the same time (see the module docstring). Plain ``nextval`` callers of the
+    sequence (none for the sequences reserved from) would not take part in that lock.
     """
     if count == 0:
         return 0
     name = sequence.as_string(conn)
     row = conn.execute(
-        "SELECT setval(%s::regclass, nextval(%s::regclass) + %s - 1)", [name, name, count]
+        _RESERVE, {"key": sequence_lock_key(name), "seq": name, "n": count}
     ).fetchone()
-    assert row is not None
+    assert row is not None and row[1], "the sequence's reservation lock was not held"
     return int(row[0]) - count + 1
+
+
+def release_session_locks(conn: psycopg.Connection) -> None:
+    """After a failed statement: release the session-level advisory locks it may have kept.
+
+    ``reserve_ids``'s lock is held only inside its statement; if that statement fails between
+    lock and unlock, the session keeps it and every later reservation from the sequence would
+    wait for ever. The ETL holds no other session-level advisory lock, so releasing all is
+    safe. A broken connection needs nothing: its session (and its locks) is gone.
+    """
+    if conn.closed or conn.broken:
+        return
+    try:
+        conn.execute("SELECT pg_advisory_unlock_all()")
+    except psycopg.Error:  # a connection failing now is closed by its owner: nothing is held
+        pass
 
 
 def row_count(conn: psycopg.Connection, table: sql.Identifier) -> int:

@@ -9,12 +9,14 @@ alters may lack it, and then private entries stay keyed by tag alone, as before.
 
 Entries are added under the ingest lock the batch holds, each only when no entry with its key
 exists (and the unique indexes of an owned table back that up), so overlapping runs add
-every entry once.
+every entry once. A batch that needs no new entry (``needs_entries`` is false: the run
+already knows every key its rows use) writes its metadata rows before it takes that lock;
+one that does takes the lock first and writes the whole batch under it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import psycopg
@@ -84,13 +86,10 @@ def ensure_data_elements(
 ) -> None:
     """Add the entries the batch's rows need and the table lacks, once; learn their ids."""
     missing: dict[str, Entry] = {}  # entry key -> entry
-    # Files with the same tags usually share one candidates object (see metadata_copy): look at it once.
-    distinct = {id(r.new_tag_candidates): r.new_tag_candidates for r in rendered}.values()
-    for candidates in distinct:  # first seen first
-        for candidate in candidates:
-            key = candidate[0]
-            if key not in ids and key not in missing:
-                missing[key] = entry_of(candidate, per_creator)
+    for candidate in _unknown_candidates(ids, rendered):  # first seen first
+        key = candidate[0]
+        if key not in missing:
+            missing[key] = entry_of(candidate, per_creator)
     if not missing:
         return
     # Several keys can share an entry: (0019,1060) and (0019,1160) of one creator.
@@ -101,6 +100,24 @@ def ensure_data_elements(
     _insert_missing(conn, tables, entries, per_creator)
     found = _entry_ids(conn, tables, entries, per_creator)
     ids.update((key, found[(e.tag, e.creator)]) for key, e in missing.items())
+
+
+def needs_entries(ids: DataElementIds, rendered: Iterable[RenderedMetadata]) -> bool:
+    """Whether ``ensure_data_elements`` would have to add (or look up) an entry for these rows:
+    some key of theirs is not among the ids the run knows."""
+    return next(_unknown_candidates(ids, rendered), None) is not None
+
+
+def _unknown_candidates(
+    ids: DataElementIds, rendered: Iterable[RenderedMetadata]
+) -> Iterator[TagCandidate]:
+    """The rows' candidates whose key the run does not know yet, first seen first."""
+    # Files with the same tags usually share one candidates object (see metadata_copy): look at it once.
+    distinct = {id(r.new_tag_candidates): r.new_tag_candidates for r in rendered}.values()
+    for candidates in distinct:
+        for candidate in candidates:
+            if candidate[0] not in ids:
+                yield candidate
 
 
 def _insert_missing(

@@ -1,7 +1,8 @@
 """What the planner needs to know from the database about a batch, read as typed rows.
 
-Why a module of its own: the writer reads these rows under the ingest lock, the scan reads
-the ledger rows without it (to skip what is done before parsing), and the planner's input
+Why a module of its own: the writer reads these rows twice, without and under the ingest
+lock (``same_rows`` compares the two), the scan reads the ledger rows without it (to skip
+what is done before parsing), and the planner's input
 types (``plan.DatabaseRows``) say exactly what they are. Every look-up is one query for
 the whole batch, built into the planner's dataclasses by psycopg's ``class_row``; a look-up
 with nothing to look up is not sent.
@@ -9,8 +10,9 @@ with nothing to look up is not sent.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 import psycopg
@@ -75,6 +77,12 @@ def batch_rows(
         series=_series(conn, tables, sorted({i.series_instance_uid for i in instances})),
         studies=_studies(conn, tables, sorted({i.study_instance_uid for i in instances})),
     )
+
+
+def same_rows(a: DatabaseRows, b: DatabaseRows) -> bool:
+    """Whether two look-ups found the same rows, whatever order the queries returned them in
+    (the planner's decisions depend on the rows, not on their order)."""
+    return all(Counter(getattr(a, f.name)) == Counter(getattr(b, f.name)) for f in fields(a))
 
 
 def _ingested(conn: psycopg.Connection, tables: Tables, sops: list[str]) -> list[IngestedSop]:

@@ -92,7 +92,8 @@ class ExistingStudy:
 
 @dataclass(frozen=True)
 class DatabaseRows:
-    """What the database holds for the files of a batch (the writer looks it up under the lock)."""
+    """What the database holds for the files of a batch (the writer's decisions use its look-up
+    under the lock)."""
 
     ledger: Sequence[LedgerRow] = ()
     ingested: Sequence[IngestedSop] = ()

@@ -3,9 +3,20 @@ features: ``core/analytics/write.py``), EAV rows and ledger rows in one transact
 
 Everything a batch writes commits together or not at all, so a crash leaves whole batches;
 the ledger (dicom_ingest_log) is part of that transaction, so a re-run knows exactly what
-is done. Batches of concurrent runs are serialised by a transaction-level advisory lock and
-every decision (is this SOP instance new? does this series exist?) is made under it, which
-makes overlapping runs produce exactly the rows one run would.
+is done. Batches of concurrent runs decide under a transaction-level advisory lock (the
+ingest lock): is this SOP instance new? does this series exist? That makes overlapping runs
+produce exactly the rows one run would.
+
+The bulk of a batch, its EAV rows (~200 per file), is written before that lock, so that
+overlapping runs COPY at the same time: the batch plans optimistically from what it reads
+without the lock, reserves the ids of that plan's new series and of its metadata rows, and
+COPYs the metadata. Then it takes the lock and reads again. If the database holds the same
+rows for the batch, the plan is the one it would make under the lock, and the batch writes
+the rest (studies, series with the reserved ids, analytics, replaced rows, ledger). If not
+(another run wrote some of these files or series meanwhile), it rolls back to a savepoint
+taken before the optimistic work and writes the whole batch under the lock, as a batch that
+needs new dicom_data_element entries does from the start. Uncommitted metadata rows are seen
+by nobody else, and no unique index covers them, so the early COPY waits for no one.
 
 The decisions themselves are not made here: ``plan.plan_batch`` makes them from the rows
 this module looks up (``lookups.batch_rows``), and this module applies the plan: it deletes
@@ -16,10 +27,11 @@ and batch, fills them into the planned rows and COPYs them.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql
@@ -36,11 +48,17 @@ from dicom_etl_dagster.core.analytics.write import (
 )
 from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.core.db.partitions import PartitionCover, ensure_partitions
-from dicom_etl_dagster.core.db.tables import Tables, copy_rows, reserve_ids, take_advisory_lock
+from dicom_etl_dagster.core.db.tables import (
+    Tables,
+    copy_rows,
+    release_session_locks,
+    reserve_ids,
+    take_advisory_lock,
+)
 from dicom_etl_dagster.core.dicom.odd_values import ledger_tags
 from dicom_etl_dagster.core.ingest.concepts import ConceptResolver
-from dicom_etl_dagster.core.ingest.data_elements import ensure_data_elements
-from dicom_etl_dagster.core.ingest.lookups import PersonMapping, batch_rows
+from dicom_etl_dagster.core.ingest.data_elements import ensure_data_elements, needs_entries
+from dicom_etl_dagster.core.ingest.lookups import PersonMapping, batch_rows, same_rows
 from dicom_etl_dagster.core.ingest.metadata_copy import COLUMNS as METADATA_COLUMNS
 from dicom_etl_dagster.core.ingest.metadata_copy import (
     DataElementIds,
@@ -157,6 +175,10 @@ class IngestReport:
     series_ids: list[range] = field(default_factory=list)  # image_occurrence ids written
     odd_value_files: int = 0  # files read with at least one odd value (see core/dicom/odd_values)
     odd_value_tags: Counter = field(default_factory=Counter)  # tag -> files that have it
+    # Per batch written: seconds from taking the ingest lock to the commit that releases it.
+    lock_held_seconds: list[float] = field(default_factory=list)
+    # Batches whose optimistic plan was stale under the lock: written again, wholly under it.
+    batches_rewritten_under_lock: int = 0
 
     def merge(self, other: IngestReport) -> None:
         self.files_already_done += other.files_already_done
@@ -174,6 +196,32 @@ class IngestReport:
         self.series_ids.extend(other.series_ids)
         self.odd_value_files += other.odd_value_files
         self.odd_value_tags.update(other.odd_value_tags)
+        self.lock_held_seconds.extend(other.lock_held_seconds)
+        self.batches_rewritten_under_lock += other.batches_rewritten_under_lock
+
+
+class _MetadataWritten(NamedTuple):
+    """The metadata ids a batch wrote: all of them, and SOP Instance UID -> (first id, row
+    count) of each instance, for its ledger row."""
+
+    ids: range
+    by_sop: dict[str, tuple[int, int]]
+
+
+class _PlanChanged(Exception):
+    """Under the lock the database held other rows for the batch than without it."""
+
+
+@dataclass
+class _LockClock:
+    """When the batch took the ingest lock (monotonic seconds; None: not yet)."""
+
+    taken_at: float | None = None
+
+    def take(self, conn: psycopg.Connection, tables: Tables) -> None:
+        take_advisory_lock(conn, tables.ingest_lock_key)
+        if self.taken_at is None:  # held from the first time on, if taken twice
+            self.taken_at = time.monotonic()
 
 
 def write_batch(
@@ -183,25 +231,93 @@ def write_batch(
     report = IngestReport()
     if not results:
         return report
-    tables = state.tables
     # Before the batch's transaction: the DDL never runs while the batch holds its locks.
-    ensure_partitions(conn, tables, cover=state.partitions)
-    with conn.transaction():
-        take_advisory_lock(conn, tables.ingest_lock_key)
-        # Under the lock, look again: another run may have written some of these files.
-        rows = batch_rows(conn, tables, state.mapping, results)
-        plan = plan_batch(results, rows, state.person_policy)
-        _forget_replaced(conn, tables, plan, report)
-        visits = _visits(conn, state, plan)
-        first_procedure_id = _write_studies(conn, state, plan.new_studies, visits, report)
-        first_image_id = _write_series(conn, state, plan, first_procedure_id, visits, report)
-        ids = BatchIds(first_procedure_id, first_image_id, visits)
-        _write_analytics(conn, state, plan, ids, report)
-        ranges = _write_metadata(conn, state, plan.instances, first_image_id, report)
-        _write_ledger(conn, state, plan.ledger, first_image_id, ranges, report)
+    ensure_partitions(conn, state.tables, cover=state.partitions)
+    clock = _LockClock()
+    try:
+        with conn.transaction():
+            plan = _write_batch_transaction(conn, state, results, clock, report)
+    except BaseException:
+        release_session_locks(conn)  # a reservation that failed half-way (``reserve_ids``)
+        raise
+    if clock.taken_at is not None:
+        report.lock_held_seconds.append(time.monotonic() - clock.taken_at)
     report.files_already_done += plan.already_done
     report.person_misses += plan.person_misses
     return report
+
+
+def _write_batch_transaction(
+    conn: psycopg.Connection,
+    state: RunState,
+    results: Sequence[ParseResult],
+    clock: _LockClock,
+    report: IngestReport,
+) -> BatchPlan:
+    """The batch's writes, optimistically before the lock where they can be (module docstring)."""
+    tables = state.tables
+    rows = batch_rows(conn, tables, state.mapping, results)
+    plan = plan_batch(results, rows, state.person_policy)
+    if needs_entries(state.data_elements, [w.parsed.metadata for w in plan.instances]):
+        return _write_under_lock(conn, state, results, clock, report)
+    attempt = IngestReport()  # counted only if the optimistic plan holds
+    try:
+        with conn.transaction():  # a savepoint: the optimistic rows go if the plan is stale
+            first_image_id = _reserve_image_ids(conn, tables, plan)
+            metadata = _write_metadata(conn, state, plan.instances, first_image_id, attempt)
+            clock.take(conn, tables)
+            if not same_rows(rows, batch_rows(conn, tables, state.mapping, results)):
+                raise _PlanChanged
+            _write_decided(conn, state, plan, first_image_id, metadata, attempt)
+    except _PlanChanged:
+        report.batches_rewritten_under_lock += 1
+        return _write_under_lock(conn, state, results, clock, report)
+    report.merge(attempt)
+    return plan
+
+
+def _write_under_lock(
+    conn: psycopg.Connection,
+    state: RunState,
+    results: Sequence[ParseResult],
+    clock: _LockClock,
+    report: IngestReport,
+) -> BatchPlan:
+    """The whole batch under the ingest lock: look up, plan and write."""
+    tables = state.tables
+    clock.take(conn, tables)
+    # Under the lock, look again: another run may have written some of these files.
+    rows = batch_rows(conn, tables, state.mapping, results)
+    plan = plan_batch(results, rows, state.person_policy)
+    first_image_id = _reserve_image_ids(conn, tables, plan)
+    metadata = _write_metadata(conn, state, plan.instances, first_image_id, report)
+    _write_decided(conn, state, plan, first_image_id, metadata, report)
+    return plan
+
+
+def _reserve_image_ids(conn: psycopg.Connection, tables: Tables, plan: BatchPlan) -> int:
+    """The first image_occurrence id of the plan's new series (their ids are reserved)."""
+    sequence = tables.sequence("dicom_etl_image_occurrence_id_seq")
+    return reserve_ids(conn, sequence, len(plan.new_series))
+
+
+def _write_decided(
+    conn: psycopg.Connection,
+    state: RunState,
+    plan: BatchPlan,
+    first_image_id: int,
+    metadata: _MetadataWritten,
+    report: IngestReport,
+) -> None:
+    """Under the lock, with the plan's metadata rows written: everything else of the batch."""
+    tables = state.tables
+    _forget_replaced(conn, tables, plan, metadata.ids, report)
+    visits = _visits(conn, state, plan)
+    first_procedure_id = _write_studies(conn, state, plan.new_studies, visits, report)
+    _write_series(conn, state, plan, first_image_id, first_procedure_id, visits, report)
+    ids = BatchIds(first_procedure_id, first_image_id, visits)
+    _write_analytics(conn, state, plan, ids, report)
+    _write_ledger(conn, state, plan.ledger, first_image_id, metadata.by_sop, report)
 
 
 def _copy_any(
@@ -212,14 +328,21 @@ def _copy_any(
 
 
 def _forget_replaced(
-    conn: psycopg.Connection, tables: Tables, plan: BatchPlan, report: IngestReport
+    conn: psycopg.Connection,
+    tables: Tables,
+    plan: BatchPlan,
+    own_metadata_ids: range,
+    report: IngestReport,
 ) -> None:
     """Files changed since they were recorded: their old instance's rows go, the paths that
-    were duplicates of it become 'failed', and the changed paths' ledger rows go."""
+    were duplicates of it become 'failed', and the changed paths' ledger rows go.
+
+    The batch's own metadata rows (``own_metadata_ids``) are in the table already, written
+    for the new content of those SOP instances: they stay."""
     if plan.changed_sops:
         report.rows["image_feature_replaced"] += forget_findings(conn, tables, plan.changed_sops)
         report.rows["dicom_file_metadata_replaced"] += _delete_metadata(
-            conn, tables, plan.changed_sops
+            conn, tables, plan.changed_sops, own_metadata_ids
         )
         conn.execute(
             sql.SQL(
@@ -240,10 +363,13 @@ def _forget_replaced(
         )
 
 
-def _delete_metadata(conn: psycopg.Connection, tables: Tables, sops: Sequence[str]) -> int:
-    """Delete the metadata rows of the SOP instances: by the id ranges their ledger rows
+def _delete_metadata(
+    conn: psycopg.Connection, tables: Tables, sops: Sequence[str], own_ids: range
+) -> int:
+    """Delete the old metadata rows of the SOP instances: by the id ranges their ledger rows
     record (the primary key, partition by partition), and by sop_instance_id only for files
-    ingested before revision 0007 recorded ranges (their tables have the hash index)."""
+    ingested before revision 0007 recorded ranges (their tables have the hash index), keeping
+    the batch's own new rows (``own_ids``) for the same instances."""
     ranges = conn.execute(
         sql.SQL(
             "SELECT sop_instance_uid, metadata_id_first, metadata_row_count FROM {}"
@@ -266,10 +392,11 @@ def _delete_metadata(conn: psycopg.Connection, tables: Tables, sops: Sequence[st
     without_range = sorted(set(sops) - {sop for sop, _, _ in ranges})
     if without_range:
         deleted += conn.execute(
-            sql.SQL("DELETE FROM {} WHERE sop_instance_id = ANY(%s)").format(
-                tables["dicom_file_metadata"]
-            ),
-            [without_range],
+            sql.SQL(
+                "DELETE FROM {} WHERE sop_instance_id = ANY(%s)"
+                " AND metadata_id NOT BETWEEN %s AND %s"  # an empty range excludes nothing
+            ).format(tables["dicom_file_metadata"]),
+            [without_range, own_ids.start, own_ids.stop - 1],
         ).rowcount
     return deleted
 
@@ -325,14 +452,15 @@ def _write_series(
     conn: psycopg.Connection,
     state: RunState,
     plan: BatchPlan,
+    first: int,
     first_procedure_id: int,
     visits: dict[VisitKey, int],
     report: IngestReport,
-) -> int:
-    """image_occurrence rows of the new series, with their concepts; returns the first id."""
+) -> None:
+    """image_occurrence rows of the new series, with their concepts; their ids (from ``first``
+    on) are reserved already: the batch's metadata rows may be written with them."""
     tables, concepts, series = state.tables, state.concepts, plan.new_series
     concepts.prepare({s.modality for s in series}, {s.body_part for s in series})
-    first = reserve_ids(conn, tables.sequence("dicom_etl_image_occurrence_id_seq"), len(series))
     rows = []
     for i, s in enumerate(series):
         modality_id = concepts.modality(s.modality)
@@ -359,7 +487,6 @@ def _write_series(
         conn, tables["image_occurrence"], _IMAGE_COLUMNS, rows
     )
     report.series_ids.append(range(first, first + len(series)))
-    return first
 
 
 def _wadors_uri(root: str | None, study_uid: str, series_uid: str) -> str | None:
@@ -400,11 +527,10 @@ def _write_metadata(
     instances: Sequence[InstanceWrite],
     first_image_id: int,
     report: IngestReport,
-) -> dict[str, tuple[int, int]]:
-    """Every element of every instance into the EAV table, as the workers rendered it.
-    Returns SOP Instance UID -> (first metadata_id, row count) of each instance written."""
+) -> _MetadataWritten:
+    """Every element of every instance into the EAV table, as the workers rendered it."""
     if not instances:
-        return {}
+        return _MetadataWritten(range(0), {})
     rendered = [w.parsed.metadata for w in instances]
     tables = state.tables
     ensure_data_elements(conn, tables, state.data_elements, state.private_creators, rendered)
@@ -422,7 +548,7 @@ def _write_metadata(
     now_text = dt.datetime.now().isoformat(sep=" ")
     # Element rows phi_policy left out: counted for the files written, not for duplicates.
     report.rows["dicom_file_metadata_phi_dropped"] += sum(w.parsed.phi_dropped for w in instances)
-    report.rows["dicom_file_metadata"] += _copy_metadata(
+    written = _copy_metadata(
         conn,
         tables["dicom_file_metadata"],
         state.data_elements,
@@ -432,7 +558,11 @@ def _write_metadata(
         first_dataset_id,
         now_text,
     )
-    return _id_ranges(instances, first_metadata_id)
+    report.rows["dicom_file_metadata"] += written
+    return _MetadataWritten(
+        range(first_metadata_id, first_metadata_id + written),
+        _id_ranges(instances, first_metadata_id),
+    )
 
 
 def _id_ranges(
