@@ -766,6 +766,9 @@ Index(
     unique=True,
     postgresql_where=sa.text("status = 'ingested'"),
 )
+# The asset checks read the files of one run (revision 0007): without it, a scan of the whole
+# ledger after every run, a hundred million rows at a large archive.
+Index("idx_dicom_ingest_log_run", dicom_ingest_log.c.run_id)
 
 #: Columns without a comment: standard OMOP CDM v5.4 / MI-CDM columns whose meaning is the
 #: standard's (https://ohdsi.github.io/CommonDataModel/cdm54.html). Every other column of

@@ -231,6 +231,9 @@ def test_the_lookups_use_indexes_and_partition_pruning(db):
     # (A partition's index is named after its column; the only one on sop_instance_id is
     # the partial idx_dicom_file_metadata_file_sop's.)
     assert "Index Only Scan using dicom_file_metadata_p0_sop_instance_id_idx" in plan, plan
+    # ... and the run's files come from the ledger's run_id index, not a scan of the ledger.
+    assert "Seq Scan on dicom_ingest_log" not in plan, plan
+    assert "idx_dicom_ingest_log_run" in plan, plan
     assert scalar(db, check, {"run": "this"}) == 0
 
     # Rows of a series: BRIN, not a scan of every row.
