@@ -235,7 +235,7 @@ def catalog(conn: psycopg.Connection, table: str) -> dict:
 def shape_at_head(table: str, described: dict) -> dict:
     """An f2260e1 table as later revisions shaped it, nothing else: 0004 keys private entries
     per creator (a column at the end, the tag index partial, a second index), 0005 gives the
-    ledger its odd-value columns."""
+    ledger its odd-value columns, 0007 its metadata id range and its run_id index."""
     if table == "dicom_ingest_log":
         added = [
             ("value_warnings", "integer", False, None, None),
@@ -243,7 +243,16 @@ def shape_at_head(table: str, described: dict) -> dict:
             ("metadata_id_first", "bigint", False, None, None),
             ("metadata_row_count", "integer", False, None, None),
         ]
-        return {**described, "columns": [*described["columns"], *added]}
+        run_index = (
+            "idx_dicom_ingest_log_run",
+            f"CREATE INDEX idx_dicom_ingest_log_run ON {MI_SCHEMA}.dicom_ingest_log"
+            " USING btree (run_id)",
+        )
+        return {
+            **described,
+            "columns": [*described["columns"], *added],
+            "indexes": sorted([*described["indexes"], run_index]),
+        }
     if table != "dicom_data_element":
         return as_created_at_head(table, described)
     name = f"{MI_SCHEMA}.dicom_data_element"
