@@ -4,7 +4,9 @@ ledger row records, and the product's look-ups through indexes and partition pru
 
 from __future__ import annotations
 
+import re
 import warnings
+from pathlib import Path
 
 import psycopg
 import pydicom
@@ -20,6 +22,7 @@ from dicom_etl_dagster.core.db.partitions import (
 from dicom_etl_dagster.core.db.tables import Tables
 from dicom_etl_dagster.core.ingest.checks import _TWICE_IN_METADATA
 from dicom_etl_dagster_tests.conftest import scalar
+from dicom_etl_dagster_tests.core.db.test_migrations import apply_f2260e1_ddl
 from dicom_etl_dagster_tests.core.ingest.test_writer import MAIN, Folder, _run
 
 TABLES = Tables(MAIN)
@@ -242,3 +245,54 @@ def test_the_lookups_use_indexes_and_partition_pruning(db):
     assert "Seq Scan on dicom_file_metadata" not in plan, plan
     assert "Bitmap Index Scan on dicom_file_metadata_p0_image_occurrence_id_idx" in plan, plan
     assert scalar(db, by_series, [7]) == ROWS_PER_FILE * FILES_PER_SERIES
+
+
+# --------------------------------------------------------------------------
+# The README's recipe converting an upgraded (plain) table
+# --------------------------------------------------------------------------
+README = Path(__file__).resolve().parents[3] / "README.md"
+
+
+def conversion_recipe(n: int) -> str:
+    """The README's SQL converting a plain dicom_file_metadata, with its N filled in."""
+    text = README.read_text()
+    section = text[text.index("### The EAV table at scale") :]
+    recipe = section[section.index("```sql\n") + len("```sql\n") : section.index("\n```\n")]
+    code = [line.split("--")[0] for line in recipe.splitlines()]  # comments may say "N"
+    return re.sub(r"\bN\b", str(n), "\n".join(code))
+
+
+def test_the_readme_recipe_converts_an_upgraded_table_and_ingest_goes_on(db, tmp_path):
+    apply_f2260e1_ddl(db)  # an install of the first release, upgraded to head: a plain table
+    ensure_tables(db, MAIN)
+    assert not is_partitioned(db, MD)
+    folder = Folder(tmp_path / "dicom")
+    assert _run(db, MAIN, folder.root).status_counts["ingested"] == 6
+    before = rows_by_sop(db)
+    n = scalar(db, sql.SQL("SELECT max(metadata_id) + 1 FROM {}").format(MD)) // PARTITION_SPAN + 1
+    db.execute(conversion_recipe(n * PARTITION_SPAN))
+
+    assert is_partitioned(db, MD)
+    assert rows_by_sop(db) == before  # every row kept, in the old table, now a partition
+    assert partitions(db) == {"dicom_file_metadata_legacy": sum(map(len, before.values()))}
+    # The ETL goes on: a changed file is replaced exactly, its new rows in a new partition.
+    name = next(iter(folder.sop))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(folder.path[name], force=True)
+        ds.PatientComments = "a new element"
+        ds.save_as(folder.path[name])
+    db.execute(
+        "SELECT setval(%s::regclass, %s)",
+        [TABLES.sequence_text("dicom_etl_metadata_id_seq", db), n * PARTITION_SPAN],
+    )
+    again = _run(db, MAIN, folder.root, run_id="again")
+    assert again.status_counts["ingested"] == 1
+    sop = folder.sop[name]
+    assert again.rows["dicom_file_metadata_replaced"] == len(before[sop])
+    after = rows_by_sop(db)
+    assert len(after[sop]) == len(before[sop]) + 1
+    assert {s: r for s, r in after.items() if s != sop} == {
+        s: r for s, r in before.items() if s != sop
+    }
+    assert partitions(db)[f"dicom_file_metadata_p{n}"] == len(after[sop])
