@@ -61,13 +61,13 @@ def clean_database_url(postgres_server):
 
 
 def _corpus(root: Path) -> list[Path]:
-    """Folders a, b, c of fresh instances; b/copies holds a's first series again."""
+    """Folders a, b, c of fresh instances; b/zz_copies holds a's first series again (walked last in b: a's runs ingest them first, as the run over the union does)."""
     files = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in "abc":
             files += hostile.clean_folder(root / name, FILES_PER_FOLDER)
-    shutil.copytree(root / "a" / "s0000", root / "b" / "copies")
+    shutil.copytree(root / "a" / "s0000", root / "b" / "zz_copies")
     return files
 
 
@@ -137,7 +137,7 @@ def test_parallel_writers_write_what_one_run_over_the_union_writes(
             ).fetchall()
         ]
         assert len(ingested) == len(set(ingested)) == len(files)
-        copies = len(list((root / "b" / "copies").iterdir()))
+        copies = len(list((root / "b" / "zz_copies").iterdir()))
         assert (
             scalar(got_conn, f"SELECT count(*) FROM {MI}.dicom_ingest_log") == len(files) + copies
         )

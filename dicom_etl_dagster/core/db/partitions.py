@@ -150,8 +150,11 @@ def _create_missing(conn: psycopg.Connection, tables: Tables, low: int, high: in
     bounds = partition_bounds(conn, tables)
     for n in range(max(low, 0) // PARTITION_SPAN, high // PARTITION_SPAN + 1):
         span = (n * PARTITION_SPAN, (n + 1) * PARTITION_SPAN)
-        for i, (start, end) in enumerate(_missing(span, bounds)):
-            _attach(conn, tables, f"{TABLE}_p{n}" + (f"_{i}" if i else ""), start, end)
+        for start, end in _missing(span, bounds):
+            # A gap in a span partly covered (by a converted old table) is named by its start:
+            # the span's own name may be taken.
+            whole = (start, end) == span
+            _attach(conn, tables, f"{TABLE}_p{n}" + ("" if whole else f"_{start}"), start, end)
 
 
 def _attach(conn: psycopg.Connection, tables: Tables, name: str, start: int, end: int) -> None:

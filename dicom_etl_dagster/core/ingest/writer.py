@@ -271,6 +271,8 @@ def _write_batch_transaction(
             _write_decided(conn, state, plan, first_image_id, metadata, attempt)
     except _PlanChanged:
         report.batches_rewritten_under_lock += 1
+        # A partition the attempt attached (``_write_metadata``'s fallback) went with it.
+        state.partitions.covered_below = 0
         return _write_under_lock(conn, state, results, clock, report)
     report.merge(attempt)
     return plan

@@ -296,3 +296,32 @@ def test_the_readme_recipe_converts_an_upgraded_table_and_ingest_goes_on(db, tmp
         s: r for s, r in before.items() if s != sop
     }
     assert partitions(db)[f"dicom_file_metadata_p{n}"] == len(after[sop])
+
+
+def test_a_span_partly_covered_gets_its_gap_as_a_partition_named_by_its_start(db):
+    """A converted old table may end inside a span: the rest of the span is attached beside
+    it, under a name of its own."""
+    ensure_tables(db, MAIN)
+    half = PARTITION_SPAN // 2
+    db.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(MD, _partition("p0")))
+    db.execute(sql.SQL("DROP TABLE {}").format(_partition("p0")))
+    db.execute(sql.SQL("CREATE TABLE {} (LIKE {})").format(_partition("old"), MD))
+    db.execute(
+        sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM (MINVALUE) TO ({})").format(
+            MD, _partition("old"), sql.Literal(half)
+        )
+    )
+    db.execute(
+        "SELECT setval(%s::regclass, %s)",
+        [TABLES.sequence_text("dicom_etl_metadata_id_seq", db), half + 10],
+    )
+    ensure_partitions(db, TABLES)
+    assert set(partitions(db)) == {
+        "dicom_file_metadata_old",
+        f"dicom_file_metadata_p0_{half}",
+        "dicom_file_metadata_p1",
+    }
+
+
+def _partition(suffix: str) -> sql.Identifier:
+    return sql.Identifier(MAIN.medical_imaging, f"dicom_file_metadata_{suffix}")
