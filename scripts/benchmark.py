@@ -17,6 +17,9 @@ Phases, all on the same files:
    (``baseline_row_at_a_time.py``) on an evenly spread subset, in its own schema.
 4. Orthanc: ``POST /instances`` of every file to a throwaway Orthanc on a free loopback
    port, when the ``Orthanc`` binary is installed (``apt-get install orthanc``).
+5. with ``--end-to-end`` (``bench_end_to_end.py``): a pydicom parse (``dcmread`` +
+   ``to_json_dict``, same worker count) and the user's ``dagster job execute -j
+   ingest_metadata`` as a subprocess, start to exit, into fresh schemas.
 
 ``--concurrent-runs 1,2,4`` runs none of these phases but, for each N, N concurrent ingest
 processes over disjoint slices of the corpus against one PostgreSQL (``bench_concurrency.py``).
@@ -1316,6 +1319,13 @@ def main(argv: list[str] | None = None) -> int:
         "lock-wait and overlapping-COPY shares, dicom_file_metadata bytes per file "
         "(scripts/bench_concurrency.py)",
     )
+    parser.add_argument(
+        "--end-to-end",
+        action="store_true",
+        help="also run a pydicom parse of every file and the ingest_metadata job end to end "
+        "(dagster job execute, start to exit), with ratios to Orthanc and pydicom "
+        "(scripts/bench_end_to_end.py)",
+    )
     parser.add_argument("--output", type=Path, help="also write the markdown report here")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args(argv)
@@ -1332,7 +1342,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="dicom_etl_bench_"))
     os.chmod(workdir, 0o755)  # pgserver runs PostgreSQL as its own user when we are root
     phases: list[PhaseResult] = []
-    parse = etl = rerun = row = orthanc = None
+    parse = etl = rerun = row = orthanc = end_to_end = None
     flat = db_rows = measurements = None
     setup: dict = {}
     orthanc_note = ""
@@ -1391,7 +1401,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             phases.append(parse)
 
-        if not args.skip_etl or args.baseline_files:
+        if not args.skip_etl or args.baseline_files or args.end_to_end:
             db = Database(args.database_url, workdir)
             with db.connect() as conn:
                 environment["postgresql"] = conn.execute("SHOW server_version").fetchone()[0]
@@ -1470,6 +1480,14 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             )
             phases.append(orthanc)
+        if args.end_to_end:
+            import bench_end_to_end  # here: it imports this module
+
+            earlier = {"parse": parse, "etl": etl, "orthanc": orthanc}
+            end_to_end = bench_end_to_end.run(
+                args, db, root, corpus, paths, measured, workdir, earlier
+            )
+            phases.extend(end_to_end.phases)
     finally:
         if db is not None:
             db.close()
@@ -1490,7 +1508,7 @@ def main(argv: list[str] | None = None) -> int:
         setup,
         environment,
         measurements,
-    )
+    ) + ("\n\n" + end_to_end.markdown() if end_to_end else "")
     print(report)
     if args.output:
         args.output.write_text(report + "\n")
@@ -1533,6 +1551,7 @@ def main(argv: list[str] | None = None) -> int:
                     "flatness": flat,
                     "database_rows": db_rows,
                     "measurements_comparison": measurements,
+                    "end_to_end": end_to_end.summary if end_to_end else None,
                     "setup_seconds": setup,
                 },
                 indent=2,
