@@ -88,6 +88,26 @@ def take_advisory_lock(conn: psycopg.Connection, key: str) -> None:
     conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [key])
 
 
+def take_keyed_locks(conn: psycopg.Connection, key: str, items: Iterable[str]) -> None:
+    """``key``'s advisory lock in shared mode, then one exclusive lock per item (transaction-
+    level).
+
+    Holders of ``key`` in exclusive mode (``take_advisory_lock``) exclude every holder of
+    item locks; holders of item locks exclude each other only where their items meet. The
+    item locks are taken in ascending order of their hashes, so two transactions cannot each
+    hold an item the other waits for. They live in the two-integer advisory lock space
+    (namespace ``hashtext(key)``), apart from the one-bigint locks of ``take_advisory_lock``
+    and ``reserve_ids``; two items whose hashes collide only wait for each other needlessly.
+    """
+    conn.execute("SELECT pg_advisory_xact_lock_shared(hashtext(%s))", [key])
+    # The sorted subquery feeds the locking call row by row, in its order.
+    conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtext(%s), item) FROM"
+        " (SELECT DISTINCT hashtext(i) AS item FROM unnest(%s::text[]) AS i ORDER BY 1) AS s",
+        [key, sorted(set(items))],
+    )
+
+
 def table_exists(conn: psycopg.Connection, schema: str, table: str) -> bool:
     row = conn.execute(
         "SELECT to_regclass(%s)", [sql.Identifier(schema, table).as_string(conn)]

@@ -7,11 +7,12 @@ table: an ETL-owned dicom_data_element has ``private_creator`` (revision 0004), 
 entries are per creator (``private_entries``); a table a user created and the ETL never
 alters may lack it, and then private entries stay keyed by tag alone, as before.
 
-Entries are added under the ingest lock the batch holds, each only when no entry with its key
-exists (and the unique indexes of an owned table back that up), so overlapping runs add
-every entry once. A batch that needs no new entry (``needs_entries`` is false: the run
-already knows every key its rows use) writes its metadata rows before it takes that lock;
-one that does takes the lock first and writes the whole batch under it.
+Entries are added under the schema's ingest lock in exclusive mode, each only when no entry
+with its key exists (and the unique indexes of an owned table back that up), so overlapping
+runs add every entry once. A batch first learns, without a lock, the ids of the entries the
+table has and the run does not know yet (``learn_existing_entries``). One that then needs
+no new entry (``needs_entries`` is false) writes its metadata rows before it takes any
+lock; one that does takes the schema's lock first and writes the whole batch under it.
 """
 
 from __future__ import annotations
@@ -77,6 +78,26 @@ def entry_of(candidate: TagCandidate, per_creator: bool) -> Entry:
     return Entry(entry_tag, creator, described.name, None, described.vr or vr, described.vm, True)
 
 
+def learn_existing_entries(
+    conn: psycopg.Connection,
+    tables: Tables,
+    ids: DataElementIds,
+    per_creator: bool,
+    rendered: Iterable[RenderedMetadata],
+) -> None:
+    """Learn the ids of the entries the batch's rows need that the table has and the run does
+    not know yet (another run added them, or they are per creator). Without any lock: an
+    entry, once there, is never changed or deleted."""
+    missing = _missing_entries(ids, per_creator, rendered)
+    if missing:
+        found = _entry_ids(conn, tables, _distinct(missing), per_creator)
+        ids.update(
+            (key, found[(e.tag, e.creator)])
+            for key, e in missing.items()
+            if (e.tag, e.creator) in found
+        )
+
+
 def ensure_data_elements(
     conn: psycopg.Connection,
     tables: Tables,
@@ -85,21 +106,33 @@ def ensure_data_elements(
     rendered: Iterable[RenderedMetadata],
 ) -> None:
     """Add the entries the batch's rows need and the table lacks, once; learn their ids."""
-    missing: dict[str, Entry] = {}  # entry key -> entry
+    missing = _missing_entries(ids, per_creator, rendered)
+    if not missing:
+        return
+    entries = _distinct(missing)
+    _insert_missing(conn, tables, entries, per_creator)
+    found = _entry_ids(conn, tables, entries, per_creator)
+    ids.update((key, found[(e.tag, e.creator)]) for key, e in missing.items())
+
+
+def _missing_entries(
+    ids: DataElementIds, per_creator: bool, rendered: Iterable[RenderedMetadata]
+) -> dict[str, Entry]:
+    """Entry key -> entry, of the rows' keys the run does not know."""
+    missing: dict[str, Entry] = {}
     for candidate in _unknown_candidates(ids, rendered):  # first seen first
         key = candidate[0]
         if key not in missing:
             missing[key] = entry_of(candidate, per_creator)
-    if not missing:
-        return
-    # Several keys can share an entry: (0019,1060) and (0019,1160) of one creator.
+    return missing
+
+
+def _distinct(missing: dict[str, Entry]) -> list[Entry]:
+    """Several keys can share an entry: (0019,1060) and (0019,1160) of one creator."""
     unique: dict[tuple[str, str | None], Entry] = {}
     for entry in missing.values():
         unique.setdefault((entry.tag, entry.creator), entry)
-    entries = list(unique.values())
-    _insert_missing(conn, tables, entries, per_creator)
-    found = _entry_ids(conn, tables, entries, per_creator)
-    ids.update((key, found[(e.tag, e.creator)]) for key, e in missing.items())
+    return list(unique.values())
 
 
 def needs_entries(ids: DataElementIds, rendered: Iterable[RenderedMetadata]) -> bool:

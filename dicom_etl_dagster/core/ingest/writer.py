@@ -3,20 +3,28 @@ features: ``core/analytics/write.py``), EAV rows and ledger rows in one transact
 
 Everything a batch writes commits together or not at all, so a crash leaves whole batches;
 the ledger (dicom_ingest_log) is part of that transaction, so a re-run knows exactly what
-is done. Batches of concurrent runs decide under a transaction-level advisory lock (the
-ingest lock): is this SOP instance new? does this series exist? That makes overlapping runs
-produce exactly the rows one run would.
+is done. Overlapping runs produce exactly the rows one run would: a batch's decisions (is
+this SOP instance new? does this series exist?) are checked under locks on what they are
+about, and the database's unique indexes arbitrate the rest.
 
-The bulk of a batch, its EAV rows (~200 per file), is written before that lock, so that
-overlapping runs COPY at the same time: the batch plans optimistically from what it reads
-without the lock, reserves the ids of that plan's new series and of its metadata rows, and
-COPYs the metadata. Then it takes the lock and reads again. If the database holds the same
-rows for the batch, the plan is the one it would make under the lock, and the batch writes
-the rest (studies, series with the reserved ids, analytics, replaced rows, ledger). If not
-(another run wrote some of these files or series meanwhile), it rolls back to a savepoint
-taken before the optimistic work and writes the whole batch under the lock, as a batch that
-needs new dicom_data_element entries does from the start. Uncommitted metadata rows are seen
-by nobody else, and no unique index covers them, so the early COPY waits for no one.
+A batch plans optimistically from what it reads without any lock, reserves the ids of that
+plan's new series and of its metadata rows, and COPYs its EAV rows (~200 per file, the bulk
+of the batch). Uncommitted metadata rows are seen by nobody else and no unique index covers
+them, so that COPY waits for no one. Then the batch takes its keyed locks
+(``tables.take_keyed_locks``): one per study and series it creates and per SOP instance
+its plan calls a duplicate or changed, in a fixed order, under the ingest lock of the
+schema in shared mode. Batches about other studies and series never wait for them. Under these
+locks the batch reads again; if the database holds the same rows for it, its plan is the one
+it would make now, and it writes the rest (studies, series with the reserved ids,
+analytics, replaced rows, ledger). A file two batches both record (one path, or one SOP
+instance ingested twice) meets the ledger's unique indexes: the second batch waits for the
+first's commit, and its write fails.
+
+If the rows changed, or a unique index or a deadlock refused a write, the batch rolls back
+to a savepoint taken before the optimistic work (which also releases the locks taken after
+it) and writes the whole batch under the schema's ingest lock in exclusive mode, as a batch
+that needs new dicom_data_element entries does from the start: no other batch of the schema
+writes meanwhile.
 
 The decisions themselves are not made here: ``plan.plan_batch`` makes them from the rows
 this module looks up (``lookups.batch_rows``), and this module applies the plan: it deletes
@@ -34,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import psycopg
-from psycopg import sql
+from psycopg import errors, sql
 
 from dicom_etl_dagster.core.analytics.concepts import MeasurementConcepts
 from dicom_etl_dagster.core.analytics.procedures import refine_procedures
@@ -54,10 +62,15 @@ from dicom_etl_dagster.core.db.tables import (
     release_session_locks,
     reserve_ids,
     take_advisory_lock,
+    take_keyed_locks,
 )
 from dicom_etl_dagster.core.dicom.odd_values import ledger_tags
 from dicom_etl_dagster.core.ingest.concepts import ConceptResolver
-from dicom_etl_dagster.core.ingest.data_elements import ensure_data_elements, needs_entries
+from dicom_etl_dagster.core.ingest.data_elements import (
+    ensure_data_elements,
+    learn_existing_entries,
+    needs_entries,
+)
 from dicom_etl_dagster.core.ingest.lookups import PersonMapping, batch_rows, same_rows
 from dicom_etl_dagster.core.ingest.metadata_copy import COLUMNS as METADATA_COLUMNS
 from dicom_etl_dagster.core.ingest.metadata_copy import (
@@ -175,9 +188,10 @@ class IngestReport:
     series_ids: list[range] = field(default_factory=list)  # image_occurrence ids written
     odd_value_files: int = 0  # files read with at least one odd value (see core/dicom/odd_values)
     odd_value_tags: Counter = field(default_factory=Counter)  # tag -> files that have it
-    # Per batch written: seconds from taking the ingest lock to the commit that releases it.
+    # Per batch written: seconds from taking its locks (keyed or the schema's) to its commit.
     lock_held_seconds: list[float] = field(default_factory=list)
-    # Batches whose optimistic plan was stale under the lock: written again, wholly under it.
+    # Batches whose optimistic plan was stale under their keyed locks, or whose write a unique
+    # index or a deadlock refused: written again, wholly under the schema's ingest lock.
     batches_rewritten_under_lock: int = 0
 
     def merge(self, other: IngestReport) -> None:
@@ -209,17 +223,31 @@ class _MetadataWritten(NamedTuple):
 
 
 class _PlanChanged(Exception):
-    """Under the lock the database held other rows for the batch than without it."""
+    """Under its locks the database held other rows for the batch than without them."""
+
+
+#: What makes an optimistic batch start again under the schema's lock: its plan was stale, or
+#: the database refused a write another run made first (or a lock order PostgreSQL broke).
+_OPTIMISM_FAILED = (_PlanChanged, errors.UniqueViolation, errors.DeadlockDetected)
 
 
 @dataclass
 class _LockClock:
-    """When the batch took the ingest lock (monotonic seconds; None: not yet)."""
+    """When the batch took its locks (monotonic seconds; None: not yet)."""
 
     taken_at: float | None = None
 
     def take(self, conn: psycopg.Connection, tables: Tables) -> None:
+        """The schema's ingest lock, exclusive: no other batch writes meanwhile."""
         take_advisory_lock(conn, tables.ingest_lock_key)
+        self._started()
+
+    def take_keys(self, conn: psycopg.Connection, tables: Tables, keys: set[str]) -> None:
+        """The locks of what the batch's decisions are about (``_decision_keys``)."""
+        take_keyed_locks(conn, tables.ingest_lock_key, keys)
+        self._started()
+
+    def _started(self) -> None:
         if self.taken_at is None:  # held from the first time on, if taken twice
             self.taken_at = time.monotonic()
 
@@ -258,24 +286,43 @@ def _write_batch_transaction(
     tables = state.tables
     rows = batch_rows(conn, tables, state.mapping, results)
     plan = plan_batch(results, rows, state.person_policy)
-    if needs_entries(state.data_elements, [w.parsed.metadata for w in plan.instances]):
+    rendered = [w.parsed.metadata for w in plan.instances]
+    learn_existing_entries(conn, tables, state.data_elements, state.private_creators, rendered)
+    if needs_entries(state.data_elements, rendered):
         return _write_under_lock(conn, state, results, clock, report)
     attempt = IngestReport()  # counted only if the optimistic plan holds
     try:
         with conn.transaction():  # a savepoint: the optimistic rows go if the plan is stale
             first_image_id = _reserve_image_ids(conn, tables, plan)
             metadata = _write_metadata(conn, state, plan.instances, first_image_id, attempt)
-            clock.take(conn, tables)
+            clock.take_keys(conn, tables, _decision_keys(plan))
             if not same_rows(rows, batch_rows(conn, tables, state.mapping, results)):
                 raise _PlanChanged
             _write_decided(conn, state, plan, first_image_id, metadata, attempt)
-    except _PlanChanged:
+    except _OPTIMISM_FAILED:
         report.batches_rewritten_under_lock += 1
         # A partition the attempt attached (``_write_metadata``'s fallback) went with it.
         state.partitions.covered_below = 0
+        clock.taken_at = None  # its locks went with the savepoint
         return _write_under_lock(conn, state, results, clock, report)
     report.merge(attempt)
     return plan
+
+
+def _decision_keys(plan: BatchPlan) -> set[str]:
+    """What the batch's decisions that another batch could make differently are about: the
+    studies and series it creates (what exists stays: the ETL never deletes either) and the
+    SOP instances it calls duplicates or changed (a changed instance's duplicates fail).
+    A file it ingests is arbitrated by the ledger's unique indexes instead."""
+    keys = {f"study:{s.study_uid}" for s in plan.new_studies}
+    keys.update(f"series:{s.series_uid}" for s in plan.new_series)
+    keys.update(f"sop:{sop}" for sop in plan.changed_sops)
+    keys.update(
+        f"sop:{e.sop_instance_uid}"
+        for e in plan.ledger
+        if e.status == LedgerStatus.DUPLICATE and e.sop_instance_uid
+    )
+    return keys
 
 
 def _write_under_lock(
@@ -311,7 +358,7 @@ def _write_decided(
     metadata: _MetadataWritten,
     report: IngestReport,
 ) -> None:
-    """Under the lock, with the plan's metadata rows written: everything else of the batch."""
+    """Under the batch's locks, with its metadata rows written: everything else of it."""
     tables = state.tables
     _forget_replaced(conn, tables, plan, metadata.ids, report)
     visits = _visits(conn, state, plan)

@@ -23,7 +23,7 @@ from dicom_etl_dagster.core.analytics.concepts import MeasurementConcepts
 from dicom_etl_dagster.core.analytics.rows import MEASUREMENT_ID_FIELD_CONCEPT_ID
 from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.core.db.migrate import ensure_tables
-from dicom_etl_dagster.core.db.tables import Tables
+from dicom_etl_dagster.core.db.tables import Tables, take_keyed_locks
 from dicom_etl_dagster.core.ingest.file_scan import FileEntry
 from dicom_etl_dagster.core.ingest.parse_pool import Parsed, parse_file
 from dicom_etl_dagster.core.ingest.run import ingest_folder, prepare_run
@@ -455,3 +455,33 @@ def test_overlapping_runs_write_what_one_run_writes(database_url, db, tmp_path):
             (sops["seg"], ct_series, len(samples.SEGMENTS)),
         ]
     )
+
+
+def test_a_batch_waits_only_for_batches_deciding_about_its_series(database_url, db, tmp_path):
+    """Another run's batch holds the keyed lock of series S (as while it writes S's first
+    files): a batch of other series is written meanwhile without waiting; a batch that would
+    create S waits for it (here: until lock_timeout), and is written once the lock is gone."""
+    _setup(db, MAIN)
+    # Entries for CT_small's tags exist first: a batch that adds entries takes the schema lock.
+    study = generate_uid()
+    _write(tmp_path / "first" / "f.dcm", study, generate_uid(), "first")
+    _run(db, MAIN, tmp_path / "first")
+    other, blocked = generate_uid(), generate_uid()
+    for i in range(3):
+        _write(tmp_path / "other" / f"o{i}.dcm", study, other, "other series")
+        _write(tmp_path / "blocked" / f"b{i}.dcm", generate_uid(), blocked, "blocked series")
+    key = Tables(MAIN).ingest_lock_key
+    with psycopg.connect(database_url) as holder, psycopg.connect(database_url) as writer:
+        take_keyed_locks(holder, key, [f"series:{blocked}"])
+        writer.autocommit = True
+        writer.execute("SET lock_timeout = '2s'")
+        report = _run(writer, MAIN, tmp_path / "other")
+        assert report.status_counts == Counter({"ingested": 3})
+        assert report.batches_rewritten_under_lock == 0
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            _run(writer, MAIN, tmp_path / "blocked")
+        assert _count(db, MAIN, "dicom_ingest_log") == 4  # the waiting batch wrote nothing
+        holder.rollback()
+        assert _run(writer, MAIN, tmp_path / "blocked").status_counts == Counter({"ingested": 3})
+    assert _count(db, MAIN, "image_occurrence") == 3
+    assert _count(db, MAIN, "dicom_ingest_log") == 7
