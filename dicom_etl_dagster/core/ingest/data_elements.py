@@ -107,12 +107,9 @@ def ensure_data_elements(
 ) -> None:
     """Add the entries the batch's rows need and the table lacks, once; learn their ids."""
     missing = _missing_entries(ids, per_creator, rendered)
-    if not missing:
-        return
-    entries = _distinct(missing)
-    _insert_missing(conn, tables, entries, per_creator)
-    found = _entry_ids(conn, tables, entries, per_creator)
-    ids.update((key, found[(e.tag, e.creator)]) for key, e in missing.items())
+    if missing:
+        _insert_missing(conn, tables, _distinct(missing), per_creator)
+        learn_existing_entries(conn, tables, ids, per_creator, rendered)
 
 
 def _missing_entries(
