@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,12 +40,20 @@ SAMPLER_APPLICATION = "dicom_etl_bench_sampler"
 ETL_APPLICATION = "dicom_etl_benchmark"  # what benchmark.Database.connect names its sessions
 READY_TIMEOUT_SECONDS = 600
 
-# One row per ETL backend of this database: active?, waiting for a lock?, in a metadata COPY?
-ACTIVITY_QUERY = """
+# One row per ETL backend of this database: active?, waiting for a lock?, in a metadata COPY?,
+# and for a waiting backend what it waits for: the ungranted lock (an advisory lock's
+# objsubid tells the one-key locks, 1, from the keyed item locks, 2) and the statement.
+ACTIVITY_QUERY = r"""
 SELECT a.state = 'active',
        a.state = 'active' AND (a.wait_event_type = 'Lock'
            OR EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND NOT l.granted)),
-       a.state = 'active' AND a.query ILIKE 'copy%%dicom_file_metadata%%'
+       a.state = 'active' AND a.query ILIKE 'copy%%dicom_file_metadata%%',
+       CASE WHEN a.state = 'active' AND a.wait_event_type = 'Lock' THEN concat_ws(' | ',
+           (SELECT string_agg(DISTINCT concat_ws(' ', l.locktype, l.mode,
+                       CASE WHEN l.locktype = 'advisory' THEN 'keys=' || l.objsubid END,
+                       l.relation::regclass::text), ', ')
+              FROM pg_locks l WHERE l.pid = a.pid AND NOT l.granted),
+           left(regexp_replace(a.query, '\s+', ' ', 'g'), 60)) END
 FROM pg_stat_activity a
 WHERE a.application_name = %s AND a.datname = current_database() AND a.pid <> pg_backend_pid()
 """
@@ -91,12 +100,14 @@ class Samples:
     overlap_ticks: int = 0  # ticks with two or more
     max_copies: int = 0
     max_waiting: int = 0
+    waits_for: Counter[str] = field(default_factory=Counter)  # lock and statement → samples
 
-    def add(self, rows: list[tuple[bool, bool, bool]]) -> None:
+    def add(self, rows: list[tuple]) -> None:
         self.ticks += 1
         active = sum(1 for r in rows if r[0])
         waiting = sum(1 for r in rows if r[1])
         copies = sum(1 for r in rows if r[2])
+        self.waits_for.update(r[3] for r in rows if r[3])
         self.active += active
         self.waiting += waiting
         self.copy_ticks += copies >= 1
@@ -117,6 +128,7 @@ class Samples:
             else 0.0,
             "max_concurrent_copies": self.max_copies,
             "max_waiting_backends": self.max_waiting,
+            "waits_for": dict(self.waits_for.most_common(8)),
         }
 
 
@@ -140,7 +152,7 @@ class Sampler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             rows = self._conn.execute(ACTIVITY_QUERY, [ETL_APPLICATION]).fetchall()
-            self.samples.add([tuple(bool(v) for v in row) for row in rows])
+            self.samples.add(rows)
             self._stop.wait(SAMPLE_SECONDS)
 
     def __exit__(self, *exc) -> None:
@@ -334,6 +346,10 @@ def markdown(report: dict) -> str:
             out.append(
                 f"| {c['runs']} | {r['label']} | {r['files_ok']:,} | " + " | ".join(cells) + " |"
             )
+    out += ["", "What the waiting backends waited for (lock, statement: samples):", ""]
+    for c in report["counts"]:
+        waits = c["locks"]["waits_for"]
+        out += [f"- N={c['runs']}: " + ("; ".join(f"{k}: {v}" for k, v in waits.items()) or "—")]
     out += [
         "",
         f"Lock-wait share: ETL backend samples (every {SAMPLE_SECONDS * 1000:.0f} ms) in state "

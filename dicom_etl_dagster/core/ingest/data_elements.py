@@ -7,12 +7,14 @@ table: an ETL-owned dicom_data_element has ``private_creator`` (revision 0004), 
 entries are per creator (``private_entries``); a table a user created and the ETL never
 alters may lack it, and then private entries stay keyed by tag alone, as before.
 
-Entries are added under the schema's ingest lock in exclusive mode, each only when no entry
-with its key exists (and the unique indexes of an owned table back that up), so overlapping
-runs add every entry once. A batch first learns, without a lock, the ids of the entries the
-table has and the run does not know yet (``learn_existing_entries``). One that then needs
-no new entry (``needs_entries`` is false) writes its metadata rows before it takes any
-lock; one that does takes the schema's lock first and writes the whole batch under it.
+A batch first learns, without a lock, the ids of the entries the table has and the run does
+not know yet (``learn_existing_entries``). An entry still missing is added only when no
+entry with its key exists, so overlapping runs add every entry once. Who arbitrates depends
+on the table. An owned table's unique indexes on the key do (``entries_arbitrated``): the
+entries go in with ``ON CONFLICT DO NOTHING``, in key order so that two batches adding some
+of the same entries cannot deadlock, and a batch adding an entry another batch added but
+has not committed yet waits for that batch only. A table without them (a user's) has the
+batch take the schema's ingest lock in exclusive mode and write the whole batch under it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from dicom_etl_dagster.core.ingest.private_entries import (
 )
 
 PRIVATE_CREATOR_COLUMN = "private_creator"
+# The unique indexes of an owned table on an entry's key (core/db/schema.py).
+ENTRY_KEY_INDEXES = ("idx_dicom_data_element_tag", "idx_dicom_data_element_private")
 
 
 class Entry(NamedTuple):
@@ -53,6 +57,20 @@ def has_private_creators(conn: psycopg.Connection, tables: Tables) -> bool:
     """Whether dicom_data_element keeps private entries per creator (has the column)."""
     present = column_names(conn, tables.schemas.medical_imaging, "dicom_data_element")
     return PRIVATE_CREATOR_COLUMN in present
+
+
+def entries_arbitrated(conn: psycopg.Connection, tables: Tables, per_creator: bool) -> bool:
+    """Whether the table's unique indexes decide that an entry is added once: the two the ETL
+    creates on an owned table (per creator; a table without the column is a user's)."""
+    if not per_creator:
+        return False
+    unique_indexes = conn.execute(
+        "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+        " WHERE i.indrelid = format('%%I.%%I', %s::text, 'dicom_data_element')::regclass"
+        " AND i.indisunique AND c.relname = ANY(%s)",
+        [tables.schema_of("dicom_data_element"), list(ENTRY_KEY_INDEXES)],
+    ).fetchall()
+    return len(unique_indexes) == len(ENTRY_KEY_INDEXES)
 
 
 def known_entries(conn: psycopg.Connection, tables: Tables, per_creator: bool) -> DataElementIds:
@@ -125,11 +143,12 @@ def _missing_entries(
 
 
 def _distinct(missing: dict[str, Entry]) -> list[Entry]:
-    """Several keys can share an entry: (0019,1060) and (0019,1160) of one creator."""
-    unique: dict[tuple[str, str | None], Entry] = {}
+    """The entries in key order (the order every batch inserts them in). Several keys can
+    share an entry: (0019,1060) and (0019,1160) of one creator."""
+    unique: dict[tuple[str, str], Entry] = {}
     for entry in missing.values():
-        unique.setdefault((entry.tag, entry.creator), entry)
-    return list(unique.values())
+        unique.setdefault((entry.tag, entry.creator or ""), entry)
+    return [unique[key] for key in sorted(unique)]
 
 
 def needs_entries(ids: DataElementIds, rendered: Iterable[RenderedMetadata]) -> bool:

@@ -27,7 +27,11 @@ from dicom_etl_dagster.core.db.tables import Tables, column_names, table_exists
 from dicom_etl_dagster.core.errors import DicomEtlError
 from dicom_etl_dagster.core.ingest.archives import is_archive, iter_members, split_member_path
 from dicom_etl_dagster.core.ingest.concepts import ConceptResolver
-from dicom_etl_dagster.core.ingest.data_elements import has_private_creators, known_entries
+from dicom_etl_dagster.core.ingest.data_elements import (
+    entries_arbitrated,
+    has_private_creators,
+    known_entries,
+)
 from dicom_etl_dagster.core.ingest.file_scan import FileEntry, count_files, iter_files
 from dicom_etl_dagster.core.ingest.lookups import PersonMapping, ledger_rows
 from dicom_etl_dagster.core.ingest.parse_pool import Failed, Member, WorkItem, parse_batches
@@ -106,6 +110,7 @@ def prepare_run(
         analytics=analytics or AnalyticsOptions(),
         has_visits=has_visits(conn, Tables(schemas)),
         private_creators=private_creators,
+        entries_arbitrated=entries_arbitrated(conn, Tables(schemas), private_creators),
     )
 
 

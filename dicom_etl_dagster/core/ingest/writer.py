@@ -22,9 +22,10 @@ first's commit, and its write fails.
 
 If the rows changed, or a unique index or a deadlock refused a write, the batch rolls back
 to a savepoint taken before the optimistic work (which also releases the locks taken after
-it) and writes the whole batch under the schema's ingest lock in exclusive mode, as a batch
-that needs new dicom_data_element entries does from the start: no other batch of the schema
-writes meanwhile.
+it) and writes the whole batch under the schema's ingest lock in exclusive mode: no other batch
+of the schema writes meanwhile. A batch that must add dicom_data_element entries to a table
+whose unique indexes cannot arbitrate them (a user's table; ``data_elements``) does so from
+the start.
 
 The decisions themselves are not made here: ``plan.plan_batch`` makes them from the rows
 this module looks up (``lookups.batch_rows``), and this module applies the plan: it deletes
@@ -152,6 +153,9 @@ class RunState:
     has_visits: bool = False  # the CDM schema has visit_occurrence: studies are linked to visits
     # dicom_data_element has private_creator: private entries per creator (``data_elements``).
     private_creators: bool = True
+    # Its unique indexes decide that an entry is added once: a batch adding entries needs no
+    # exclusive lock (``data_elements``).
+    entries_arbitrated: bool = False
     # The DICOMweb root the run reads from: new series get wadors_uri <root>/studies/<s>/series/<se>.
     dicomweb_source: str | None = None
     # What the run knows of dicom_file_metadata's partitions (core/db/partitions.py).
@@ -288,8 +292,11 @@ def _write_batch_transaction(
     plan = plan_batch(results, rows, state.person_policy)
     rendered = [w.parsed.metadata for w in plan.instances]
     learn_existing_entries(conn, tables, state.data_elements, state.private_creators, rendered)
-    if needs_entries(state.data_elements, rendered):
+    adds_entries = needs_entries(state.data_elements, rendered)
+    if adds_entries and not state.entries_arbitrated:
         return _write_under_lock(conn, state, results, clock, report)
+    # Entries the attempt adds go with its savepoint if it fails: then the run forgets them.
+    known_entries = dict(state.data_elements) if adds_entries else None
     attempt = IngestReport()  # counted only if the optimistic plan holds
     try:
         with conn.transaction():  # a savepoint: the optimistic rows go if the plan is stale
@@ -303,6 +310,9 @@ def _write_batch_transaction(
         report.batches_rewritten_under_lock += 1
         # A partition the attempt attached (``_write_metadata``'s fallback) went with it.
         state.partitions.covered_below = 0
+        if known_entries is not None:
+            state.data_elements.clear()
+            state.data_elements.update(known_entries)
         clock.taken_at = None  # its locks went with the savepoint
         return _write_under_lock(conn, state, results, clock, report)
     report.merge(attempt)

@@ -24,6 +24,7 @@ from dicom_etl_dagster.core.analytics.rows import MEASUREMENT_ID_FIELD_CONCEPT_I
 from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.core.db.migrate import ensure_tables
 from dicom_etl_dagster.core.db.tables import Tables, take_keyed_locks
+from dicom_etl_dagster.core.ingest.data_elements import entries_arbitrated
 from dicom_etl_dagster.core.ingest.file_scan import FileEntry
 from dicom_etl_dagster.core.ingest.parse_pool import Parsed, parse_file
 from dicom_etl_dagster.core.ingest.run import ingest_folder, prepare_run
@@ -485,3 +486,94 @@ def test_a_batch_waits_only_for_batches_deciding_about_its_series(database_url, 
         assert _run(writer, MAIN, tmp_path / "blocked").status_counts == Counter({"ingested": 3})
     assert _count(db, MAIN, "image_occurrence") == 3
     assert _count(db, MAIN, "dicom_ingest_log") == 7
+
+
+def _entry_ids(conn, schemas: Schemas, tag: str) -> list[int]:
+    query = sql.SQL(
+        "SELECT data_element_id FROM {} WHERE data_element_tag = %s AND private_creator = %s"
+    ).format(sql.Identifier(schemas.medical_imaging, "dicom_data_element"))
+    return [row[0] for row in conn.execute(query, [tag, "TEST WRITER CREATOR"])]
+
+
+def _metadata_entry_ids(conn, schemas: Schemas, sop: str) -> set[int]:
+    """The entries the instance's rows of the new private element point at."""
+    query = sql.SQL(
+        "SELECT DISTINCT data_element_id FROM {} WHERE sop_instance_id = %s"
+        " AND metadata_source_tag = %s AND private_creator = %s"
+    ).format(sql.Identifier(schemas.medical_imaging, "dicom_file_metadata"))
+    return {row[0] for row in conn.execute(query, [sop, "(0077,1001)", "TEST WRITER CREATOR"])}
+
+
+def test_a_batch_adding_entries_waits_for_no_other_batch(database_url, db, tmp_path):
+    """Another run's batch holds its keyed locks (the schema's lock in shared mode): a batch
+    that needs a new dicom_data_element entry adds it under the table's unique indexes and is
+    written meanwhile, without the schema's exclusive lock (here: within lock_timeout)."""
+    _setup(db, MAIN)
+    _write(tmp_path / "first" / "f.dcm", generate_uid(), generate_uid(), "first")
+    _run(db, MAIN, tmp_path / "first")  # CT_small's public entries exist
+    sop = _write(tmp_path / "new" / "n.dcm", generate_uid(), generate_uid(), "new", private=True)
+    with psycopg.connect(database_url) as holder, psycopg.connect(database_url) as writer:
+        take_keyed_locks(holder, Tables(MAIN).ingest_lock_key, [f"series:{generate_uid()}"])
+        writer.autocommit = True
+        writer.execute("SET lock_timeout = '2s'")
+        report = _run(writer, MAIN, tmp_path / "new")
+        holder.rollback()
+    assert report.status_counts == Counter({"ingested": 1})
+    assert report.batches_rewritten_under_lock == 0
+    entries = _entry_ids(db, MAIN, NEW_PRIVATE_TAG_TEXT)
+    assert len(entries) == 1
+    assert _metadata_entry_ids(db, MAIN, sop) == set(entries)
+
+
+def test_two_batches_adding_one_entry_add_it_once(database_url, db, tmp_path):
+    """A batch needs an entry another batch has added but not committed: it waits for that
+    batch only, then uses its entry (one entry, the rows point at it); if that batch had
+    rolled back, it would add the entry itself."""
+    _setup(db, MAIN)
+    _write(tmp_path / "first" / "f.dcm", generate_uid(), generate_uid(), "first")
+    _run(db, MAIN, tmp_path / "first")
+    sop = _write(tmp_path / "new" / "n.dcm", generate_uid(), generate_uid(), "new", private=True)
+    table = sql.Identifier(MAIN.medical_imaging, "dicom_data_element")
+    with psycopg.connect(database_url) as other, psycopg.connect(database_url) as writer:
+        other_id = scalar(
+            other,
+            sql.SQL(
+                "INSERT INTO {} (data_element_id, data_element_tag, private_creator, is_private,"
+                " is_retired, etl_created_datetime, etl_modified_datetime)"
+                " VALUES (nextval(%s::regclass), %s, %s, true, false, now(), now())"
+                " RETURNING data_element_id"
+            ).format(table),
+            [
+                f"{MAIN.medical_imaging}.dicom_etl_data_element_id_seq",
+                NEW_PRIVATE_TAG_TEXT,
+                "TEST WRITER CREATOR",
+            ],
+        )
+        writer.autocommit = True
+        reports: list = []
+        thread = threading.Thread(
+            target=lambda: reports.append(_run(writer, MAIN, tmp_path / "new"))
+        )
+        thread.start()
+        thread.join(1.5)
+        assert thread.is_alive()  # waiting for the other batch's entry
+        other.commit()
+        thread.join(30)
+    assert reports[0].status_counts == Counter({"ingested": 1})
+    assert _entry_ids(db, MAIN, NEW_PRIVATE_TAG_TEXT) == [other_id]
+    assert _metadata_entry_ids(db, MAIN, sop) == {other_id}
+
+
+def test_a_table_without_unique_entry_keys_adds_entries_under_the_schema_lock(db):
+    """Only an owned table's two unique indexes on the entry key let batches add entries
+    without the exclusive lock; without one (a user's table), ``entries_arbitrated`` is false."""
+    _setup(db, MAIN)
+    tables = Tables(MAIN)
+    assert entries_arbitrated(db, tables, per_creator=True)
+    assert not entries_arbitrated(db, tables, per_creator=False)
+    db.execute(
+        sql.SQL("DROP INDEX {}").format(
+            sql.Identifier(MAIN.medical_imaging, "idx_dicom_data_element_private")
+        )
+    )
+    assert not entries_arbitrated(db, tables, per_creator=True)
