@@ -366,7 +366,7 @@ def markdown(report: dict) -> str:
 
 def run(args, root: Path, corpus: dict, environment: dict, workdir: Path) -> int:
     """The --concurrent-runs benchmark: every count in turn, then the report (markdown, JSON)."""
-    db = benchmark.Database(args.database_url, workdir)
+    db = benchmark.Database(args.database_url, workdir, args.postgres_setting)
     try:
         with db.connect() as conn:
             environment["postgresql"] = conn.execute("SHOW server_version").fetchone()[0]

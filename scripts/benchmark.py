@@ -55,7 +55,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -355,11 +355,13 @@ def run_parse_only(root: Path, workers: int, batch_size: int) -> PhaseResult:
 # PostgreSQL
 # ---------------------------------------------------------------------------------------------
 class Database:
-    def __init__(self, url: str | None, workdir: Path) -> None:
+    def __init__(self, url: str | None, workdir: Path, settings: Sequence[str] = ()) -> None:
         self.server = None
         if url:
             self.url = url
             self.postmaster_pid: int | None = None
+            if settings:
+                raise SystemExit("--postgres-setting applies to the throwaway PostgreSQL only")
         else:
             import pgserver
 
@@ -367,6 +369,36 @@ class Database:
             self.server = pgserver.get_server(workdir / "pgdata", cleanup_mode="delete")
             self.url = self.server.get_uri()
             self.postmaster_pid = self.server.get_pid()
+            try:
+                self._apply(settings)
+            except BaseException:
+                self.close()
+                raise
+
+    def _apply(self, settings: Sequence[str]) -> None:
+        """``NAME=VALUE`` settings (``--postgres-setting``), by ALTER SYSTEM and a reload; one
+        that needs a restart (shared_buffers) fails here rather than being measured unset."""
+        with self.connect() as conn:
+            for setting in settings:
+                name, _, value = setting.partition("=")
+                conn.execute(
+                    sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                        sql.Identifier(name.strip()), sql.Literal(value.strip())
+                    )
+                )
+            conn.execute("SELECT pg_reload_conf()")
+            time.sleep(0.5)  # the backends read the file on their next command
+        with self.connect() as conn:
+            for setting in settings:
+                name = setting.partition("=")[0].strip()
+                pending = conn.execute(
+                    "SELECT pending_restart FROM pg_settings WHERE name = %s", [name]
+                ).fetchone()
+                if pending is None or pending[0]:
+                    raise SystemExit(f"--postgres-setting {setting}: unknown or needs a restart")
+                log(
+                    f"PostgreSQL {name} = {conn.execute(sql.SQL('SHOW {}').format(sql.Identifier(name))).fetchone()[0]}"
+                )
 
     def group(self) -> ProcessGroup | None:
         if not self.postmaster_pid:
@@ -1289,6 +1321,14 @@ def main(argv: list[str] | None = None) -> int:
         "and re-created) instead of a throwaway pgserver",
     )
     parser.add_argument(
+        "--postgres-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of the throwaway PostgreSQL, e.g. max_wal_size=16GB (repeatable; "
+        "settings that need a restart are refused)",
+    )
+    parser.add_argument(
         "--vocab-dir",
         type=Path,
         default=default_vocab_dir(),
@@ -1355,6 +1395,8 @@ def main(argv: list[str] | None = None) -> int:
         "workers": args.workers,
         "batch size": args.batch_size,
     }
+    if args.postgres_setting:
+        environment["postgresql settings"] = ", ".join(args.postgres_setting)
     try:
         root, corpus = resolve_corpus(args, workdir)
         entries = list(iter_files(root))
@@ -1402,7 +1444,7 @@ def main(argv: list[str] | None = None) -> int:
             phases.append(parse)
 
         if not args.skip_etl or args.baseline_files or args.end_to_end:
-            db = Database(args.database_url, workdir)
+            db = Database(args.database_url, workdir, args.postgres_setting)
             with db.connect() as conn:
                 environment["postgresql"] = conn.execute("SHOW server_version").fetchone()[0]
             setup = prepare_database(db, args.vocab_dir, corpus["patients"])

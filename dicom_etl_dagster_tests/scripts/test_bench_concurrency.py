@@ -72,3 +72,24 @@ def test_markdown_has_a_row_per_run_count(report) -> None:
     rows = [line for line in text.splitlines() if line.startswith(f"| 1 | {FILES} |")]
     assert len(rows) == 1
     assert sum(1 for line in text.splitlines() if line.startswith(f"| 2 | {FILES} |")) == 1
+
+
+def test_what_waiting_backends_wait_for_is_counted_within_the_waits(report) -> None:
+    for c in report["json"]["counts"]:
+        locks = c["locks"]
+        assert sum(locks["waits_for"].values()) <= locks["lock_waiting_samples"]
+        assert all(isinstance(k, str) and k for k in locks["waits_for"])
+    assert "What the waiting backends waited for" in report["markdown"]
+
+
+def test_postgres_settings_reach_the_throwaway_server_or_are_refused(tmp_path) -> None:
+    for name in ("ok", "refused"):
+        (tmp_path / name).mkdir()
+    db = benchmark.Database(None, tmp_path / "ok", ["max_wal_size=3GB"])
+    try:
+        with db.connect() as conn:
+            assert conn.execute("SHOW max_wal_size").fetchone()[0] == "3GB"
+    finally:
+        db.close()
+    with pytest.raises(SystemExit, match="needs a restart"):
+        benchmark.Database(None, tmp_path / "refused", ["shared_buffers=256MB"])
