@@ -88,6 +88,12 @@ def take_advisory_lock(conn: psycopg.Connection, key: str) -> None:
     conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [key])
 
 
+def take_shared_advisory_lock(conn: psycopg.Connection, key: str) -> None:
+    """``key``'s transaction-level advisory lock in shared mode: holders exclude only the
+    holders of ``take_advisory_lock(key)``."""
+    conn.execute("SELECT pg_advisory_xact_lock_shared(hashtext(%s))", [key])
+
+
 def take_keyed_locks(conn: psycopg.Connection, key: str, items: Iterable[str]) -> None:
     """``key``'s advisory lock in shared mode, then one exclusive lock per item (transaction-
     level).
@@ -99,7 +105,7 @@ def take_keyed_locks(conn: psycopg.Connection, key: str, items: Iterable[str]) -
     (namespace ``hashtext(key)``), apart from the one-bigint locks of ``take_advisory_lock``
     and ``reserve_ids``; two items whose hashes collide only wait for each other needlessly.
     """
-    conn.execute("SELECT pg_advisory_xact_lock_shared(hashtext(%s))", [key])
+    take_shared_advisory_lock(conn, key)
     # The sorted subquery feeds the locking call row by row, in its order.
     conn.execute(
         "SELECT pg_advisory_xact_lock(hashtext(%s), item) FROM"

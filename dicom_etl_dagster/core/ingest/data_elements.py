@@ -13,7 +13,9 @@ entry with its key exists, so overlapping runs add every entry once. Who arbitra
 on the table. An owned table's unique indexes on the key do (``entries_arbitrated``): the
 entries go in with ``ON CONFLICT DO NOTHING``, in key order so that two batches adding some
 of the same entries cannot deadlock, and a batch adding an entry another batch added but
-has not committed yet waits for that batch only. A table without them (a user's) has the
+has not committed yet waits for that batch only. Such a batch first takes the schema's
+ingest lock in shared mode (the writer), so a batch holding it exclusively, which adds
+entries too, never waits for entries of a batch that waits for it. A table without them (a user's) has the
 batch take the schema's ingest lock in exclusive mode and write the whole batch under it.
 """
 

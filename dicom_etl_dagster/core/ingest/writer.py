@@ -64,6 +64,7 @@ from dicom_etl_dagster.core.db.tables import (
     reserve_ids,
     take_advisory_lock,
     take_keyed_locks,
+    take_shared_advisory_lock,
 )
 from dicom_etl_dagster.core.dicom.odd_values import ledger_tags
 from dicom_etl_dagster.core.ingest.concepts import ConceptResolver
@@ -246,6 +247,11 @@ class _LockClock:
         take_advisory_lock(conn, tables.ingest_lock_key)
         self._started()
 
+    def take_shared(self, conn: psycopg.Connection, tables: Tables) -> None:
+        """The schema's ingest lock, shared: no batch holding it exclusively writes meanwhile."""
+        take_shared_advisory_lock(conn, tables.ingest_lock_key)
+        self._started()
+
     def take_keys(self, conn: psycopg.Connection, tables: Tables, keys: set[str]) -> None:
         """The locks of what the batch's decisions are about (``_decision_keys``)."""
         take_keyed_locks(conn, tables.ingest_lock_key, keys)
@@ -300,6 +306,10 @@ def _write_batch_transaction(
     attempt = IngestReport()  # counted only if the optimistic plan holds
     try:
         with conn.transaction():  # a savepoint: the optimistic rows go if the plan is stale
+            if adds_entries:
+                # Before the entries: a batch under the exclusive lock, which adds entries
+                # too, must never wait for this batch's while this batch waits for its lock.
+                clock.take_shared(conn, tables)
             first_image_id = _reserve_image_ids(conn, tables, plan)
             metadata = _write_metadata(conn, state, plan.instances, first_image_id, attempt)
             clock.take_keys(conn, tables, _decision_keys(plan))

@@ -23,7 +23,7 @@ from dicom_etl_dagster.core.analytics.concepts import MeasurementConcepts
 from dicom_etl_dagster.core.analytics.rows import MEASUREMENT_ID_FIELD_CONCEPT_ID
 from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.core.db.migrate import ensure_tables
-from dicom_etl_dagster.core.db.tables import Tables, take_keyed_locks
+from dicom_etl_dagster.core.db.tables import Tables, take_advisory_lock, take_keyed_locks
 from dicom_etl_dagster.core.ingest.data_elements import entries_arbitrated
 from dicom_etl_dagster.core.ingest.file_scan import FileEntry
 from dicom_etl_dagster.core.ingest.parse_pool import Parsed, parse_file
@@ -577,3 +577,46 @@ def test_a_table_without_unique_entry_keys_adds_entries_under_the_schema_lock(db
         )
     )
     assert not entries_arbitrated(db, tables, per_creator=True)
+
+
+def test_a_batch_adding_entries_never_holds_one_a_batch_under_the_schema_lock_waits_for(
+    database_url, db, tmp_path
+):
+    """A batch under the schema's exclusive lock adds an entry that an optimistic batch needs
+    too: the optimistic batch waits for that lock before it adds any entry, so the exclusive
+    batch never waits for it (which would be a deadlock: each waiting for the other)."""
+    _setup(db, MAIN)
+    _write(tmp_path / "first" / "f.dcm", generate_uid(), generate_uid(), "first")
+    _run(db, MAIN, tmp_path / "first")
+    sop = _write(tmp_path / "new" / "n.dcm", generate_uid(), generate_uid(), "new", private=True)
+    table = sql.Identifier(MAIN.medical_imaging, "dicom_data_element")
+    with psycopg.connect(database_url) as exclusive, psycopg.connect(database_url) as writer:
+        take_advisory_lock(exclusive, Tables(MAIN).ingest_lock_key)
+        writer.autocommit = True
+        reports: list = []
+        thread = threading.Thread(
+            target=lambda: reports.append(_run(writer, MAIN, tmp_path / "new"))
+        )
+        thread.start()
+        thread.join(1.5)
+        assert thread.is_alive()  # waiting for the exclusive lock
+        exclusive.execute("SET lock_timeout = '3s'")  # what a deadlock would cost, and more
+        exclusive_id = scalar(
+            exclusive,
+            sql.SQL(
+                "INSERT INTO {} (data_element_id, data_element_tag, private_creator, is_private,"
+                " is_retired, etl_created_datetime, etl_modified_datetime)"
+                " VALUES (nextval(%s::regclass), %s, %s, true, false, now(), now())"
+                " RETURNING data_element_id"
+            ).format(table),
+            [
+                f"{MAIN.medical_imaging}.dicom_etl_data_element_id_seq",
+                NEW_PRIVATE_TAG_TEXT,
+                "TEST WRITER CREATOR",
+            ],
+        )
+        exclusive.commit()
+        thread.join(30)
+    assert reports and reports[0].status_counts == Counter({"ingested": 1})
+    assert _entry_ids(db, MAIN, NEW_PRIVATE_TAG_TEXT) == [exclusive_id]
+    assert _metadata_entry_ids(db, MAIN, sop) == {exclusive_id}
