@@ -378,27 +378,25 @@ class Database:
     def _apply(self, settings: Sequence[str]) -> None:
         """``NAME=VALUE`` settings (``--postgres-setting``), by ALTER SYSTEM and a reload; one
         that needs a restart (shared_buffers) fails here rather than being measured unset."""
+        pairs = [tuple(part.strip() for part in s.partition("=")[::2]) for s in settings]
         with self.connect() as conn:
-            for setting in settings:
-                name, _, value = setting.partition("=")
-                conn.execute(
-                    sql.SQL("ALTER SYSTEM SET {} = {}").format(
-                        sql.Identifier(name.strip()), sql.Literal(value.strip())
-                    )
-                )
+            for name, value in pairs:
+                statement = sql.SQL("ALTER SYSTEM SET {} = {}")
+                conn.execute(statement.format(sql.Identifier(name), sql.Literal(value)))
             conn.execute("SELECT pg_reload_conf()")
-            time.sleep(0.5)  # the backends read the file on their next command
-        with self.connect() as conn:
-            for setting in settings:
-                name = setting.partition("=")[0].strip()
-                pending = conn.execute(
-                    "SELECT pending_restart FROM pg_settings WHERE name = %s", [name]
+            time.sleep(0.5)  # the postmaster reads the file on its own time
+        with self.connect() as conn:  # a new backend: the reloaded values
+            for name, value in pairs:
+                row = conn.execute(
+                    "SELECT pending_restart, current_setting(name) FROM pg_settings"
+                    " WHERE name = %s",
+                    [name],
                 ).fetchone()
-                if pending is None or pending[0]:
-                    raise SystemExit(f"--postgres-setting {setting}: unknown or needs a restart")
-                log(
-                    f"PostgreSQL {name} = {conn.execute(sql.SQL('SHOW {}').format(sql.Identifier(name))).fetchone()[0]}"
-                )
+                if row is None or row[0]:
+                    raise SystemExit(
+                        f"--postgres-setting {name}={value}: unknown or needs a restart"
+                    )
+                log(f"PostgreSQL {name} = {row[1]}")
 
     def group(self) -> ProcessGroup | None:
         if not self.postmaster_pid:

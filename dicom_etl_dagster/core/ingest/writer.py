@@ -302,7 +302,7 @@ def _write_batch_transaction(
     if adds_entries and not state.entries_arbitrated:
         return _write_under_lock(conn, state, results, clock, report)
     # Entries the attempt adds go with its savepoint if it fails: then the run forgets them.
-    known_entries = dict(state.data_elements) if adds_entries else None
+    entries_before = dict(state.data_elements) if adds_entries else None
     attempt = IngestReport()  # counted only if the optimistic plan holds
     try:
         with conn.transaction():  # a savepoint: the optimistic rows go if the plan is stale
@@ -320,9 +320,9 @@ def _write_batch_transaction(
         report.batches_rewritten_under_lock += 1
         # A partition the attempt attached (``_write_metadata``'s fallback) went with it.
         state.partitions.covered_below = 0
-        if known_entries is not None:
+        if entries_before is not None:
             state.data_elements.clear()
-            state.data_elements.update(known_entries)
+            state.data_elements.update(entries_before)
         clock.taken_at = None  # its locks went with the savepoint
         return _write_under_lock(conn, state, results, clock, report)
     report.merge(attempt)

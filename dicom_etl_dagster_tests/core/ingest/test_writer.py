@@ -39,6 +39,7 @@ CT_SMALL = TEST_FILES_DIR / "CT_small.dcm"
 BATCH = 3
 NEW_PRIVATE_TAG = 0x00771001  # only in a file of the failing batch
 NEW_PRIVATE_TAG_TEXT = "(0077,xx01)"  # its entry: per creator, any block
+NEW_PRIVATE_CREATOR = "TEST WRITER CREATOR"
 
 MAIN = Schemas()
 CLEAN = Schemas(cdm="clean_cdm", vocab="clean_vocab", medical_imaging="clean_mi")
@@ -59,7 +60,7 @@ def _write(target: Path, study: str, series: str, description: str, private: boo
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.StudyDescription = description
     if private:
-        block = ds.private_block(0x0077, "TEST WRITER CREATOR", create=True)
+        block = ds.private_block(0x0077, NEW_PRIVATE_CREATOR, create=True)
         block.add_new(0x01, "LO", "only in the failing batch")
         assert NEW_PRIVATE_TAG in ds
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -492,7 +493,7 @@ def _entry_ids(conn, schemas: Schemas, tag: str) -> list[int]:
     query = sql.SQL(
         "SELECT data_element_id FROM {} WHERE data_element_tag = %s AND private_creator = %s"
     ).format(sql.Identifier(schemas.medical_imaging, "dicom_data_element"))
-    return [row[0] for row in conn.execute(query, [tag, "TEST WRITER CREATOR"])]
+    return [row[0] for row in conn.execute(query, [tag, NEW_PRIVATE_CREATOR])]
 
 
 def _metadata_entry_ids(conn, schemas: Schemas, sop: str) -> set[int]:
@@ -501,17 +502,53 @@ def _metadata_entry_ids(conn, schemas: Schemas, sop: str) -> set[int]:
         "SELECT DISTINCT data_element_id FROM {} WHERE sop_instance_id = %s"
         " AND metadata_source_tag = %s AND private_creator = %s"
     ).format(sql.Identifier(schemas.medical_imaging, "dicom_file_metadata"))
-    return {row[0] for row in conn.execute(query, [sop, "(0077,1001)", "TEST WRITER CREATOR"])}
+    return {row[0] for row in conn.execute(query, [sop, "(0077,1001)", NEW_PRIVATE_CREATOR])}
+
+
+def _file_needing_a_new_entry(db, folder: Path) -> str:
+    """MAIN set up with CT_small's entries, and in ``folder / "new"`` one file whose private
+    element has no entry yet; returns its SOP Instance UID."""
+    _setup(db, MAIN)
+    _write(folder / "first" / "f.dcm", generate_uid(), generate_uid(), "first")
+    _run(db, MAIN, folder / "first")
+    return _write(folder / "new" / "n.dcm", generate_uid(), generate_uid(), "new", private=True)
+
+
+def _add_new_entry(conn) -> int:
+    """The new private element's entry, as another batch adds it (uncommitted until the
+    caller commits); returns its id."""
+    return scalar(
+        conn,
+        sql.SQL(
+            "INSERT INTO {} (data_element_id, data_element_tag, private_creator, is_private,"
+            " is_retired, etl_created_datetime, etl_modified_datetime)"
+            " VALUES (nextval(%s::regclass), %s, %s, true, false, now(), now())"
+            " RETURNING data_element_id"
+        ).format(sql.Identifier(MAIN.medical_imaging, "dicom_data_element")),
+        [
+            f"{MAIN.medical_imaging}.dicom_etl_data_element_id_seq",
+            NEW_PRIVATE_TAG_TEXT,
+            NEW_PRIVATE_CREATOR,
+        ],
+    )
+
+
+def _run_blocked(writer, root: Path) -> tuple[threading.Thread, list]:
+    """A run of ``root`` in a thread, checked to be waiting after 1.5 s; the list receives
+    its report once it ends."""
+    reports: list = []
+    thread = threading.Thread(target=lambda: reports.append(_run(writer, MAIN, root)))
+    thread.start()
+    thread.join(1.5)
+    assert thread.is_alive()
+    return thread, reports
 
 
 def test_a_batch_adding_entries_waits_for_no_other_batch(database_url, db, tmp_path):
     """Another run's batch holds its keyed locks (the schema's lock in shared mode): a batch
     that needs a new dicom_data_element entry adds it under the table's unique indexes and is
     written meanwhile, without the schema's exclusive lock (here: within lock_timeout)."""
-    _setup(db, MAIN)
-    _write(tmp_path / "first" / "f.dcm", generate_uid(), generate_uid(), "first")
-    _run(db, MAIN, tmp_path / "first")  # CT_small's public entries exist
-    sop = _write(tmp_path / "new" / "n.dcm", generate_uid(), generate_uid(), "new", private=True)
+    sop = _file_needing_a_new_entry(db, tmp_path)
     with psycopg.connect(database_url) as holder, psycopg.connect(database_url) as writer:
         take_keyed_locks(holder, Tables(MAIN).ingest_lock_key, [f"series:{generate_uid()}"])
         writer.autocommit = True
@@ -529,34 +566,11 @@ def test_two_batches_adding_one_entry_add_it_once(database_url, db, tmp_path):
     """A batch needs an entry another batch has added but not committed: it waits for that
     batch only, then uses its entry (one entry, the rows point at it); if that batch had
     rolled back, it would add the entry itself."""
-    _setup(db, MAIN)
-    _write(tmp_path / "first" / "f.dcm", generate_uid(), generate_uid(), "first")
-    _run(db, MAIN, tmp_path / "first")
-    sop = _write(tmp_path / "new" / "n.dcm", generate_uid(), generate_uid(), "new", private=True)
-    table = sql.Identifier(MAIN.medical_imaging, "dicom_data_element")
+    sop = _file_needing_a_new_entry(db, tmp_path)
     with psycopg.connect(database_url) as other, psycopg.connect(database_url) as writer:
-        other_id = scalar(
-            other,
-            sql.SQL(
-                "INSERT INTO {} (data_element_id, data_element_tag, private_creator, is_private,"
-                " is_retired, etl_created_datetime, etl_modified_datetime)"
-                " VALUES (nextval(%s::regclass), %s, %s, true, false, now(), now())"
-                " RETURNING data_element_id"
-            ).format(table),
-            [
-                f"{MAIN.medical_imaging}.dicom_etl_data_element_id_seq",
-                NEW_PRIVATE_TAG_TEXT,
-                "TEST WRITER CREATOR",
-            ],
-        )
+        other_id = _add_new_entry(other)
         writer.autocommit = True
-        reports: list = []
-        thread = threading.Thread(
-            target=lambda: reports.append(_run(writer, MAIN, tmp_path / "new"))
-        )
-        thread.start()
-        thread.join(1.5)
-        assert thread.is_alive()  # waiting for the other batch's entry
+        thread, reports = _run_blocked(writer, tmp_path / "new")  # on the other's entry
         other.commit()
         thread.join(30)
     assert reports[0].status_counts == Counter({"ingested": 1})
@@ -585,36 +599,13 @@ def test_a_batch_adding_entries_never_holds_one_a_batch_under_the_schema_lock_wa
     """A batch under the schema's exclusive lock adds an entry that an optimistic batch needs
     too: the optimistic batch waits for that lock before it adds any entry, so the exclusive
     batch never waits for it (which would be a deadlock: each waiting for the other)."""
-    _setup(db, MAIN)
-    _write(tmp_path / "first" / "f.dcm", generate_uid(), generate_uid(), "first")
-    _run(db, MAIN, tmp_path / "first")
-    sop = _write(tmp_path / "new" / "n.dcm", generate_uid(), generate_uid(), "new", private=True)
-    table = sql.Identifier(MAIN.medical_imaging, "dicom_data_element")
+    sop = _file_needing_a_new_entry(db, tmp_path)
     with psycopg.connect(database_url) as exclusive, psycopg.connect(database_url) as writer:
         take_advisory_lock(exclusive, Tables(MAIN).ingest_lock_key)
         writer.autocommit = True
-        reports: list = []
-        thread = threading.Thread(
-            target=lambda: reports.append(_run(writer, MAIN, tmp_path / "new"))
-        )
-        thread.start()
-        thread.join(1.5)
-        assert thread.is_alive()  # waiting for the exclusive lock
+        thread, reports = _run_blocked(writer, tmp_path / "new")  # on the exclusive lock
         exclusive.execute("SET lock_timeout = '3s'")  # what a deadlock would cost, and more
-        exclusive_id = scalar(
-            exclusive,
-            sql.SQL(
-                "INSERT INTO {} (data_element_id, data_element_tag, private_creator, is_private,"
-                " is_retired, etl_created_datetime, etl_modified_datetime)"
-                " VALUES (nextval(%s::regclass), %s, %s, true, false, now(), now())"
-                " RETURNING data_element_id"
-            ).format(table),
-            [
-                f"{MAIN.medical_imaging}.dicom_etl_data_element_id_seq",
-                NEW_PRIVATE_TAG_TEXT,
-                "TEST WRITER CREATOR",
-            ],
-        )
+        exclusive_id = _add_new_entry(exclusive)
         exclusive.commit()
         thread.join(30)
     assert reports and reports[0].status_counts == Counter({"ingested": 1})
