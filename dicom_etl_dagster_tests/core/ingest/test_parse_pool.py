@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -46,3 +48,32 @@ def test_worker_chunks_give_every_file_in_order(tmp_path):
         if isinstance(r, Parsed):
             first_of_series.setdefault(r.instance.series_instance_uid, r)
     assert all(r.findings.acquisition for r in first_of_series.values())
+
+
+MAIN_SCRIPT = """\
+import os, sys
+with open(sys.argv[1], "a") as imported_by:  # every process that runs this script says so
+    imported_by.write(f"{os.getpid()}\\n")
+if __name__ == "__main__":
+    from dicom_etl_dagster.core.ingest.file_scan import FileEntry
+    from dicom_etl_dagster.core.ingest.parse_pool import Parsed, parse_batches
+    entries = [FileEntry(path, os.path.getsize(path), 0) for path in sys.argv[2:]]
+    (results,) = parse_batches([entries], workers=2)
+    assert all(isinstance(r, Parsed) for r in results), results
+    print(os.getpid())
+"""
+
+
+def test_workers_do_not_run_the_parent_script_again(tmp_path):
+    """Under ``dagster job execute`` the parent's script is the Dagster CLI: a worker that ran
+    it again as ``__mp_main__`` paid for all of Dagster's imports before its first file."""
+    script = tmp_path / "main_script.py"
+    script.write_text(MAIN_SCRIPT)
+    imported_by = tmp_path / "imported_by.txt"
+    files = [str(e.path) for e in _files(tmp_path)[1:]]
+    done = subprocess.run(
+        [sys.executable, str(script), str(imported_by), *files],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert imported_by.read_text().split() == [done.stdout.strip()]  # the parent only
