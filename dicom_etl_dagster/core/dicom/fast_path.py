@@ -326,6 +326,24 @@ _NAME_CACHE_LIMIT = 100_000
 # ElementRow's own __new__ is a Python function; tuple.__new__ builds the same row in C.
 _new_row = tuple.__new__
 
+#: Converted values, (VM, JSON Value, Python value), by character set, VR and raw bytes, for
+#: the life of a worker process. Most elements of a file repeat in the next file of its
+#: series (all but UIDs, positions, instance numbers, times...), and a look-up costs a
+#: fraction of a conversion. Only short values are kept (the ones that repeat, and memory
+#: stays bounded), and never for the tags whose Python value the walker keeps (``_note``):
+#: a list value is shared by every row that found it here, so nothing may change it.
+_CONVERTED: dict[str, dict[str, dict[bytes, tuple[str, str | None, Any]]]] = {}
+_CACHED_VALUE_BYTES = 64
+_CONVERTED_PER_VR_LIMIT = 4096
+
+
+def _converted_values(encoding: str) -> dict[str, dict[bytes, tuple[str, str | None, Any]]]:
+    """The converted values of one character set, by VR."""
+    by_vr = _CONVERTED.get(encoding)
+    if by_vr is None:
+        by_vr = _CONVERTED[encoding] = {vr: {} for vr in _CONVERTERS}
+    return by_vr
+
 
 class _FastWalker:
     """One file's walk: rows in file order, sequence rows before their items' rows, as the reader."""
@@ -340,6 +358,7 @@ class _FastWalker:
         self.rows: list[ElementRow] = []
         self.next_item = 0
         self.encoding = _CHARSETS[None]
+        self.converted = _converted_values(self.encoding)
         self.explicit = True
         self.transfer_syntax = ""
         self.instance_values: dict[int, Any] = {}
@@ -424,8 +443,15 @@ class _FastWalker:
             if tag <= previous_tag:
                 raise NeedsPydicom  # unsorted or repeated: pydicom sorts, keeps the last
             previous_tag = tag
-            if explicit:
-                vr, header, length = self._explicit_vr(pos, vr_bytes, length)
+            if explicit:  # the VR and header length (inline: once per element)
+                known_vr = _EXPLICIT_VRS.get(vr_bytes)
+                if known_vr is None:
+                    raise NeedsPydicom  # UR, invalid or blank VR...
+                vr, header = known_vr
+                if header == 12:
+                    if pos + 12 > len(buf):
+                        raise NeedsPydicom
+                    length = _UINT32.unpack_from(buf, pos + 8)[0]
             else:
                 header = 8
                 vr = "OB" if tag in PIXEL_DATA_TAGS else _implicit_vr(tag)
@@ -441,15 +467,29 @@ class _FastWalker:
                 raise NeedsPydicom  # undefined length outside a sequence, or past the end
             pos = start + length
             raw = buf[start:pos] if pos <= len(buf) else self._bytes_at(start, length)
-            vm, value_json, value = _CONVERTERS[vr](raw, self.encoding)
             if tag in noted_tags:
+                vm, value_json, value = _CONVERTERS[vr](raw, self.encoding)
                 self._note(tag, value, top, meta)
+            else:
+                converted = self.converted[vr]
+                known = converted.get(raw)
+                if known is None:
+                    known = _CONVERTERS[vr](raw, self.encoding)
+                    if length <= _CACHED_VALUE_BYTES:
+                        if len(converted) >= _CONVERTED_PER_VR_LIMIT:
+                            converted.clear()
+                        converted[raw] = known
+                vm, value_json, value = known
             if group == 0x0002 and not meta:
                 continue  # the stray copy of the file meta: dropped (corrections.stray_meta_end)
             if group & 1:
                 names = self._private_names(tag, vr, value, creators)
-                row = (*names[:5], vr, vm, value_json, False, None, True, names[5])
-                rows.append(ElementRow(len(rows), parent_sequence, parent_item, *row))
+                # fmt: off
+                rows.append(_new_row(ElementRow, (
+                    len(rows), parent_sequence, parent_item, *names[:5], vr, vm, value_json,
+                    False, None, True, names[5],
+                )))
+                # fmt: on
             else:
                 tag_text, group_text, dictionary_tag, keyword, name = _PUBLIC_NAMES.get(
                     tag
@@ -465,18 +505,6 @@ class _FastWalker:
         if end is None or pos != end:
             raise NeedsPydicom  # ran past the item's end or the file's end without a delimiter
         return pos
-
-    def _explicit_vr(self, pos: int, vr_bytes: bytes, length: int) -> tuple[str, int, int]:
-        """(VR, header length, value length) of an explicit VR element header at pos."""
-        known = _EXPLICIT_VRS.get(vr_bytes)
-        if known is None:
-            raise NeedsPydicom  # UR, invalid or blank VR...
-        vr, header = known
-        if header == 12:
-            if pos + 12 > len(self.buf):
-                raise NeedsPydicom
-            length = _UINT32.unpack_from(self.buf, pos + 8)[0]
-        return vr, header, length
 
     @staticmethod
     def _private_names(
@@ -529,6 +557,7 @@ class _FastWalker:
         ):
             raise NeedsPydicom  # text decoded before the character set was known
         self.encoding = _CHARSETS[value]
+        self.converted = _converted_values(self.encoding)
 
     def _sequence(
         self,

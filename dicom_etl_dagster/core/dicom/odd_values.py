@@ -125,13 +125,35 @@ def is_odd(vr: str, value_json: str) -> bool:
     return any(isinstance(v, str) and v and _odd_text(vr, v) for v in values)
 
 
+#: ``is_odd`` of short values already checked, by VR, for the life of the process: most values
+#: of a file recur in the next file of its series (the fast path even hands out the same
+#: string objects, whose hashes are then computed once).
+_VERDICTS: dict[str, dict[str, bool]] = {vr: {} for vr in _CHECKED_VRS}
+_REMEMBERED_VALUE_CHARS = 256
+_VERDICTS_PER_VR_LIMIT = 4096
+
+
 def odd_value_tags(rows: Iterable[ElementRow]) -> tuple[str, ...]:
     """The tag of every element whose value violates its VR, in row order (one per element)."""
-    return tuple(
-        row.tag
-        for row in rows
-        if row.value_json is not None and row.vr in _CHECKED_VRS and is_odd(row.vr, row.value_json)
-    )
+    odd = []
+    for row in rows:
+        value_json = row.value_json
+        verdicts = _VERDICTS.get(row.vr)
+        if value_json is None or verdicts is None:
+            continue  # no value, or a VR without rules
+        verdict: bool | None
+        if len(value_json) > _REMEMBERED_VALUE_CHARS:
+            verdict = is_odd(row.vr, value_json)  # rarely recurs: not worth hashing or keeping
+        else:
+            verdict = verdicts.get(value_json)
+            if verdict is None:
+                verdict = is_odd(row.vr, value_json)
+                if len(verdicts) >= _VERDICTS_PER_VR_LIMIT:
+                    verdicts.clear()
+                verdicts[value_json] = verdict
+        if verdict:
+            odd.append(row.tag)
+    return tuple(odd)
 
 
 def ledger_tags(tags: Iterable[str]) -> str | None:

@@ -294,6 +294,21 @@ def test_raw_edge_values_read_the_same(tmp_path, explicit, charset, suffix):
     assert by_keyword["PerformingPhysicianName"].value_json.count("Ideographic") == 1
 
 
+def test_a_repeated_value_reads_by_each_files_character_set(tmp_path):
+    """The walker keeps converted values for the next file of a series (``_CONVERTED``): the
+    same bytes must still decode by each file's own character set."""
+    same_bytes = b"Caf\xc3\xa9"  # UTF-8 "Café"; in ISO_IR 100 "CafÃ©"
+    values = {}
+    for charset in (b"ISO_IR 192", b"ISO_IR 100", b"ISO_IR 192"):
+        elements = [(0x00080005, "CS", charset), (0x00080080, "LO", same_bytes)]
+        path = _raw_file(tmp_path / f"{charset.decode()}.dcm", elements, explicit=True)
+        assert takes_fast_path(path)
+        assert_same_outcome(path)
+        (row,) = [r for r in read_instance(path).elements if r.keyword == "InstitutionName"]
+        values.setdefault(charset, set()).add(row.value_json)
+    assert values == {b"ISO_IR 192": {'["Café"]'}, b"ISO_IR 100": {'["CafÃ©"]'}}
+
+
 @pytest.mark.parametrize("syntax", [ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian])
 def test_other_transfer_syntaxes_are_declined_and_read_by_pydicom(tmp_path, syntax):
     ds = _edge_dataset(None, b"")
