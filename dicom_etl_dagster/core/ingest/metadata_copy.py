@@ -25,7 +25,6 @@ and carriage return) with ``{`` and ``}`` doubled so that ``str.format`` leaves 
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -60,10 +59,10 @@ TEXT_COLUMN_LENGTH = 255  # private_creator, data_element_name, data_element_key
 
 # COPY text escapes and str.format's brace doubling in one pass. A NUL is left as it is:
 # storable_text removes it where the writer always did; elsewhere PostgreSQL refuses it, as before.
+# (_text and render_metadata test for these six characters before translating.)
 _TEMPLATE_ESCAPES = str.maketrans(
     {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "{": "{{", "}": "}}"}
 )
-_NEEDS_ESCAPING = re.compile(r"[\\\t\n\r{}]")
 
 
 #: A dicom_data_element row the writer adds if the dictionary lacks the entry:
@@ -103,23 +102,68 @@ def render_metadata(instance: DicomInstance) -> RenderedMetadata:
     lines = []
     item_count = 0
     candidates: dict[str, TagCandidate] = {}
-    for position, row in enumerate(rows):
-        _check_numbering(row, position, row_count)
-        creator = storable_text(row.private_creator, TEXT_COLUMN_LENGTH)
-        key = entry_key(row.dictionary_tag, row.is_private, creator)
-        lines.append(_render_row(row, row_count, key, creator) + line_end)
-        if row.parent_item_index is not None and row.parent_item_index >= item_count:
-            item_count = row.parent_item_index + 1
+    # This loop runs for every row of every file (~180 per file), so its work is written out
+    # inline: a Python call costs about as much as a row's own work. Unpacking the row is
+    # cheaper than reading the NamedTuple's fields by name.
+    rendered_elements = _RENDERED_ELEMENTS
+    fields = _positional_fields(row_count)
+    for position, (
+        index,
+        parent_sequence,
+        parent_item,
+        tag,
+        group,
+        dictionary_tag,
+        keyword,
+        name,
+        vr,
+        vm,
+        value,
+        is_sequence,
+        sequence_length,
+        is_private,
+        private_creator,
+    ) in enumerate(rows):
+        if (
+            index != position
+            or (parent_sequence is not None and not 0 <= parent_sequence < row_count)
+            or (parent_item is not None and parent_item < 0)
+        ):
+            _check_numbering(rows[position], position, row_count)  # raises, saying what is wrong
+        if parent_item is not None and parent_item >= item_count:
+            item_count = parent_item + 1
+            fields = _positional_fields(row_count + item_count)
+        # Everything the row's element decides, rendered once per worker (_render_element).
+        element = (tag, group, dictionary_tag, keyword, name, vr, vm, is_private, private_creator)
+        try:
+            columns, private_columns, key, candidate = rendered_elements[element]
+        except KeyError:
+            columns, private_columns, key, candidate = _render_element(element)
         if key not in candidates:
-            candidates[key] = _tag_candidate(
-                key,
-                row.dictionary_tag,
-                row.name,
-                row.keyword,
-                row.vr,
-                row.is_private,
-                creator or None,
-            )
+            candidates[key] = candidate
+        # _text(value), written out.
+        if value is None:
+            value = NULL
+        elif (
+            "\\" in value
+            or "{" in value
+            or "}" in value
+            or "\t" in value
+            or "\n" in value
+            or "\r" in value
+        ):
+            value = value.translate(_TEMPLATE_ESCAPES)
+        # One f-string for the whole line: cheaper than a tuple, "\t".join and concatenation.
+        lines.append(
+            f"{fields[index]}\t"
+            f"{NULL if parent_sequence is None else fields[parent_sequence]}\t"
+            f"{NULL if parent_item is None else fields[row_count + parent_item]}\t"
+            f"{columns}\t"
+            f"{value}\t"
+            f"{'t' if is_sequence else 'f'}\t"
+            f"{NULL if sequence_length is None else int(sequence_length)}\t"
+            f"{private_columns}{line_end}"
+        )
     return RenderedMetadata(
         "".join(lines), row_count, item_count, _shared(tuple(candidates.values()))
     )
@@ -158,44 +202,72 @@ def _check_numbering(row: ElementRow, position: int, row_count: int) -> None:
         raise ValueError(f"row {position}: negative item index {row.parent_item_index}")
 
 
-def _render_row(row: ElementRow, row_count: int, key: str, creator: str | None) -> str:
-    """The row up to private_creator; the caller appends the per-file rest of the line."""
-    return "\t".join(
-        (
-            f"{{{row.index}}}",
-            NULL if row.parent_sequence_index is None else f"{{{row.parent_sequence_index}}}",
-            NULL if row.parent_item_index is None else f"{{{row_count + row.parent_item_index}}}",
-            _element_columns(key, row.keyword, row.tag, row.group, row.vr, row.vm),
-            _text(row.value_json),
-            "t" if row.is_sequence else "f",
-            _number(row.sequence_length),
-            "t" if row.is_private else "f",
-            _text(creator),
-        )
-    )
+#: The columns of a row that only its element decides: tag, group, dictionary_tag, keyword,
+#: name, vr, vm, is_private, private_creator.
+_Element = tuple[str, str, str, str | None, str | None, str, str, bool, str | None]
+#: What an element renders to: (data_element_id's field to metadata_source_value_multiplicity,
+#: is_private and private_creator, the entry key, the tag candidate). A plain tuple: the render
+#: loop unpacks it faster than a NamedTuple.
+_RenderedElement = tuple[str, str, str, TagCandidate]
+#: The same few hundred elements recur in every file, so each is rendered once per worker and
+#: a row then costs one dict lookup for all of them (keyed by the whole element: cheaper than
+#: building and hashing the arguments of lru_caches for the parts).
+_RENDERED_ELEMENTS: dict[_Element, _RenderedElement] = {}
+_RENDERED_ELEMENTS_LIMIT = 65536  # emptied when full: a bound on memory for an odd corpus
+
+#: "{0}", "{1}", ...: the positional fields, made once per worker (formatting an int into a
+#: new field string costs several times a list lookup). As long as the largest file needed.
+_POSITIONAL_FIELDS: list[str] = []
 
 
-@lru_cache(maxsize=65536)
-def _element_columns(key: str, keyword: str | None, tag: str, group: str, vr: str, vm: str) -> str:
-    """data_element_id's field to metadata_source_value_multiplicity: the same few hundred
-    combinations recur in every file, so each is rendered once per worker."""
-    return "\t".join(
-        (
-            _data_element_field(key),
-            _text(keyword),
-            _text(tag),
-            _text(group),
-            _text(vr),
-            _text(vm),
-        )
+def _positional_fields(count: int) -> list[str]:
+    """``_POSITIONAL_FIELDS``, holding at least fields 0 to ``count - 1``."""
+    fields = _POSITIONAL_FIELDS
+    if len(fields) < count:
+        fields.extend(f"{{{n}}}" for n in range(len(fields), count))
+    return fields
+
+
+def _render_element(element: _Element) -> _RenderedElement:
+    tag, group, dictionary_tag, keyword, name, vr, vm, is_private, private_creator = element
+    creator = storable_text(private_creator, TEXT_COLUMN_LENGTH)
+    key = entry_key(dictionary_tag, is_private, creator)
+    rendered = (
+        "\t".join(
+            (
+                _data_element_field(key),
+                _text(keyword),
+                _text(tag),
+                _text(group),
+                _text(vr),
+                _text(vm),
+            )
+        ),
+        f"{'t' if is_private else 'f'}\t{_text(creator)}",
+        key,
+        _tag_candidate(key, dictionary_tag, name, keyword, vr, is_private, creator or None),
     )
+    if len(_RENDERED_ELEMENTS) >= _RENDERED_ELEMENTS_LIMIT:
+        _RENDERED_ELEMENTS.clear()
+    _RENDERED_ELEMENTS[element] = rendered
+    return rendered
 
 
 def _text(value: str | None) -> str:
     if value is None:
         return NULL
-    # Most values need no escaping; checking first is cheaper than translating every one.
-    return value.translate(_TEMPLATE_ESCAPES) if _NEEDS_ESCAPING.search(value) else value
+    # Most values need no escaping; checking first is cheaper than translating every one, and
+    # six `in` tests (each a fast C scan) are cheaper than a regex search.
+    if (
+        "\\" in value
+        or "{" in value
+        or "}" in value
+        or "\t" in value
+        or "\n" in value
+        or "\r" in value
+    ):
+        return value.translate(_TEMPLATE_ESCAPES)
+    return value
 
 
 def _number(value: int | None) -> str:
