@@ -17,7 +17,10 @@ Fields of the template (one line per row, columns in ``COLUMNS`` order):
 - ``{d[<entry key>]}``: data_element_id, looked up in a ``DataElementIds`` by the key of the
   element's dicom_data_element entry (``private_entries.entry_key``: the dictionary tag, and
   for a private element its private creator too);
-- ``{o}``: image_occurrence_id; ``{t}``: etl_created_datetime and etl_modified_datetime.
+- ``{e}``: the end of the row, from sop_instance_id to etl_modified_datetime: the same for
+  every row of the file, so ``fill`` makes it once per file (``RenderedMetadata.file_columns``,
+  then the writer's image_occurrence_id and the batch's timestamp, twice). One field per row
+  instead of three, and a template of about half the characters to pickle and send.
 
 Everything else is COPY text (``\\N`` for NULL, ``t``/``f``, escaped backslash, tab, newline
 and carriage return) with ``{`` and ``}`` doubled so that ``str.format`` leaves it alone.
@@ -63,6 +66,7 @@ TEXT_COLUMN_LENGTH = 255  # private_creator, data_element_name, data_element_key
 _TEMPLATE_ESCAPES = str.maketrans(
     {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "{": "{{", "}": "}}"}
 )
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
 #: A dicom_data_element row the writer adds if the dictionary lacks the entry:
@@ -76,6 +80,7 @@ class RenderedMetadata(NamedTuple):
     row_count: int  # metadata ids the file needs
     item_count: int  # dataset ids the file needs: sequence items, numbered 0..item_count-1
     new_tag_candidates: tuple[TagCandidate, ...]  # one per distinct entry key, first seen wins
+    file_columns: str  # sop_instance_id and instance_number as COPY text, tab-separated
 
 
 class DataElementIds(dict):
@@ -97,8 +102,7 @@ def render_metadata(instance: DicomInstance) -> RenderedMetadata:
     """Render every metadata row of ``instance``; runs in the parse worker."""
     rows = instance.elements
     row_count = len(rows)
-    # sop_instance_id, instance_number, then the writer's image_occurrence_id and timestamps.
-    line_end = f"\t{_text(instance.sop_instance_uid)}\t{_number(instance.instance_number)}\t{{o}}\t{{t}}\t{{t}}\n"
+    file_columns = f"{_copy_text(instance.sop_instance_uid)}\t{_number(instance.instance_number)}"
     lines = []
     item_count = 0
     candidates: dict[str, TagCandidate] = {}
@@ -162,10 +166,10 @@ def render_metadata(instance: DicomInstance) -> RenderedMetadata:
             f"{value}\t"
             f"{'t' if is_sequence else 'f'}\t"
             f"{NULL if sequence_length is None else int(sequence_length)}\t"
-            f"{private_columns}{line_end}"
+            f"{private_columns}{{e}}"
         )
     return RenderedMetadata(
-        "".join(lines), row_count, item_count, _shared(tuple(candidates.values()))
+        "".join(lines), row_count, item_count, _shared(tuple(candidates.values())), file_columns
     )
 
 
@@ -182,8 +186,7 @@ def fill(
         *range(metadata_id, metadata_id + rendered.row_count),
         *range(dataset_id, dataset_id + rendered.item_count),
         d=data_elements,
-        o=image_occurrence_id,
-        t=timestamp_text,
+        e=f"\t{rendered.file_columns}\t{image_occurrence_id}\t{timestamp_text}\t{timestamp_text}\n",
     )
 
 
@@ -268,6 +271,13 @@ def _text(value: str | None) -> str:
     ):
         return value.translate(_TEMPLATE_ESCAPES)
     return value
+
+
+def _copy_text(value: str | None) -> str:
+    """``value`` as COPY text, for a ``str.format`` argument (whose braces stay as they are)."""
+    if value is None:
+        return NULL
+    return value.translate(_COPY_ESCAPES)
 
 
 def _number(value: int | None) -> str:

@@ -48,7 +48,7 @@ SERIES_DATE = dt.date(2024, 3, 2)
 STUDY_DATETIME = dt.datetime(2024, 3, 1, 8, 30)
 SERIES_DATETIME = dt.datetime(2024, 3, 2, 9, 15)
 KVP = AcquisitionValue("00180060", "KVP", "DS", "120", 120.0)
-METADATA = RenderedMetadata("", 0, 0, ())
+METADATA = RenderedMetadata("", 0, 0, (), "")
 
 
 def entry(name: str, size: int = 100, mtime_ns: int = 1) -> FileEntry:
