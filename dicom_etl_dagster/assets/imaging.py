@@ -22,6 +22,7 @@ from dicom_etl_dagster.core.ingest.checks import (
     table_facts,
 )
 from dicom_etl_dagster.core.ingest.dicomweb_pull import PullScope, ingest_dicomweb
+from dicom_etl_dagster.core.ingest.parse_pool import start_forkserver
 from dicom_etl_dagster.core.ingest.run import ingest_folder, prepare_run
 from dicom_etl_dagster.core.ingest.status import PhiPolicy
 from dicom_etl_dagster.core.ingest.writer import IngestReport, PersonMapping, RunState
@@ -431,6 +432,8 @@ def ingest_dicom_folder(
         mapping = PersonMapping(
             m.schema_name, m.table_name, m.person_id_column_name, m.patient_id_column_name
         )
+        if workers > 1 and not config.dicomweb_source_url:
+            start_forkserver()  # its imports overlap the database set-up below
         with database_session(context, config, database) as (conn, tables):
             state = prepare_run(
                 conn,

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import io
 import multiprocessing
+import multiprocessing.forkserver
 import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -138,6 +139,19 @@ def parse_chunk(
     return [parse_file(entry, measurements, profiled, phi_policy) for entry in entries]
 
 
+def start_forkserver() -> multiprocessing.context.ForkServerContext:
+    """The context the workers start from, its server started (once per process).
+
+    forkserver: workers start from a clean interpreter, not a fork of a threaded Dagster
+    step. The server imports this module (pydicom, the readers) before its first fork, a
+    quarter of a second; a caller that starts it early has that overlap its own set-up.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["dicom_etl_dagster.core.ingest.parse_pool"])
+    multiprocessing.forkserver.ensure_running()
+    return context
+
+
 def parse_batches(
     batches: Iterable[list[WorkItem]],
     workers: int,
@@ -150,10 +164,7 @@ def parse_batches(
         for batch in batches:
             yield parse(batch)
         return
-    # forkserver: workers start from a clean interpreter, not a fork of a threaded Dagster step.
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["dicom_etl_dagster.core.ingest.parse_pool"])
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=start_forkserver()) as pool:
         with _main_script_hidden():
             # A submit starts a worker while none is idle: these start every one, here.
             for _ in range(workers):
