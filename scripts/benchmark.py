@@ -74,6 +74,7 @@ import make_corpus  # noqa: E402
 
 from dicom_etl_dagster.core.analytics.write import AnalyticsOptions  # noqa: E402
 from dicom_etl_dagster.core.cpu import available_cpus  # noqa: E402
+from dicom_etl_dagster.core.db.connection import connect as etl_connect  # noqa: E402
 from dicom_etl_dagster.core.db.identifiers import Schemas  # noqa: E402
 from dicom_etl_dagster.core.db.migrate import ensure_tables  # noqa: E402
 from dicom_etl_dagster.core.ingest import run as ingest_module  # noqa: E402
@@ -518,7 +519,7 @@ def run_etl(
             next_report[0] += 0.1
 
     groups = [etl_group()] + ([db.group()] if db.group() else [])
-    with db.connect() as conn:
+    with etl_connect(db.url) as conn:  # as the job connects (its statements never prepared)
         backend = None
         if db.postmaster_pid:
             try:
