@@ -337,6 +337,18 @@ _CACHED_VALUE_BYTES = 64
 _CONVERTED_PER_VR_LIMIT = 4096
 
 
+def _convert_and_keep(
+    converted: dict[bytes, tuple[str, str | None, Any]], vr: str, raw: bytes, encoding: str
+) -> tuple[str, str | None, Any]:
+    """Convert a value not seen before; keep it if it is short."""
+    known = _CONVERTERS[vr](raw, encoding)
+    if len(raw) <= _CACHED_VALUE_BYTES:
+        if len(converted) >= _CONVERTED_PER_VR_LIMIT:
+            converted.clear()
+        converted[raw] = known
+    return known
+
+
 def _converted_values(encoding: str) -> dict[str, dict[bytes, tuple[str, str | None, Any]]]:
     """The converted values of one character set, by VR."""
     by_vr = _CONVERTED.get(encoding)
@@ -443,15 +455,8 @@ class _FastWalker:
             if tag <= previous_tag:
                 raise NeedsPydicom  # unsorted or repeated: pydicom sorts, keeps the last
             previous_tag = tag
-            if explicit:  # the VR and header length (inline: once per element)
-                known_vr = _EXPLICIT_VRS.get(vr_bytes)
-                if known_vr is None:
-                    raise NeedsPydicom  # UR, invalid or blank VR...
-                vr, header = known_vr
-                if header == 12:
-                    if pos + 12 > len(buf):
-                        raise NeedsPydicom
-                    length = _UINT32.unpack_from(buf, pos + 8)[0]
+            if explicit:
+                vr, header, length = self._explicit_vr(pos, vr_bytes, length)
             else:
                 header = 8
                 vr = "OB" if tag in PIXEL_DATA_TAGS else _implicit_vr(tag)
@@ -472,24 +477,14 @@ class _FastWalker:
                 self._note(tag, value, top, meta)
             else:
                 converted = self.converted[vr]
-                known = converted.get(raw)
-                if known is None:
-                    known = _CONVERTERS[vr](raw, self.encoding)
-                    if length <= _CACHED_VALUE_BYTES:
-                        if len(converted) >= _CONVERTED_PER_VR_LIMIT:
-                            converted.clear()
-                        converted[raw] = known
+                known = converted.get(raw) or _convert_and_keep(converted, vr, raw, self.encoding)
                 vm, value_json, value = known
             if group == 0x0002 and not meta:
                 continue  # the stray copy of the file meta: dropped (corrections.stray_meta_end)
             if group & 1:
                 names = self._private_names(tag, vr, value, creators)
-                # fmt: off
-                rows.append(_new_row(ElementRow, (
-                    len(rows), parent_sequence, parent_item, *names[:5], vr, vm, value_json,
-                    False, None, True, names[5],
-                )))
-                # fmt: on
+                row = (*names[:5], vr, vm, value_json, False, None, True, names[5])
+                rows.append(_new_row(ElementRow, (len(rows), parent_sequence, parent_item, *row)))
             else:
                 tag_text, group_text, dictionary_tag, keyword, name = _PUBLIC_NAMES.get(
                     tag
@@ -505,6 +500,18 @@ class _FastWalker:
         if end is None or pos != end:
             raise NeedsPydicom  # ran past the item's end or the file's end without a delimiter
         return pos
+
+    def _explicit_vr(self, pos: int, vr_bytes: bytes, length: int) -> tuple[str, int, int]:
+        """(VR, header length, value length) of an explicit VR element header at pos."""
+        known = _EXPLICIT_VRS.get(vr_bytes)
+        if known is None:
+            raise NeedsPydicom  # UR, invalid or blank VR...
+        vr, header = known
+        if header == 12:
+            if pos + 12 > len(self.buf):
+                raise NeedsPydicom
+            length = _UINT32.unpack_from(self.buf, pos + 8)[0]
+        return vr, header, length
 
     @staticmethod
     def _private_names(
