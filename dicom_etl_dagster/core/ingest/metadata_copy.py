@@ -16,7 +16,9 @@ Fields of the template (one line per row, columns in ``COLUMNS`` order):
 - ``{<n + k>}``: parent_dataset_id of item k, where n = the file's row count;
 - ``{d[<entry key>]}``: data_element_id, looked up in a ``DataElementIds`` by the key of the
   element's dicom_data_element entry (``private_entries.entry_key``: the dictionary tag, and
-  for a private element its private creator too);
+  for a private element its private creator too). A parse worker given the entries the
+  run started with (``use_known_entries``) writes their ids into the template instead:
+  the writer then looks up only the entries it learns during the run;
 - ``{e}``: the end of the row, from sop_instance_id to etl_modified_datetime: the same for
   every row of the file, so ``fill`` makes it once per file (``RenderedMetadata.file_columns``,
   then the writer's image_occurrence_id and the batch's timestamp, twice). One field per row
@@ -28,6 +30,7 @@ and carriage return) with ``{`` and ``}`` doubled so that ``str.format`` leaves 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -231,14 +234,33 @@ def _positional_fields(count: int) -> list[str]:
     return fields
 
 
+#: Entry key -> data_element_id of the dictionary entries the run started with, in a parse
+#: worker (``use_known_entries``); empty elsewhere.
+_KNOWN_ENTRY_IDS: dict[str, int] = {}
+
+
+def use_known_entries(ids: Mapping[str, int]) -> None:
+    """Render these entries' data_element_id as the id itself from now on, in this process.
+
+    For a parse worker, which serves one run: ``ids`` are the entries the run found at its
+    start, whose ids never change during it. Entries the writer adds or learns later stay
+    ``{d[...]}`` fields, filled with what the writer knows when it writes the batch (an
+    entry added in an attempt that rolled back is not one of these).
+    """
+    _KNOWN_ENTRY_IDS.clear()
+    _KNOWN_ENTRY_IDS.update(ids)
+    _RENDERED_ELEMENTS.clear()  # rendered with the ids known before
+
+
 def _render_element(element: _Element) -> _RenderedElement:
     tag, group, dictionary_tag, keyword, name, vr, vm, is_private, private_creator = element
     creator = storable_text(private_creator, TEXT_COLUMN_LENGTH)
     key = entry_key(dictionary_tag, is_private, creator)
+    known_id = _KNOWN_ENTRY_IDS.get(key)
     rendered = (
         "\t".join(
             (
-                _data_element_field(key),
+                _data_element_field(key) if known_id is None else str(int(known_id)),
                 _text(keyword),
                 _text(tag),
                 _text(group),

@@ -25,7 +25,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import sys
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from typing import NamedTuple, TypeAlias
 
@@ -34,7 +34,11 @@ from dicom_etl_dagster.core.analytics.findings import InstanceFindings
 from dicom_etl_dagster.core.dicom.phi import drop_phi
 from dicom_etl_dagster.core.dicom.reader import DicomInstance, DicomReadError, read_instance
 from dicom_etl_dagster.core.ingest.file_scan import FileEntry
-from dicom_etl_dagster.core.ingest.metadata_copy import RenderedMetadata, render_metadata
+from dicom_etl_dagster.core.ingest.metadata_copy import (
+    RenderedMetadata,
+    render_metadata,
+    use_known_entries,
+)
 from dicom_etl_dagster.core.ingest.status import PhiPolicy
 
 
@@ -157,14 +161,25 @@ def parse_batches(
     workers: int,
     measurements: bool = True,
     phi_policy: PhiPolicy = PhiPolicy.KEEP,
+    known_entries: Mapping[str, int] | None = None,
 ) -> Iterator[list[ParseResult]]:
-    """Yield the parse results of each batch, in order, keeping one batch in flight."""
+    """Yield the parse results of each batch, in order, keeping one batch in flight.
+
+    ``known_entries``: the run's dictionary entries at its start (entry key -> id), which
+    the workers write into the rows themselves (``metadata_copy.use_known_entries``); the
+    main process, which renders for any run, does not use them.
+    """
     parse = functools.partial(parse_chunk, measurements=measurements, phi_policy=phi_policy)
     if workers <= 1:
         for batch in batches:
             yield parse(batch)
         return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=start_forkserver()) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=start_forkserver(),
+        initializer=use_known_entries,
+        initargs=(dict(known_entries or {}),),
+    ) as pool:
         with _main_script_hidden():
             # A submit starts a worker while none is idle: these start every one, here.
             for _ in range(workers):

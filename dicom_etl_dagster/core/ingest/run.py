@@ -246,7 +246,11 @@ def ingest_folder(
         )
 
     outcomes_per_batch = parse_batches(
-        _batches(scan.items(files), batch_size), workers, state.analytics.enabled, phi_policy
+        _batches(scan.items(files), batch_size),
+        workers,
+        state.analytics.enabled,
+        phi_policy,
+        known_entries=dict(state.data_elements),  # a copy: the run's entries at its start
     )
     while True:
         started = time.perf_counter()

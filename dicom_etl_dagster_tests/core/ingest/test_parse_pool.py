@@ -10,6 +10,7 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from dicom_etl_dagster.core.ingest.file_scan import FileEntry
+from dicom_etl_dagster.core.ingest.metadata_copy import DataElementIds, fill
 from dicom_etl_dagster.core.ingest.parse_pool import Failed, Parsed, parse_batches, parse_chunk
 from dicom_etl_dagster_tests.dicom_samples import clone_instance
 
@@ -77,3 +78,21 @@ def test_workers_do_not_run_the_parent_script_again(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert imported_by.read_text().split() == [done.stdout.strip()]  # the parent only
+
+
+def test_workers_write_the_ids_of_the_entries_the_run_started_with(tmp_path):
+    """Given the run's dictionary entries, the workers put their ids in the rows; the writer
+    fills the rest. Filled, the rows are those of a render that left every id to the writer."""
+    entries = _files(tmp_path)[1:]
+    (plain,) = parse_batches([entries], workers=1)  # the main process: every id a field
+    keys = [c[0] for c in plain[0].metadata.new_tag_candidates]
+    known = {key: 1000 + n for n, key in enumerate(keys) if n % 2 == 0}  # half of them
+    all_ids = DataElementIds({key: 1000 + n for n, key in enumerate(keys)})
+    (given,) = parse_batches([entries], workers=2, known_entries=known)
+    for with_ids, without in zip(given, plain, strict=True):
+        assert "{d[" in with_ids.metadata.template  # the entries not given stay fields
+        assert not any(f"{{d[{key}]}}" in with_ids.metadata.template for key in known)
+        filled = [
+            fill(r.metadata, 1, 1, 7, all_ids, "2024-01-01 00:00:00") for r in (with_ids, without)
+        ]
+        assert filled[0] == filled[1]
