@@ -322,6 +322,7 @@ def _implicit_vr(tag: int) -> str:
 # recur in every file.
 _PUBLIC_NAMES: dict[int, tuple] = {}
 _PRIVATE_TAG_TEXT: dict[int, str] = {}
+_PRIVATE_NAMES: dict[tuple[int, str | None], tuple] = {}  # (tag, creator) -> _private_names
 _NAME_CACHE_LIMIT = 100_000
 # ElementRow's own __new__ is a Python function; tuple.__new__ builds the same row in C.
 _new_row = tuple.__new__
@@ -528,7 +529,6 @@ class _FastWalker:
             if len(_PRIVATE_TAG_TEXT) > _NAME_CACHE_LIMIT:
                 _PRIVATE_TAG_TEXT.clear()
             tag_text = _PRIVATE_TAG_TEXT[tag] = fmt_tag(tag)
-        name = creator = None
         if 0x0010 <= element <= 0x00FF:
             if vr != "LO":
                 raise NeedsPydicom  # a creator that is not text: pydicom's path decides
@@ -536,12 +536,23 @@ class _FastWalker:
                 " \x00"
             ) or None
             creators[tag] = creator
-            name = "Private Creator"
-        elif element >> 8 >= 0x10:
-            creator = creators.get((tag & 0xFFFF0000) | element >> 8)
-            if creator:
-                name = private_name(tag, creator)
-        return tag_text, tag_text[1:5], tag_text, None, name, creator
+            return tag_text, tag_text[1:5], tag_text, None, "Private Creator", creator
+        creator = creators.get((tag & 0xFFFF0000) | element >> 8) if element >> 8 >= 0x10 else None
+        # The same (tag, creator) pairs recur in every file of a vendor: one tuple for each.
+        names = _PRIVATE_NAMES.get((tag, creator))
+        if names is None:
+            if len(_PRIVATE_NAMES) > _NAME_CACHE_LIMIT:
+                _PRIVATE_NAMES.clear()
+            name = private_name(tag, creator) if creator else None
+            names = _PRIVATE_NAMES[(tag, creator)] = (
+                tag_text,
+                tag_text[1:5],
+                tag_text,
+                None,
+                name,
+                creator,
+            )
+        return names
 
     def _note(self, tag: int, value: Any, top: bool, meta: bool) -> None:
         """Keep what reading goes on with: the character set, transfer syntax, instance values."""
