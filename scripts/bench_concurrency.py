@@ -33,11 +33,12 @@ if str(SCRIPTS_DIR) not in sys.path:
 
 import benchmark  # noqa: E402
 
+from dicom_etl_dagster.core.db.connection import APPLICATION_NAME  # noqa: E402
 from dicom_etl_dagster.core.ingest.file_scan import iter_files  # noqa: E402
 
 SAMPLE_SECONDS = 0.05
 SAMPLER_APPLICATION = "dicom_etl_bench_sampler"
-ETL_APPLICATION = "dicom_etl_benchmark"  # what benchmark.Database.connect names its sessions
+ETL_APPLICATION = APPLICATION_NAME  # benchmark.run_etl connects as the job does
 READY_TIMEOUT_SECONDS = 600
 
 # One row per ETL backend of this database: active?, waiting for a lock?, in a metadata COPY?,

@@ -7,10 +7,12 @@ import json
 
 import pytest
 
+from dicom_etl_dagster.core.db.connection import connect
 from dicom_etl_dagster_tests.conftest import fresh_database
 from dicom_etl_dagster_tests.helpers import load_script
 
 benchmark = load_script("benchmark")
+bench_concurrency = load_script("bench_concurrency")
 make_corpus = load_script("make_corpus")
 
 FILES = 14  # 7 series of 2: run slices split no series at N=2
@@ -93,3 +95,11 @@ def test_postgres_settings_reach_the_throwaway_server_or_are_refused(tmp_path) -
         db.close()
     with pytest.raises(SystemExit, match="needs a restart"):
         benchmark.Database(None, tmp_path / "refused", ["shared_buffers=256MB"])
+
+
+def test_the_sampler_watches_the_sessions_the_job_opens(database_url) -> None:
+    """The runs connect as the job does (core.db.connection.connect); a sampler looking for
+    another application name saw no backend at all, and reported no waits and no COPYs."""
+    with bench_concurrency.Sampler(database_url) as sampler, connect(database_url) as conn:
+        conn.execute("SELECT pg_sleep(0.5)")
+    assert sampler.samples.active > 0
