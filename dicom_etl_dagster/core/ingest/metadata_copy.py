@@ -148,18 +148,7 @@ def render_metadata(instance: DicomInstance) -> RenderedMetadata:
             columns, private_columns, key, candidate = _render_element(element)
         if key not in candidates:
             candidates[key] = candidate
-        # _text(value), written out.
-        if value is None:
-            value = NULL
-        elif (
-            "\\" in value
-            or "{" in value
-            or "}" in value
-            or "\t" in value
-            or "\n" in value
-            or "\r" in value
-        ):
-            value = value.translate(_TEMPLATE_ESCAPES)
+        value = _text(value)
         # One f-string for the whole line: cheaper than a tuple, "\t".join and concatenation.
         lines.append(
             f"{fields[index]}\t"
