@@ -23,6 +23,7 @@ import functools
 import io
 import multiprocessing
 import multiprocessing.forkserver
+import os
 import sys
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
@@ -177,7 +178,7 @@ def parse_batches(
     with ProcessPoolExecutor(
         max_workers=workers,
         mp_context=start_forkserver(),
-        initializer=use_known_entries,
+        initializer=_start_worker,
         initargs=(dict(known_entries or {}),),
     ) as pool:
         with _main_script_hidden():
@@ -193,6 +194,24 @@ def parse_batches(
                 yield [result for chunk in in_flight.popleft() for result in chunk]
         while in_flight:
             yield [result for chunk in in_flight.popleft() for result in chunk]
+
+
+#: How much lower than the run's own the workers' CPU priority is (``os.nice``).
+WORKER_NICENESS = 10
+
+
+def _start_worker(known_entries: Mapping[str, int]) -> None:
+    """A worker's set-up: a lower CPU priority, then the run's dictionary entries.
+
+    The writer (the main process and its PostgreSQL backend, one COPY after another) is the
+    run's critical path, and while it waits on its COPY the workers are a batch ahead: given
+    the CPU first when both want it, the writer no longer waits on parsing that can wait
+    (measured on 2 CPUs: 20,000 files end to end ~4% faster). Workers still get every CPU
+    the writer leaves, and a worker may always lower its own priority.
+    """
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICENESS)
+    use_known_entries(known_entries)
 
 
 @contextlib.contextmanager

@@ -6,12 +6,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pydicom
 from pydicom.uid import generate_uid
 
 from dicom_etl_dagster.core.ingest.file_scan import FileEntry
 from dicom_etl_dagster.core.ingest.metadata_copy import DataElementIds, fill
-from dicom_etl_dagster.core.ingest.parse_pool import Failed, Parsed, parse_batches, parse_chunk
+from dicom_etl_dagster.core.ingest.parse_pool import (
+    WORKER_NICENESS,
+    Failed,
+    Parsed,
+    parse_batches,
+    parse_chunk,
+)
 from dicom_etl_dagster_tests.dicom_samples import clone_instance
 
 CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
@@ -96,3 +103,17 @@ def test_workers_write_the_ids_of_the_entries_the_run_started_with(tmp_path):
             fill(r.metadata, 1, 1, 7, all_ids, "2024-01-01 00:00:00") for r in (with_ids, without)
         ]
         assert filled[0] == filled[1]
+
+
+def test_workers_give_the_writer_the_cpu_first(tmp_path):
+    """The writer (this process, and its PostgreSQL backend) is the run's critical path: the
+    workers run at a lower CPU priority than the process that started them."""
+    entries = _files(tmp_path)
+    batches = parse_batches([entries, entries, entries], workers=2)
+    next(batches)  # the pool is up, a batch in flight
+    me = psutil.Process()
+    # The workers are forked by the forkserver, a child of this process like the resource tracker.
+    workers = [worker for child in me.children() for worker in child.children()]
+    assert len(workers) == 2
+    assert {p.nice() for p in workers} == {me.nice() + WORKER_NICENESS}
+    assert len(list(batches)) == 2
