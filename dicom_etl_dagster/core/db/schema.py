@@ -36,6 +36,7 @@ from sqlalchemy import (
 )
 
 from dicom_etl_dagster.core.db.identifiers import Schemas
+from dicom_etl_dagster.core.db.tables import ROW_TIMESTAMP_DEFAULT
 
 CDM = "{cdm}"
 VOCAB = "{vocab}"
@@ -529,8 +530,22 @@ def _file_metadata_columns() -> list[Column]:
         _col("sop_instance_id", String(255), True, "SOPInstanceUID of the file."),
         _col("instance_number", Integer, True, "InstanceNumber of the file."),
         _col("image_occurrence_id", Integer, False, "Series (image_occurrence) of the file."),
-        _col("etl_created_datetime", TIMESTAMP, False, "When the ETL wrote the row."),
-        _col("etl_modified_datetime", TIMESTAMP, False, "When the ETL last changed the row."),
+        # Filled by the default: text timestamps cost PostgreSQL's COPY about a fifth of its
+        # CPU per row (core/ingest/metadata_copy.py sends them only to a table without it).
+        Column(
+            "etl_created_datetime",
+            TIMESTAMP,
+            nullable=False,
+            server_default=sa.text(ROW_TIMESTAMP_DEFAULT),
+            comment="When the ETL wrote the row.",
+        ),
+        Column(
+            "etl_modified_datetime",
+            TIMESTAMP,
+            nullable=False,
+            server_default=sa.text(ROW_TIMESTAMP_DEFAULT),
+            comment="When the ETL last changed the row.",
+        ),
     ]
 
 

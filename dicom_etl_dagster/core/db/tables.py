@@ -36,6 +36,11 @@ SEQUENCES = (
     ("dicom_etl_image_finding_id_seq", "image_feature", "image_finding_id"),
 )
 
+#: The default of dicom_file_metadata's etl_created_datetime and etl_modified_datetime in
+#: the ETL's table (revision 0008 on): the start of the batch's transaction, in the session's
+#: time zone. The writer leaves both to it.
+ROW_TIMESTAMP_DEFAULT = "LOCALTIMESTAMP"
+
 #: Alembic's version table of the ETL's schema, in the medical-imaging schema.
 VERSION_TABLE = "dicom_etl_schema_version"
 
@@ -128,6 +133,16 @@ def column_names(conn: psycopg.Connection, schema: str, table: str) -> set[str]:
         [schema, table],
     ).fetchall()
     return {row[0] for row in rows}
+
+
+def column_defaults(conn: psycopg.Connection, schema: str, table: str) -> dict[str, str | None]:
+    """Column name -> its default expression as the catalog writes it (None: no default)."""
+    rows = conn.execute(
+        "SELECT column_name, column_default FROM information_schema.columns"
+        " WHERE table_schema = %s AND table_name = %s",
+        [schema, table],
+    ).fetchall()
+    return dict(rows)
 
 
 def column_type(conn: psycopg.Connection, schema: str, table: str, column: str) -> str | None:

@@ -38,7 +38,12 @@ from dicom_etl_dagster.core.ingest.parse_pool import Failed, Member, WorkItem, p
 from dicom_etl_dagster.core.ingest.plan import is_done
 from dicom_etl_dagster.core.ingest.status import MissingPersonPolicy, PhiPolicy
 from dicom_etl_dagster.core.ingest.visits import has_visits
-from dicom_etl_dagster.core.ingest.writer import IngestReport, RunState, write_batch
+from dicom_etl_dagster.core.ingest.writer import (
+    IngestReport,
+    RunState,
+    metadata_columns,
+    write_batch,
+)
 from dicom_etl_dagster.core.progress import ProgressReporter
 
 
@@ -111,6 +116,7 @@ def prepare_run(
         has_visits=has_visits(conn, Tables(schemas)),
         private_creators=private_creators,
         entries_arbitrated=entries_arbitrated(conn, Tables(schemas), private_creators),
+        metadata_columns=metadata_columns(conn, Tables(schemas)),
     )
 
 

@@ -58,7 +58,9 @@ from dicom_etl_dagster.core.analytics.write import (
 from dicom_etl_dagster.core.db.identifiers import Schemas
 from dicom_etl_dagster.core.db.partitions import PartitionCover, ensure_partitions
 from dicom_etl_dagster.core.db.tables import (
+    ROW_TIMESTAMP_DEFAULT,
     Tables,
+    column_defaults,
     copy_rows,
     release_session_locks,
     reserve_ids,
@@ -76,10 +78,12 @@ from dicom_etl_dagster.core.ingest.data_elements import (
 from dicom_etl_dagster.core.ingest.lookups import PersonMapping, batch_rows, same_rows
 from dicom_etl_dagster.core.ingest.metadata_copy import COLUMNS as METADATA_COLUMNS
 from dicom_etl_dagster.core.ingest.metadata_copy import (
+    TIMESTAMP_COLUMNS,
     DataElementIds,
     RenderedMetadata,
     fill,
     storable_text,
+    timestamp_fields,
 )
 from dicom_etl_dagster.core.ingest.parse_pool import ParseResult
 from dicom_etl_dagster.core.ingest.plan import (
@@ -161,6 +165,9 @@ class RunState:
     dicomweb_source: str | None = None
     # What the run knows of dicom_file_metadata's partitions (core/db/partitions.py).
     partitions: PartitionCover = field(default_factory=PartitionCover)
+    # The columns the metadata COPY gives (``metadata_columns``): all, or all but the
+    # timestamps that the ETL's table fills itself.
+    metadata_columns: tuple[str, ...] = METADATA_COLUMNS
 
     @property
     def tables(self) -> Tables:
@@ -613,25 +620,40 @@ def _write_metadata(
     first_dataset_id = reserve_ids(
         conn, tables.sequence("dicom_etl_dataset_id_seq"), sum(r.item_count for r in rendered)
     )
-    # etl_created/modified_datetime, as psycopg would send a naive datetime in text format.
-    now_text = dt.datetime.now().isoformat(sep=" ")
+    timestamps = ""
+    if state.metadata_columns[-len(TIMESTAMP_COLUMNS) :] == TIMESTAMP_COLUMNS:
+        # A table without the ETL's defaults gets the value they would give.
+        started = conn.execute(f"SELECT {ROW_TIMESTAMP_DEFAULT}").fetchone()
+        timestamps = timestamp_fields(started[0].isoformat(sep=" ") if started else "")
     # Element rows phi_policy left out: counted for the files written, not for duplicates.
     report.rows["dicom_file_metadata_phi_dropped"] += sum(w.parsed.phi_dropped for w in instances)
     written = _copy_metadata(
         conn,
-        tables["dicom_file_metadata"],
+        sql.SQL("{} ({})").format(
+            tables["dicom_file_metadata"],
+            sql.SQL(", ").join(map(sql.Identifier, state.metadata_columns)),
+        ),
         state.data_elements,
         rendered,
         [resolve(w.image_occurrence, first_image_id) for w in instances],
         first_metadata_id,
         first_dataset_id,
-        now_text,
+        timestamps,
     )
     report.rows["dicom_file_metadata"] += written
     return _MetadataWritten(
         range(first_metadata_id, first_metadata_id + written),
         _id_ranges(instances, first_metadata_id),
     )
+
+
+def metadata_columns(conn: psycopg.Connection, tables: Tables) -> tuple[str, ...]:
+    """The columns the run's metadata COPY gives: all but the two timestamps when the table
+    fills both with the ETL's default (its own table), all of them otherwise (a user's)."""
+    defaults = column_defaults(conn, tables.schema_of("dicom_file_metadata"), "dicom_file_metadata")
+    if all(defaults.get(c) == ROW_TIMESTAMP_DEFAULT for c in TIMESTAMP_COLUMNS):
+        return METADATA_COLUMNS[: -len(TIMESTAMP_COLUMNS)]
+    return METADATA_COLUMNS
 
 
 def _id_ranges(
@@ -650,20 +672,16 @@ def _id_ranges(
 
 def _copy_metadata(
     conn: psycopg.Connection,
-    table: sql.Composable,
+    table_and_columns: sql.Composable,
     data_elements: DataElementIds,
     rendered: list[RenderedMetadata],
     image_occurrence_ids: list[int],
     metadata_id: int,
     dataset_id: int,
-    timestamp_text: str,
+    timestamps: str,
 ) -> int:
     """COPY every file's rendered rows; its ids are the next ones of the reserved ranges."""
-    with conn.cursor().copy(
-        sql.SQL("COPY {} ({}) FROM STDIN").format(
-            table, sql.SQL(", ").join(map(sql.Identifier, METADATA_COLUMNS))
-        )
-    ) as copy:
+    with conn.cursor().copy(sql.SQL("COPY {} FROM STDIN").format(table_and_columns)) as copy:
         for file_rows, image_occurrence_id in zip(rendered, image_occurrence_ids, strict=True):
             copy.write(
                 fill(
@@ -672,7 +690,7 @@ def _copy_metadata(
                     dataset_id,
                     image_occurrence_id,
                     data_elements,
-                    timestamp_text,
+                    timestamps,
                 )
             )
             metadata_id += file_rows.row_count

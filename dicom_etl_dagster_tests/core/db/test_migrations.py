@@ -232,10 +232,20 @@ def catalog(conn: psycopg.Connection, table: str) -> dict:
     }
 
 
+TIMESTAMPS = ("etl_created_datetime", "etl_modified_datetime")
+
+
 def shape_at_head(table: str, described: dict) -> dict:
     """An f2260e1 table as later revisions shaped it, nothing else: 0004 keys private entries
     per creator (a column at the end, the tag index partial, a second index), 0005 gives the
-    ledger its odd-value columns, 0007 its metadata id range and its run_id index."""
+    ledger its odd-value columns, 0007 its metadata id range and its run_id index, 0008
+    gives the EAV table's two timestamps their default."""
+    if table == "dicom_file_metadata":
+        columns = [
+            (name, kind, not_null, "LOCALTIMESTAMP" if name in TIMESTAMPS else default, comment)
+            for name, kind, not_null, default, comment in described["columns"]
+        ]
+        return as_created_at_head(table, {**described, "columns": columns})
     if table == "dicom_ingest_log":
         added = [
             ("value_warnings", "integer", False, None, None),
@@ -695,6 +705,7 @@ def test_head_is_the_newest_revision():
     scripts = ScriptDirectory.from_config(migrate.alembic_config(None, SCHEMAS))
     assert scripts.get_heads() == [HEAD]
     assert [r.revision for r in scripts.walk_revisions()] == [
+        "0008",
         "0007",
         "0006",
         "0005",

@@ -31,6 +31,7 @@ from dicom_etl_dagster.core.ingest.metadata_copy import (
     DataElementIds,
     fill,
     render_metadata,
+    timestamp_fields,
 )
 from dicom_etl_dagster.core.ingest.private_entries import entry_key
 from dicom_etl_dagster.core.ingest.run import ingest_folder, prepare_run
@@ -163,7 +164,7 @@ def copy_and_read_back(
         FIRST_DATASET_ID,
         IMAGE_OCCURRENCE_ID,
         data_elements,
-        NOW.isoformat(sep=" "),
+        timestamp_fields(NOW.isoformat(sep=" ")),
     )
     with conn.transaction(force_rollback=True):
         with conn.cursor().copy(

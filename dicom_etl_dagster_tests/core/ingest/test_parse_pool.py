@@ -99,9 +99,7 @@ def test_workers_write_the_ids_of_the_entries_the_run_started_with(tmp_path):
     for with_ids, without in zip(given, plain, strict=True):
         assert "{d[" in with_ids.metadata.template  # the entries not given stay fields
         assert not any(f"{{d[{key}]}}" in with_ids.metadata.template for key in known)
-        filled = [
-            fill(r.metadata, 1, 1, 7, all_ids, "2024-01-01 00:00:00") for r in (with_ids, without)
-        ]
+        filled = [fill(r.metadata, 1, 1, 7, all_ids) for r in (with_ids, without)]
         assert filled[0] == filled[1]
 
 

@@ -26,9 +26,11 @@ from dicom_etl_dagster.core.db.migrate import ensure_tables
 from dicom_etl_dagster.core.db.tables import Tables, take_advisory_lock, take_keyed_locks
 from dicom_etl_dagster.core.ingest.data_elements import entries_arbitrated
 from dicom_etl_dagster.core.ingest.file_scan import FileEntry
+from dicom_etl_dagster.core.ingest.metadata_copy import COLUMNS as METADATA_COLUMNS
+from dicom_etl_dagster.core.ingest.metadata_copy import TIMESTAMP_COLUMNS
 from dicom_etl_dagster.core.ingest.parse_pool import Parsed, parse_file
 from dicom_etl_dagster.core.ingest.run import ingest_folder, prepare_run
-from dicom_etl_dagster.core.ingest.writer import PersonMapping
+from dicom_etl_dagster.core.ingest.writer import PersonMapping, metadata_columns
 from dicom_etl_dagster_tests import analytics_samples as samples
 from dicom_etl_dagster_tests.conftest import scalar
 from dicom_etl_dagster_tests.dicom_samples import expected_metadata_rows
@@ -371,6 +373,40 @@ def test_rerun_after_success_writes_nothing(db, tmp_path):
         ).fetchone()
         == ids
     )
+
+
+@pytest.mark.parametrize("table_has_the_default", [True, False])
+def test_a_batchs_metadata_rows_carry_the_start_of_its_transaction(
+    db, tmp_path, table_has_the_default
+):
+    """The ETL's table fills etl_created_datetime and etl_modified_datetime itself, so its
+    COPY leaves them out; a table without that default (a user's) is sent the same value."""
+    folder = Folder(tmp_path / "dicom")
+    _setup(db, MAIN)
+    table = "cdmmedicalimaging.dicom_file_metadata"
+    if not table_has_the_default:
+        for column in TIMESTAMP_COLUMNS:
+            db.execute(f"ALTER TABLE {table} ALTER COLUMN {column} DROP DEFAULT")
+    copied = metadata_columns(db, Tables(MAIN))
+    assert copied == (METADATA_COLUMNS[:-2] if table_has_the_default else METADATA_COLUMNS)
+    before = scalar(db, "SELECT LOCALTIMESTAMP")
+    assert _run(db, MAIN, folder.root).status_counts["ingested"] == 6
+    after = scalar(db, "SELECT LOCALTIMESTAMP")
+    stamps = dict(
+        db.execute(
+            f"SELECT sop_instance_id, array_agg(DISTINCT (etl_created_datetime,"
+            f" etl_modified_datetime)::text) FROM {table} GROUP BY sop_instance_id"
+        ).fetchall()
+    )
+    assert all(len(pair) == 1 for pair in stamps.values()), "a file's rows differ"
+    batch_stamps = [
+        {stamps[folder.sop[f]][0] for f in batch} for batch in (folder.batch1, folder.batch2)
+    ]
+    assert all(len(s) == 1 for s in batch_stamps) and batch_stamps[0] != batch_stamps[1]
+    created = db.execute(
+        f"SELECT DISTINCT etl_created_datetime FROM {table} WHERE etl_created_datetime = etl_modified_datetime"
+    ).fetchall()
+    assert len(created) == 2 and all(before < c < after for (c,) in created)
 
 
 def test_overlapping_runs_write_what_one_run_writes(database_url, db, tmp_path):

@@ -224,6 +224,36 @@ def add_missing_columns(bind: sa.Connection, schemas: Schemas, table: sa.Table) 
     return added
 
 
+def add_missing_defaults(bind: sa.Connection, schemas: Schemas, table: sa.Table) -> list[str]:
+    """SET DEFAULT of the metadata's columns with a server default where the table's column
+    has none (a catalog change: no row is rewritten); returns their names."""
+    conn = psycopg_connection(bind)
+    schema = real_schema(table, schemas)
+    without_default = {
+        name
+        for (name,) in conn.execute(
+            "SELECT a.attname FROM pg_attribute a LEFT JOIN pg_attrdef d"
+            " ON (d.adrelid, d.adnum) = (a.attrelid, a.attnum)"
+            " WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped"
+            " AND d.adbin IS NULL",
+            [sql.Identifier(schema, table.name).as_string(conn)],
+        )
+    }
+    changed = []
+    for column in table.columns:
+        if column.server_default is None or column.name not in without_default:
+            continue
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(
+                sql.Identifier(schema, table.name),
+                sql.Identifier(column.name),
+                sql.SQL(str(cast(sa.DefaultClause, column.server_default).arg)),  # the metadata's
+            )
+        )
+        changed.append(column.name)
+    return changed
+
+
 def replace_earlier_comments(
     bind: sa.Connection, schemas: Schemas, table: sa.Table, earlier: Mapping[str | None, str]
 ) -> int:
