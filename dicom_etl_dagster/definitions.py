@@ -1,6 +1,8 @@
-"""Wires assets, jobs, sensors and resources; nothing else."""
+"""Wires assets, jobs, sensors and resources; nothing else (but see the last line)."""
 
 from __future__ import annotations
+
+import gc
 
 import dagster as dg
 
@@ -49,3 +51,8 @@ def build_definitions(
 
 
 defs = build_definitions(default_database())
+
+# What the imports and these definitions made (~175,000 objects of Dagster, SQLAlchemy,
+# pydicom and ours) lives as long as the process. Frozen, no garbage collection traverses it
+# again, the interpreter's last one at exit included: ~0.35 s off every `dagster job execute`.
+gc.freeze()
