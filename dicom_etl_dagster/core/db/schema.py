@@ -531,7 +531,7 @@ def _file_metadata_columns() -> list[Column]:
         _col("instance_number", Integer, True, "InstanceNumber of the file."),
         _col("image_occurrence_id", Integer, False, "Series (image_occurrence) of the file."),
         # Filled by the default: text timestamps cost PostgreSQL's COPY about a fifth of its
-        # CPU per row (core/ingest/metadata_copy.py sends them only to a table without it).
+        # CPU per row (the writer sends them only to a table without it, a user's).
         Column(
             "etl_created_datetime",
             TIMESTAMP,

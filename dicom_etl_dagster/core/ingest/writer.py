@@ -624,7 +624,8 @@ def _write_metadata(
     if state.metadata_columns[-len(TIMESTAMP_COLUMNS) :] == TIMESTAMP_COLUMNS:
         # A table without the ETL's defaults gets the value they would give.
         started = conn.execute(f"SELECT {ROW_TIMESTAMP_DEFAULT}").fetchone()
-        timestamps = timestamp_fields(started[0].isoformat(sep=" ") if started else "")
+        assert started is not None  # a SELECT without FROM returns its one row
+        timestamps = timestamp_fields(started[0].isoformat(sep=" "))
     # Element rows phi_policy left out: counted for the files written, not for duplicates.
     report.rows["dicom_file_metadata_phi_dropped"] += sum(w.parsed.phi_dropped for w in instances)
     written = _copy_metadata(
