@@ -470,6 +470,7 @@ class BatchMark:
     backend_cpu: (
         float  # cumulative CPU seconds of the connection's PostgreSQL backend (0 if remote)
     )
+    backend_kernel_cpu: float  # of which system (kernel) time: writes, fsyncs, writeback
     own_cpu: (
         float  # cumulative CPU seconds of this process, its workers and every PostgreSQL process
     )
@@ -511,7 +512,7 @@ def run_etl(
                 report.rows["dicom_file_metadata"],
                 write_seconds[-1] if write_seconds else 0.0,
                 _own_cpu_seconds(),
-                backend_cpu(),
+                *backend_cpu(),
                 sum(g.cpu_seconds for g in groups),
                 _machine_busy_seconds(),
             )
@@ -530,12 +531,13 @@ def run_etl(
             except psutil.Error:
                 backend = None
 
-        def backend_cpu() -> float:
+        def backend_cpu() -> tuple[float, float]:
+            """The backend's CPU seconds so far, and of them its kernel (system) time."""
             try:
                 times = backend.cpu_times()
-                return times.user + times.system
+                return times.user + times.system, times.system
             except (AttributeError, psutil.Error):
-                return 0.0
+                return 0.0, 0.0
 
         ingest_module.write_batch = timed_write_batch
         wal_before, checkpoints_before = wal_and_checkpoints(conn)
@@ -628,6 +630,7 @@ def flatness(result: PhaseResult, total_files: int) -> dict | None:
         return {
             "main_us_per_row": 1e6 * (b.main_cpu - a.main_cpu) / rows,
             "backend_us_per_row": 1e6 * (b.backend_cpu - a.backend_cpu) / rows,
+            "backend_kernel_us_per_row": 1e6 * (b.backend_kernel_cpu - a.backend_kernel_cpu) / rows,
             "own_us_per_row": 1e6 * (b.own_cpu - a.own_cpu) / rows,
             "other_share": max(0.0, (b.machine_busy - a.machine_busy) - (b.own_cpu - a.own_cpu))
             / (seconds * cpus),
@@ -1119,6 +1122,17 @@ def markdown(
                 first / last if last else None,
                 TARGETS["last_vs_first_10pct"],
             )
+            # The kernel's share of the backend's time is the operating system's work on
+            # PostgreSQL's files (buffer writes, WAL fsyncs and the writeback they trigger),
+            # which varies from run to run; without it, what PostgreSQL itself does per row.
+            kernel_first = flat["first_costs"]["backend_kernel_us_per_row"]
+            kernel_last = flat["last_costs"]["backend_kernel_us_per_row"]
+            user_last = last - kernel_last
+            out.append(
+                "| the same without the backend's kernel time (µs/row "
+                f"{first - kernel_first:.2f} -> {user_last:.2f}; kernel {kernel_first:.2f} -> "
+                f"{kernel_last:.2f}) | {(first - kernel_first) / user_last if user_last else 0:.2f}x | | |"
+            )
         if (
             flat
             and abs(flat["first_costs"]["other_share"] - flat["last_costs"]["other_share"]) > 0.1
@@ -1201,14 +1215,15 @@ def markdown(
             out.append("")
             out.append(
                 "| ETL window (files) | files/s | elements/s | own CPU µs/row | main µs/row | "
-                "PostgreSQL backend µs/row | other processes' share of the CPUs |"
+                "PostgreSQL backend µs/row (of it kernel) | other processes' share of the CPUs |"
             )
             out.append("|---|---:|---:|---:|---:|---:|---:|")
             for w in flat["windows"]:
                 out.append(
                     f"| {w['files'][0]:,}–{w['files'][1]:,} | {w['files_per_second']:,.1f} | "
                     f"{w['elements_per_second']:,.0f} | {w['own_us_per_row']:.2f} | {w['main_us_per_row']:.2f} | "
-                    f"{w['backend_us_per_row']:.2f} | {w['other_share']:.0%} |"
+                    f"{w['backend_us_per_row']:.2f} ({w['backend_kernel_us_per_row']:.2f}) | "
+                    f"{w['other_share']:.0%} |"
                 )
             if flat["batches"] < 10:
                 out.append(
