@@ -701,6 +701,48 @@ def test_a_database_at_0005_gets_the_upload_rejection_table_and_keeps_its_upload
         assert catalog(db, "file_upload_rejection") == catalog(head, "file_upload_rejection")
 
 
+def _timestamp_defaults(conn: psycopg.Connection) -> dict[str, set]:
+    """Table -> the defaults of its two timestamps: the EAV table and each partition."""
+    found: dict[str, set] = {}
+    for table, default in conn.execute(
+        "SELECT table_name, column_default FROM information_schema.columns"
+        " WHERE table_schema = %s AND table_name LIKE 'dicom_file_metadata%%'"
+        " AND column_name = ANY(%s)",
+        [MI_SCHEMA, list(TIMESTAMPS)],
+    ):
+        found.setdefault(table, set()).add(default)
+    return found
+
+
+def test_a_0007_install_gets_the_timestamp_defaults_on_every_partition(
+    postgres_server, database_url
+):
+    """Revision 0008 on the previous release's install: its partitioned table (created at
+    0007, without defaults) and the partitions it has get LOCALTIMESTAMP, and the table is
+    then what a fresh install creates."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for schema in (SCHEMAS.cdm, SCHEMAS.vocab, SCHEMAS.medical_imaging):
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    migrate_to(database_url, "0007")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for column in TIMESTAMPS:  # as 0007 created the table (revision 1 creates at head)
+            conn.execute(
+                f"ALTER TABLE {MI_SCHEMA}.dicom_file_metadata ALTER COLUMN {column} DROP DEFAULT"
+            )
+        before = _timestamp_defaults(conn)
+        assert len(before) > 1 and all(d == {None} for d in before.values())  # and partitions
+        assert ensure_tables(conn, SCHEMAS) == []
+        assert schema_version(conn, SCHEMAS) == HEAD
+        assert _timestamp_defaults(conn) == {table: {"LOCALTIMESTAMP"} for table in before}
+        upgraded = catalog(conn, "dicom_file_metadata")
+    with (
+        fresh_database(postgres_server, "head") as url,
+        psycopg.connect(url, autocommit=True) as head,
+    ):
+        ensure_tables(head, SCHEMAS)
+        assert upgraded == catalog(head, "dicom_file_metadata")
+
+
 def test_head_is_the_newest_revision():
     scripts = ScriptDirectory.from_config(migrate.alembic_config(None, SCHEMAS))
     assert scripts.get_heads() == [HEAD]
