@@ -95,6 +95,7 @@ def connect(url: str) -> psycopg.Connection:
     look-ups, a few milliseconds per look-up and batch, and PostgreSQL's CPU per metadata
     row rose by 40% between 30,000 and 50,000 files.
     """
+    conn = None
     try:
         conn = psycopg.connect(
             url, autocommit=True, connect_timeout=10, application_name=APPLICATION_NAME
@@ -104,6 +105,8 @@ def connect(url: str) -> psycopg.Connection:
         conn.execute("SET random_page_cost = 1.1")
         return conn
     except psycopg.Error as exc:
+        if conn is not None:  # connected, but the session could not be set up
+            conn.close()
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DatabaseUnavailableError(
             f"cannot connect to PostgreSQL at {redact_url(url)}: {redact_url(reason)}"
