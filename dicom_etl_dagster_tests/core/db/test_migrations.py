@@ -232,6 +232,16 @@ def catalog(conn: psycopg.Connection, table: str) -> dict:
     }
 
 
+def catalog_at_head(postgres_server, table: str) -> dict:
+    """``catalog`` of the table as a fresh install creates it (in a database of its own)."""
+    with (
+        fresh_database(postgres_server, "head") as url,
+        psycopg.connect(url, autocommit=True) as head,
+    ):
+        ensure_tables(head, SCHEMAS)
+        return catalog(head, table)
+
+
 TIMESTAMPS = ("etl_created_datetime", "etl_modified_datetime")
 
 
@@ -412,14 +422,9 @@ def test_a_btree_sop_index_of_an_older_release_becomes_the_hash_index(
         )
         # Exactly what a table created at head has (but for its partitioned layout, see
         # as_created_at_head): indexes, comments and all.
-        with (
-            fresh_database(postgres_server, "head") as url,
-            psycopg.connect(url, autocommit=True) as head,
-        ):
-            ensure_tables(head, SCHEMAS)
-            assert as_created_at_head("dicom_file_metadata", upgraded) == catalog(
-                head, "dicom_file_metadata"
-            )
+        assert as_created_at_head("dicom_file_metadata", upgraded) == catalog_at_head(
+            postgres_server, "dicom_file_metadata"
+        )
         count = scalar(
             conn,
             f"SELECT count(*) FROM {MI_SCHEMA}.dicom_file_metadata WHERE sop_instance_id = %s",
@@ -476,12 +481,7 @@ def test_a_0003_database_gets_private_entries_per_creator_and_keeps_its_rows(
         assert schema_version(conn, SCHEMAS) == HEAD
         assert rows(conn) == as_upgraded(before), "the migration changed rows"
         upgraded = catalog(conn, "dicom_data_element")
-        with (
-            fresh_database(postgres_server, "head") as url,
-            psycopg.connect(url, autocommit=True) as head,
-        ):
-            ensure_tables(head, SCHEMAS)
-            assert upgraded == catalog(head, "dicom_data_element")
+        assert upgraded == catalog_at_head(postgres_server, "dicom_data_element")
         assert (
             ensure_tables(conn, SCHEMAS) == [] and catalog(conn, "dicom_data_element") == upgraded
         )
@@ -693,12 +693,9 @@ def test_a_database_at_0005_gets_the_upload_rejection_table_and_keeps_its_upload
         )
         == "0006"
     )
-    with (
-        fresh_database(postgres_server, "head") as url,
-        psycopg.connect(url, autocommit=True) as head,
-    ):
-        ensure_tables(head, SCHEMAS)
-        assert catalog(db, "file_upload_rejection") == catalog(head, "file_upload_rejection")
+    assert catalog(db, "file_upload_rejection") == catalog_at_head(
+        postgres_server, "file_upload_rejection"
+    )
 
 
 def _timestamp_defaults(conn: psycopg.Connection) -> dict[str, set]:
@@ -735,12 +732,7 @@ def test_a_0007_install_gets_the_timestamp_defaults_on_every_partition(
         assert schema_version(conn, SCHEMAS) == HEAD
         assert _timestamp_defaults(conn) == {table: {"LOCALTIMESTAMP"} for table in before}
         upgraded = catalog(conn, "dicom_file_metadata")
-    with (
-        fresh_database(postgres_server, "head") as url,
-        psycopg.connect(url, autocommit=True) as head,
-    ):
-        ensure_tables(head, SCHEMAS)
-        assert upgraded == catalog(head, "dicom_file_metadata")
+    assert upgraded == catalog_at_head(postgres_server, "dicom_file_metadata")
 
 
 def test_head_is_the_newest_revision():
@@ -802,12 +794,7 @@ def test_revision_0005_gives_an_older_ledger_the_odd_value_columns(
         old_ids = set(rows(conn)["dicom_ingest_log"])
         ensure_tables(conn, SCHEMAS)
         upgraded = catalog(conn, "dicom_ingest_log")
-        with (
-            fresh_database(postgres_server, "head") as url,
-            psycopg.connect(url, autocommit=True) as head,
-        ):
-            ensure_tables(head, SCHEMAS)
-            assert upgraded == catalog(head, "dicom_ingest_log")
+        assert upgraded == catalog_at_head(postgres_server, "dicom_ingest_log")
         odd = pydicom.dcmread(TEST_FILES / "badVR.dcm")  # NumberOfFrames "1A"
         odd.save_as(folder / "new" / "badVR.dcm")
         ingest(conn, folder)
